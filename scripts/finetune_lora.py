@@ -1,0 +1,82 @@
+"""LoRA / QLoRA fine-tuning of a chat model on the MovieLens Yes/No task (TRL SFTTrainer + peft).
+
+Copy-paste:
+
+    # embedded offline default (SmolLM2-135M on CPU, a few minutes)
+    python scripts/finetune_lora.py --config configs/smollm2_movielens_lora.yaml
+    # Qwen3-0.6B QLoRA on a GPU, rebuilding the preprocessing cache
+    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml --clear-cache
+    # any config key can be overridden
+    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml cutoff_len=512 packing=true
+    # resume from the latest checkpoint in output_dir, and train 2 epochs more than the config says
+    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml --resume --extra-epochs 2
+    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml \\
+        --resume_from_checkpoint output/qwen3-movielens-qlora/checkpoint-4000
+    # several GPUs (DDP): accelerate launch --num_processes 2 scripts/finetune_lora.py --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from recsft.config import Config, ConfigError, load_config  # noqa: E402
+from recsft.io import DataError  # noqa: E402
+
+logger = logging.getLogger("finetune_lora")
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/qwen3_movielens_qlora.yaml", help="YAML config")
+    parser.add_argument("--clear-cache", action="store_true", help="rebuild the preprocessing cache")
+    parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in output_dir")
+    parser.add_argument("--extra-epochs", type=float, default=0.0, help="train this many epochs beyond the config")
+    parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
+                        help="resume from this checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides: key=value")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO, force=True)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epochs: float = 0.0,
+         resume_from_checkpoint: str | None = None) -> dict:
+    """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
+    from recsft import training as T
+
+    start = time.perf_counter()
+    ckpt = T.find_resume_checkpoint(cfg.train.output_dir, resume, resume_from_checkpoint)
+    train_path, eval_path = T.resolve_data(cfg.data)
+    tokenizer = T.tokenizer_for(cfg.model)
+    train_ds, eval_ds = T.datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
+                                       clear_cache)
+    model, device = T.model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing)
+    trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
+    with T.signals_installed(stopper):
+        result = trainer.train(resume_from_checkpoint=ckpt)
+    if stopper.requested:
+        return T.stopped_early(trainer, stopper.requested)
+    return T.finish(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    setup_logging()
+    try:
+        config = load_config(args.config, args.overrides)
+        main(config, clear_cache=args.clear_cache, resume=args.resume, extra_epochs=args.extra_epochs,
+             resume_from_checkpoint=args.resume_from_checkpoint)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

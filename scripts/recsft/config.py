@@ -1,0 +1,337 @@
+"""One config path for every script: YAML file + ``key=value`` overrides.
+
+The YAML is flat (LLaMA-Factory style: ``cutoff_len: 1024``, ``lora_rank: 16``) and every
+key belongs to exactly one small section dataclass below. Loading:
+
+1. read the YAML (``--config``), apply ``key=value`` overrides from the command line;
+2. reject unknown keys, listing the valid ones (with a "did you mean" hint);
+3. coerce each value to the field's type (``"1e-4"`` -> float, ``"true"`` -> bool, ``"null"`` -> None);
+4. build each section; every ``__post_init__`` collects its problems instead of raising at the first;
+5. raise one :class:`ConfigError` listing every problem, or return a :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BASE_MODEL = "Qwen/Qwen3-0.6B"
+ADAPTER_DIR = "output/qwen3-movielens-qlora"
+MAX_NEW_TOKENS = 8
+TEMPERATURE = 0.0  # 0 = greedy decoding (deterministic Yes/No)
+TOP_P = 1.0
+DEFAULT_CONFIG = "configs/qwen3_movielens_qlora.yaml"
+
+FLASH_ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "false")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+STRATEGIES = ("no", "steps", "epoch")
+EVAL_MODES = ("generate", "score")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported at once."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} config problem(s){where}:\n{lines}")
+
+
+class _Section:
+    """Mixin: sections record problems in ``_problems`` and raise once at the end of ``__post_init__``."""
+
+    def _check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.__dict__.setdefault("_problems", []).append(message)
+
+    def _raise_if_problems(self) -> None:
+        problems = self.__dict__.pop("_problems", [])
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class ModelArgs(_Section):
+    model_name_or_path: str = BASE_MODEL  # hub id, local dir, .gguf file, or pkg://<dist>/<path>
+    tokenizer_name_or_path: str | None = None  # defaults to the model path
+    flash_attn: str = "auto"  # auto | flash_attention_2 | sdpa | eager | false
+    quantization_bit: int | None = 4  # 4 = QLoRA (NF4, CUDA only); None = plain LoRA
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    enable_thinking: bool = False  # Qwen3: keep False so training text == inference text
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        self._check(bool(self.model_name_or_path), "model_name_or_path: must not be empty")
+        self._check(self.flash_attn in FLASH_ATTN_CHOICES,
+                    f"flash_attn: {self.flash_attn!r} is not one of {', '.join(FLASH_ATTN_CHOICES)}")
+        self._check(self.quantization_bit in (None, 4, 8), "quantization_bit: must be 4, 8 or null")
+        self._check(self.dtype in ("auto", "bfloat16", "float16", "float32"),
+                    f"dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        self._raise_if_problems()
+
+
+@dataclass
+class DataArgs(_Section):
+    dataset: str = "movielens_train"  # name in <dataset_dir>/dataset_info.json, or a file path
+    eval_dataset: str = "movielens_eval"
+    test_file: str = "movielens_test"
+    dataset_dir: str = "."  # folder holding dataset_info.json; file_name entries are relative to it
+    cutoff_len: int = 1024  # max tokens per example; longer prompts are cut from the left
+    max_samples: int | None = None  # cap on training examples (None = all)
+    max_eval_samples: int | None = 1000  # cap on eval examples used during training
+    max_test_samples: int | None = None  # cap on test examples for inference scripts
+    preprocessing_cache_dir: str = ".cache/preprocessed"
+    preprocessing_num_workers: int | None = None  # None = one per CPU core
+    system_prompt: str | None = None  # None = DEFAULT_SYSTEM_PROMPT (or the record's own "system")
+
+    def __post_init__(self):
+        self._check(self.cutoff_len >= 16, f"cutoff_len: {self.cutoff_len} is too small (need >= 16)")
+        for name in ("max_samples", "max_eval_samples", "max_test_samples"):
+            value = getattr(self, name)
+            self._check(value is None or value > 0, f"{name}: must be a positive integer or null, got {value}")
+        self._raise_if_problems()
+
+
+@dataclass
+class LoraArgs(_Section):
+    lora_rank: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_target: str = "all"  # all = every linear layer; qv = q_proj,v_proj; or a comma list
+
+    def __post_init__(self):
+        self._check(self.lora_rank > 0, f"lora_rank: must be > 0, got {self.lora_rank}")
+        self._check(self.lora_alpha > 0, f"lora_alpha: must be > 0, got {self.lora_alpha}")
+        self._check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        self._check(bool(self.lora_target.strip()), "lora_target: must not be empty")
+        self._raise_if_problems()
+
+
+@dataclass
+class TrainArgs(_Section):
+    output_dir: str = ADAPTER_DIR
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 8
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    learning_rate: float = 1.5e-4
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 10
+    eval_strategy: str = "steps"
+    eval_steps: int = 2000
+    save_strategy: str = "steps"
+    save_steps: int = 4000
+    save_total_limit: int | None = 2
+    load_best_model_at_end: bool = True
+    metric_for_best_model: str = "f1"
+    early_stopping_patience: int | None = 3  # None/0 disables early stopping
+    gradient_checkpointing: bool = False
+    packing: bool = False  # padding-free packing (no cross-example attention)
+    seed: int = 42
+    gen_eval_samples: int = 0  # >0: greedy generation eval on N eval examples after training
+    report_to: str = "tensorboard"
+    bf16: str = "auto"  # auto = bf16 on GPUs that support it
+    dataloader_num_workers: int = 0
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "eval_steps", "save_steps"):
+            self._check(getattr(self, name) > 0, f"{name}: must be > 0, got {getattr(self, name)}")
+        self._check(self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}")
+        self._check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        self._check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs or max_steps must be > 0")
+        self._check(self.lr_scheduler_type in SCHEDULERS,
+                    f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}")
+        self._check(self.eval_strategy in STRATEGIES, f"eval_strategy: must be one of {', '.join(STRATEGIES)}")
+        self._check(self.save_strategy in STRATEGIES, f"save_strategy: must be one of {', '.join(STRATEGIES)}")
+        self._check(self.metric_for_best_model in ("f1", "accuracy", "auc", "loss"),
+                    "metric_for_best_model: must be one of f1, accuracy, auc, loss")
+        self._check(self.gen_eval_samples >= 0, "gen_eval_samples: must be >= 0")
+        self._check(self.bf16 in ("auto", "true", "false"), "bf16: must be auto, true or false")
+        if self.load_best_model_at_end and self.eval_strategy != "no":
+            self._check(self.save_strategy == self.eval_strategy,
+                        "load_best_model_at_end needs save_strategy == eval_strategy")
+            if self.eval_strategy == "steps":
+                self._check(self.save_steps % self.eval_steps == 0,
+                            f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of "
+                            f"eval_steps ({self.eval_steps})")
+        self._raise_if_problems()
+
+
+@dataclass
+class InferArgs(_Section):
+    adapter_dir: str = ADAPTER_DIR
+    max_new_tokens: int = MAX_NEW_TOKENS
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
+    eval_mode: str = "generate"  # generate (greedy decoding) | score (P(Yes) vs P(No), one forward pass)
+    infer_batch_size: int = 16
+
+    def __post_init__(self):
+        self._check(self.max_new_tokens > 0, "max_new_tokens: must be > 0")
+        self._check(self.temperature >= 0, "temperature: must be >= 0")
+        self._check(0 < self.top_p <= 1, "top_p: must be in (0, 1]")
+        self._check(self.eval_mode in EVAL_MODES, f"eval_mode: must be one of {', '.join(EVAL_MODES)}")
+        self._check(self.infer_batch_size > 0, "infer_batch_size: must be > 0")
+        self._raise_if_problems()
+
+
+SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs,
+                             "infer": InferArgs}
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    infer: InferArgs = field(default_factory=InferArgs)
+    source: str | None = None  # the YAML file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, name)))
+        return flat
+
+
+def valid_keys() -> dict[str, str]:
+    """Map every config key to its section name."""
+    return {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` to ``tp``; raise ValueError with a readable message."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise ValueError(f"{key}: null is not allowed (expected {base.__name__})")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value) if not isinstance(value, str) else int(float(value)) if "e" in value.lower() else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        if isinstance(value, bool):  # YAML turns `flash_attn: false` into a bool
+            return "true" if value else "false"
+        return str(value)
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Turn ``["lr=1e-4", "packing=true"]`` into a dict; reject items without ``=``."""
+    out: dict[str, str] = {}
+    bad = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            bad.append(f"override {item!r}: expected key=value (e.g. cutoff_len=512)")
+            continue
+        out[key.strip().lstrip("-").replace("-", "_")] = value
+    if bad:
+        raise ConfigError(bad)
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist; pass --config with a YAML from configs/"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of key: value, got {type(raw).__name__}"])
+    return raw
+
+
+def build_config(values: dict[str, Any], source: str | None = None) -> Config:
+    """Validate a flat dict of config values into a :class:`Config`, collecting every problem."""
+    keys = valid_keys()
+    problems: list[str] = []
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key {key!r}{hint}. Valid keys: {', '.join(sorted(keys))}")
+            continue
+        section = keys[key]
+        tp = typing.get_type_hints(SECTIONS[section])[key]
+        try:
+            per_section[section][key] = _coerce(key, value, tp)
+        except ValueError as e:
+            problems.append(str(e))
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        try:
+            built[name] = cls(**per_section[name])
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(**built, source=source)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Load a YAML config and apply overrides; ``path=None`` uses only the defaults."""
+    values = read_yaml(path) if path else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values.update(overrides or {})
+    return build_config(values, source=str(path) if path else None)
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Spec name: the raw YAML mapping (validated through :func:`load_config` by the scripts)."""
+    return read_yaml(path)

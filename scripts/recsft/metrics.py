@@ -1,0 +1,108 @@
+"""The one Yes/No extractor and the one metrics function, shared by training, inference and comparison."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", flags=re.DOTALL | re.IGNORECASE)
+_SPECIAL = re.compile(r"<\|[^|>]*\|>")
+_YES = re.compile(r"\byes\b", re.IGNORECASE)
+_NO = re.compile(r"\bno\b", re.IGNORECASE)
+
+
+def extract_answer(text: str | None) -> str | None:
+    """``"Yes"``/``"No"`` from a model response, or None when it cannot be parsed.
+
+    Handles Qwen3 ``<think>…</think>`` blocks (an unterminated block counts as no answer), chat
+    special tokens, a leading ``assistant`` role header, and answers like "Yes." or "no, because…".
+    When the response mentions both words without starting with one, it is unparseable (counted, not guessed).
+    """
+    if not text:
+        return None
+    text = _THINK_BLOCK.sub(" ", text)
+    text = _SPECIAL.sub(" ", text)
+    text = re.sub(r"^\s*assistant\s*\n", "", text, flags=re.IGNORECASE).strip()
+    text = text.lstrip(" \t\n\"'*`([{:-")
+    low = text.lower()
+    if re.match(r"yes\b", low):
+        return "Yes"
+    if re.match(r"no\b", low):
+        return "No"
+    has_yes, has_no = bool(_YES.search(text)), bool(_NO.search(text))
+    if has_yes and not has_no:
+        return "Yes"
+    if has_no and not has_yes:
+        return "No"
+    return None
+
+
+def _as_label(value: Any) -> str | None:
+    if value in (1, True, "1"):
+        return "Yes"
+    if value in (0, False, "0"):
+        return "No"
+    if isinstance(value, str):
+        low = value.strip().lower()
+        return {"yes": "Yes", "no": "No"}.get(low)
+    return None
+
+
+def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
+                    p_yes: Sequence[float] | None = None) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (positive class = Yes) and the unparseable count.
+
+    ``labels``/``preds``: "Yes"/"No" (or 1/0); a pred of None is unparseable and counts as wrong.
+    ``p_yes``: optional P(Yes) per example -> adds ``auc`` (ROC-AUC) and ``log_loss``.
+    """
+    if len(labels) != len(preds):
+        raise ValueError(f"labels ({len(labels)}) and preds ({len(preds)}) differ in length")
+    gold = [_as_label(x) for x in labels]
+    if any(g is None for g in gold):
+        bad = next(x for x, g in zip(labels, gold) if g is None)
+        raise ValueError(f"label {bad!r} is not Yes/No")
+    pred = [_as_label(x) for x in preds]
+    n = len(gold)
+    tp = sum(g == "Yes" and p == "Yes" for g, p in zip(gold, pred))
+    fp = sum(g == "No" and p == "Yes" for g, p in zip(gold, pred))
+    fn = sum(g == "Yes" and p != "Yes" for g, p in zip(gold, pred))
+    correct = sum(g == p for g, p in zip(gold, pred))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    out = {"accuracy": correct / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1,
+           "unparseable": float(sum(p is None for p in pred)), "n": float(n),
+           "yes_rate_pred": sum(p == "Yes" for p in pred) / n if n else 0.0,
+           "yes_rate_label": sum(g == "Yes" for g in gold) / n if n else 0.0}
+    if p_yes is not None:
+        out.update(score_metrics([g == "Yes" for g in gold], p_yes))
+    return out
+
+
+def score_metrics(y_true: Sequence[bool], p_yes: Sequence[float]) -> dict[str, float]:
+    """ROC-AUC and log-loss of P(Yes) scores (NaN AUC when only one class is present)."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    y = [int(v) for v in y_true]
+    p = [min(max(float(v), 1e-7), 1 - 1e-7) for v in p_yes]
+    auc = roc_auc_score(y, p) if 0 < sum(y) < len(y) else math.nan
+    return {"auc": float(auc), "log_loss": float(log_loss(y, p, labels=[0, 1]))}
+
+
+def best_threshold(y_true: Sequence[bool], p_yes: Sequence[float]) -> float:
+    """The P(Yes) threshold maximising accuracy (chosen on eval data, applied to test data)."""
+    pairs = sorted(zip((float(v) for v in p_yes), (bool(t) for t in y_true)))
+    n, pos = len(pairs), sum(t for _, t in pairs)
+    best_acc, best_t = pos / n if n else 0.0, 0.0  # threshold below everything: all Yes
+    neg_below = pos_below = 0
+    for i, (p, t) in enumerate(pairs):
+        pos_below += t
+        neg_below += not t
+        nxt = pairs[i + 1][0] if i + 1 < n else 1.0
+        if nxt == p and i + 1 < n:
+            continue
+        acc = (neg_below + (pos - pos_below)) / n
+        if acc > best_acc:
+            best_acc, best_t = acc, (p + nxt) / 2
+    return best_t

@@ -225,6 +225,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` to ``tp``; raise ValueError with a readable message."""
     base, optional = _unwrap_optional(tp)
+    if isinstance(value, str) and value.strip().lower() == "none" and base is str and not optional:
+        return "none"  # e.g. report_to: none
     if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
         if optional:
             return None

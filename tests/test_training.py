@@ -1,0 +1,166 @@
+"""Training on the tiny random Qwen3 (real tokenizer): resume, early stopping, best model, eval metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune_lora
+from recsft.config import load_config
+from recsft.formatting import INSTRUCTION, build_input_text
+
+
+def write_data(folder: Path, n_train=48, n_eval=16, seed=0) -> tuple[str, str]:
+    rng = random.Random(seed)
+
+    def rec():
+        ratings = [rng.randint(1, 5) for _ in range(4)]
+        titles = [f"Movie {rng.randint(1, 300)} (19{rng.randint(70, 99)})" for _ in range(4)]
+        return {"instruction": INSTRUCTION, "input": build_input_text(titles, ratings, "Fargo (1996)"),
+                "output": "Yes" if sum(ratings) > 12 else "No"}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps([rec() for _ in range(n_train)]))
+    (folder / "eval.json").write_text(json.dumps([rec() for _ in range(n_eval)]))
+    return str(folder / "train.json"), str(folder / "eval.json")
+
+
+def tiny_config(tmp_path: Path, model: str, **overrides):
+    train, evals = write_data(tmp_path / "data")
+    values = dict(model_name_or_path=model, quantization_bit="null", dataset=train, eval_dataset=evals,
+                  cutoff_len=160, output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                  per_device_eval_batch_size=8, gradient_accumulation_steps=2, max_steps=8, learning_rate=5e-3,
+                  warmup_ratio=0.0, logging_steps=1, eval_steps=4, save_steps=4, save_total_limit=10,
+                  preprocessing_cache_dir=str(tmp_path / "cache"), report_to="none", early_stopping_patience=0,
+                  lora_dropout=0.1)
+    values.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+def losses(output_dir: str) -> dict[int, float]:
+    state = json.loads((Path(output_dir) / "checkpoint-8" / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_resume_continues_to_the_same_losses(tmp_path, tiny_qwen3, capsys):
+    full = tiny_config(tmp_path / "a", tiny_qwen3)
+    summary = finetune_lora.main(full)
+    assert summary["global_step"] == 8 and Path(full.train.output_dir, "logs").exists() is False
+    # a run stopped after step 4 leaves checkpoint-4: resume a copy of it in a fresh output_dir
+    resumed = tiny_config(tmp_path / "b", tiny_qwen3)
+    Path(resumed.train.output_dir).mkdir(parents=True)
+    shutil.copytree(Path(full.train.output_dir) / "checkpoint-4", Path(resumed.train.output_dir) / "checkpoint-4")
+    finetune_lora.main(resumed, resume=True)
+    out = capsys.readouterr().out
+    assert "RESUMING TRAINING FROM CHECKPOINT" in out and "Last completed step: 4" in out
+    assert "Next step will be: 5" in out
+    a, b = losses(full.train.output_dir), losses(resumed.train.output_dir)
+    assert sorted(k for k in b if k > 4) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    wa, wb = adapter_weights(Path(full.train.output_dir)), adapter_weights(Path(resumed.train.output_dir))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_extra_epochs_and_explicit_checkpoint(tmp_path, tiny_qwen3, capsys):
+    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=-1, num_train_epochs=1, eval_strategy="epoch",
+                      save_strategy="epoch")
+    first = finetune_lora.main(cfg)
+    steps_per_epoch = first["global_step"]
+    ckpt = str(Path(cfg.train.output_dir) / f"checkpoint-{steps_per_epoch}")
+    more = finetune_lora.main(cfg, resume_from_checkpoint=ckpt, extra_epochs=1)
+    assert more["global_step"] == 2 * steps_per_epoch and more["epoch"] == pytest.approx(2.0)
+    assert f"Last completed step: {steps_per_epoch}" in capsys.readouterr().out
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, tiny_qwen3, capsys):
+    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=2, eval_steps=2, save_steps=2)
+    assert finetune_lora.main(cfg, resume=True)["global_step"] == 2
+    assert "No checkpoint found" in capsys.readouterr().out
+
+
+def test_early_stopping_and_best_model_by_f1(tmp_path, tiny_qwen3):
+    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=30, eval_steps=1, save_steps=1, early_stopping_patience=2,
+                      learning_rate=1e-5, report_to="tensorboard", gen_eval_samples=4)
+    summary = finetune_lora.main(cfg)
+    out = Path(cfg.train.output_dir)
+    assert summary["global_step"] < 30, "early stopping did not trigger"
+    best = Path(summary["best_checkpoint"])
+    assert summary["best_metric"] == summary["best_eval"]["eval_f1"]
+    wb, wf = adapter_weights(best), adapter_weights(out)
+    assert all(torch.equal(wb[k], wf[k]) for k in wb), "final adapter is not the best checkpoint"
+    assert list((out / "logs").glob("events.out.tfevents*")) and (out / "training_curves.png").is_file()
+    saved = json.loads((out / "training_summary.json").read_text())
+    assert saved["tokens_per_s"] > 0 and saved["gen_eval"]["n"] == 4
+
+
+def test_eval_metrics_match_an_independent_forward(tmp_path, tiny_qwen3):
+    """The answer-position metrics equal a plain full-logits forward decoded by the shared extractor."""
+    from recsft import training as T
+    from recsft.inference import answer_token_ids, prompts_for
+    from recsft.io import load_data
+    from recsft.metrics import compute_metrics, extract_answer
+
+    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=1)
+    train_path, eval_path = T.resolve_data(cfg.data)
+    tok = T.tokenizer_for(cfg.model)
+    train_ds, eval_ds = T.datasets_for(cfg.data, False, tok, train_path, eval_path, False)
+    model, device = T.model_for(cfg.model, cfg.lora, False)
+    trainer, _ = T.build_trainer(model, tok, train_ds, eval_ds, cfg, device)
+    metrics = trainer.evaluate()
+    records = load_data(eval_path)
+    prompts, labels = prompts_for(records, tok)
+    yes, no = answer_token_ids(tok)
+    preds, p_yes = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=ids).logits[0, -1]
+            preds.append(extract_answer(tok.decode([int(logits.argmax())])))
+            p_yes.append(float(torch.softmax(logits[[yes, no]], -1)[0]))
+    ref = compute_metrics(labels, preds, p_yes)
+    for key in ("accuracy", "f1", "auc", "unparseable"):
+        assert metrics[f"eval_{key}"] == pytest.approx(ref[key], abs=1e-6), key
+
+
+def test_label_position_loss_equals_full_logits_loss_padded_and_packed(tmp_path, tiny_qwen3, qwen3_tokenizer):
+    """Our loss (LM head on label positions only) == the plain full-logits loss, padded or padding-free."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from recsft.io import load_data
+    from recsft.preprocess import tokenize_records
+    from recsft.training import answer_positions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, attn_implementation="sdpa").eval()
+    cols = tokenize_records(load_data(write_data(tmp_path)[0])[:5], qwen3_tokenizer, cutoff_len=160)
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"])]
+    pad = qwen3_tokenizer.pad_token_id
+
+    def reference(row):  # one example, no padding, full logits, plain shifted cross-entropy
+        ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+        logits = model(input_ids=ids).logits[0, :-1]
+        return torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
+
+    n_labels = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+    expected = sum(reference(r) for r in rows) / n_labels
+    for padding_free in (False, True):
+        batch = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=padding_free)(rows)
+        keep, _ = answer_positions(batch["labels"])
+        fwd = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits  # a cache disables packed masks
+        targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+        got = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / n_labels
+        assert got.item() == pytest.approx(expected.item(), rel=1e-4), f"padding_free={padding_free}"

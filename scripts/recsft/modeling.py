@@ -59,11 +59,18 @@ def materialize_gguf(folder: str, gguf_file: str) -> str:
     logger.info("Converting %s to a cached Hugging Face copy in %s (once)", src, target)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
-    AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
-    (tmp / "recsft_done").write_text(str(src))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    try:
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+        model.hf_quantizer = None  # weights are already dequantized to plain tensors; save them as such
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        (tmp / "recsft_done").write_text(str(src))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

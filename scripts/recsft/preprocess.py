@@ -16,11 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import itertools
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from .formatting import format_prompt
 from .io import DataError, load_data
@@ -49,11 +53,7 @@ def chat_texts(tokenizer, system: str, user: str, answer: str | None,
 
 
 def _assemble(prompt_ids: list[int], answer_ids: list[int], cutoff_len: int, eos_id: int | None) -> dict:
-    if eos_id is not None and eos_id not in answer_ids:
-        answer_ids = answer_ids + [eos_id]
-    if len(answer_ids) >= cutoff_len:
-        raise DataError(f"cutoff_len={cutoff_len} cannot hold the answer ({len(answer_ids)} tokens) plus any "
-                        f"prompt; raise cutoff_len (see scripts/check_seq_len.py)")
+    answer_ids = _answer_ids(answer_ids, eos_id, cutoff_len)
     keep = cutoff_len - len(answer_ids)
     if len(prompt_ids) > keep:
         prompt_ids = prompt_ids[len(prompt_ids) - keep:]  # cut from the left: the answer survives
@@ -126,24 +126,110 @@ def render_records(records: Sequence[dict], tokenizer, system_prompt: str | None
     return prompts, answers
 
 
-def tokenize_records(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
-                     enable_thinking: bool = False, source: str = "data", batch_size: int = 4096) -> dict:
-    """Batched equivalent of ``tokenize_func`` over many records: columns ``input_ids``, ``labels``."""
+# Pre-token boundaries of byte-level BPE (Qwen, GPT-2/SmolLM2): a lone newline between two non-spaces, and
+# ASCII punctuation followed by a space and a non-space ("3." | " Star Wars (1977)" | " (rating ≈ 5.0)\n").
+_PIECE_BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)|(?<=[.,:;!?)\]])(?= \S)")
+
+
+def _gather(src: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenate ``src[starts[k]:starts[k] + lens[k]]`` for every k, without a Python loop."""
+    out_starts = np.cumsum(lens) - lens
+    return src[np.repeat(starts - out_starts, lens) + np.arange(int(lens.sum()))]
+
+
+def _encode_by_pieces(texts: Sequence[str], tokenizer, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of many texts as (flat values, offsets), tokenizing each distinct piece only once.
+
+    Byte-level BPE never merges across a pre-token boundary, so a text's ids are the concatenation of
+    its pieces' ids when it is cut at boundaries (``_PIECE_BOUNDARY``). The prompts are made of a few
+    thousand distinct pieces (system prompt, instruction, "3.", " Star Wars (1977)", " (rating ≈ 5.0)"),
+    so this tokenizes a tiny fraction of the text. :func:`encode_texts` verifies it against whole-text
+    tokenization.
+    """
+    index: dict[str, int] = {}
+    seq: list[int] = []
+    counts = np.empty(len(texts), dtype=np.int64)
+    for k, text in enumerate(texts):
+        pieces = _PIECE_BOUNDARY.split(text)
+        counts[k] = len(pieces)
+        seq.extend(index.setdefault(p, len(index)) for p in pieces)
+    unique = list(index)
+    piece_ids: list[list[int]] = []
+    for start in range(0, len(unique), batch_size):
+        piece_ids.extend(tokenizer(unique[start:start + batch_size], add_special_tokens=False)["input_ids"])
+    piece_len = np.fromiter((len(x) for x in piece_ids), dtype=np.int64, count=len(piece_ids))
+    piece_flat = np.fromiter(itertools.chain.from_iterable(piece_ids), dtype=np.int32, count=int(piece_len.sum()))
+    seq_arr = np.asarray(seq, dtype=np.int64)
+    lens = piece_len[seq_arr]
+    values = _gather(piece_flat, np.cumsum(piece_len)[seq_arr] - lens, lens)
+    text_len = np.add.reduceat(lens, np.cumsum(counts) - counts) if len(texts) else np.zeros(0, np.int64)
+    return values, np.concatenate([[0], np.cumsum(text_len)])
+
+
+def encode_texts(texts: Sequence[str], tokenizer, batch_size: int = 4096,
+                 verify: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (no special tokens added) of many texts as ``(flat int32 values, offsets)``.
+
+    Uses the memoized fast path, checked exactly against whole-text tokenization on ``verify`` texts
+    spread over the data; if any differs (some other tokenizer), tokenizes whole texts instead.
+    """
+    values, offsets = _encode_by_pieces(texts, tokenizer, batch_size)
+    picks = list(range(0, len(texts), max(1, len(texts) // verify)))[:verify] if verify else []
+    fast = [values[offsets[k]:offsets[k + 1]].tolist() for k in picks]
+    if not picks or tokenizer([texts[k] for k in picks], add_special_tokens=False)["input_ids"] == fast:
+        return values, offsets
+    logger.warning("line-memoized tokenization differs for this tokenizer; tokenizing whole texts")
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), batch_size):
+        ids.extend(tokenizer(list(texts[start:start + batch_size]), add_special_tokens=False)["input_ids"])
+    lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lens.sum()))
+    return flat, np.concatenate([[0], np.cumsum(lens)])
+
+
+def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
+                      enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
+    """Vectorized ``tokenize_func`` over many records -> a pyarrow Table (``input_ids``, ``labels``)."""
+    import pyarrow as pa
+
     prompts, answers = render_records(records, tokenizer, system_prompt, enable_thinking, source)
     missing = [i + 1 for i, a in enumerate(answers) if a is None]
     if missing:
         raise DataError(f"{source}: record {missing[0]} has no Yes/No label ('output' or 'label') to train on "
                         f"({len(missing)} such records)")
-    answer_ids = {a: tokenizer(a, add_special_tokens=False)["input_ids"] for a in set(answers)}
-    cols: dict[str, list] = {"input_ids": [], "labels": []}
-    eos = tokenizer.eos_token_id
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], add_special_tokens=False)["input_ids"]
-        for ids, answer in zip(batch, answers[start:start + batch_size]):
-            row = _assemble(ids, answer_ids[answer], cutoff_len, eos)
-            cols["input_ids"].append(row["input_ids"])
-            cols["labels"].append(row["labels"])
-    return cols
+    kinds = sorted(set(answers))
+    ans_ids = [_answer_ids(tokenizer(a, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id, cutoff_len)
+               for a in kinds]
+    values, offsets = encode_texts(prompts, tokenizer, batch_size)
+    which = np.asarray([kinds.index(a) for a in answers], dtype=np.int64)
+    ans_len = np.asarray([len(a) for a in ans_ids], dtype=np.int64)[which]
+    ans_start = len(values) + (np.cumsum([len(a) for a in ans_ids]) - [len(a) for a in ans_ids])[which]
+    prompt_end = offsets[1:]
+    prompt_start = np.maximum(offsets[:-1], prompt_end - (cutoff_len - ans_len))  # left truncation
+    starts = np.stack([prompt_start, ans_start], 1).reshape(-1)
+    lens = np.stack([prompt_end - prompt_start, ans_len], 1).reshape(-1)
+    flat_answers = np.asarray([i for a in ans_ids for i in a], dtype=np.int32)
+    input_ids = _gather(np.concatenate([values, flat_answers]), starts, lens)
+    labels = _gather(np.concatenate([np.full(len(values), IGNORE_INDEX, np.int32), flat_answers]), starts, lens)
+    row_offsets = pa.array(np.concatenate([[0], np.cumsum(lens.reshape(-1, 2).sum(1))]), pa.int64())
+    return pa.table({"input_ids": pa.LargeListArray.from_arrays(row_offsets, pa.array(input_ids)),
+                     "labels": pa.LargeListArray.from_arrays(row_offsets, pa.array(labels))})
+
+
+def _answer_ids(ids: list[int], eos_id: int | None, cutoff_len: int) -> list[int]:
+    if eos_id is not None and eos_id not in ids:
+        ids = ids + [eos_id]
+    if len(ids) >= cutoff_len:
+        raise DataError(f"cutoff_len={cutoff_len} cannot hold the answer ({len(ids)} tokens) plus any "
+                        f"prompt; raise cutoff_len (see scripts/check_seq_len.py)")
+    return ids
+
+
+def tokenize_records(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
+                     enable_thinking: bool = False, source: str = "data", batch_size: int = 4096) -> dict:
+    """Batched equivalent of ``tokenize_func`` as Python lists: ``{"input_ids": [...], "labels": [...]}``."""
+    table = tokenize_to_arrow(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source, batch_size)
+    return table.to_pydict()
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -179,7 +265,7 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
                   cache_dir: str | None, system_prompt: str | None = None, enable_thinking: bool = False,
                   clear_cache: bool = False, tokenizer_fp: str | None = None):
     """A tokenized ``datasets.Dataset`` for one split, from the cache when its key matches."""
-    from datasets import Dataset, Features, Sequence as Seq, Value, load_from_disk
+    from datasets import Dataset, load_from_disk
 
     settings = dict(cutoff_len=cutoff_len, max_samples=max_samples, system_prompt=system_prompt,
                     enable_thinking=enable_thinking)
@@ -199,9 +285,8 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     records = load_data(data_path)
     if max_samples:
         records = records[:max_samples]
-    cols = tokenize_records(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=data_path)
-    feats = Features({"input_ids": Seq(Value("int32")), "labels": Seq(Value("int32"))})
-    ds = Dataset.from_dict(cols, features=feats)
+    table = tokenize_to_arrow(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=data_path)
+    ds = Dataset(table)
     logger.info("Tokenized %s: %d examples in %.1fs (%.0f examples/s)", split, len(ds),
                 time.perf_counter() - t0, len(ds) / max(time.perf_counter() - t0, 1e-9))
     if path is not None:

@@ -27,7 +27,7 @@ data: data/movielens_qwen3/train.json
 demo: setup data
 	$(BIN)/python scripts/finetune_lora.py --config $(DEMO_CONFIG)
 	$(BIN)/python scripts/infer_lora.py --config $(DEMO_CONFIG) --test_file movielens_test \
-		--max_samples 500 --eval_mode score --output_dir output/demo_eval
+		--max_samples 64 --eval_mode score --output_dir output/demo_eval
 
 test: setup
 	$(BIN)/python -m pytest tests -q

@@ -72,10 +72,10 @@ def main(args) -> dict:
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
                              args.max_samples or cfg.data.max_test_samples)
     out = Path(args.output_dir or "output/infer")
-    model, tok = E.load_for_eval(cfg.model, adapter)
+    model, tok = E.load_for_eval(cfg.model, adapter, merge=not args.compare_base)
     kw = dict(batch_size=cfg.infer.infer_batch_size, system_prompt=cfg.data.system_prompt,
               enable_thinking=cfg.model.enable_thinking, source=source, max_new_tokens=cfg.infer.max_new_tokens,
-              temperature=cfg.infer.temperature, top_p=cfg.infer.top_p)
+              temperature=cfg.infer.temperature, top_p=cfg.infer.top_p, cutoff_len=cfg.data.cutoff_len)
     primary = "lora" if adapter else "base"
     results = {primary: run_one(model, tok, records, mode, out, primary, args, cfg, kw, primary=True)}
     if args.compare_modes:
@@ -101,6 +101,7 @@ def run_one(model, tok, records, mode, out: Path, name: str, args, cfg, kw, prim
     from recsft import evaluation as E
 
     gen_kw = {k: kw[k] for k in ("max_new_tokens", "temperature", "top_p")} if mode == "generate" else {}
+    gen_kw["cutoff_len"] = kw["cutoff_len"]
     rows, metrics = E.evaluate(model, tok, records, mode, kw["batch_size"], kw["system_prompt"],
                                kw["enable_thinking"], kw["source"], desc=f"{name} ({mode})", **gen_kw)
     if mode == "score":
@@ -109,7 +110,7 @@ def run_one(model, tok, records, mode, out: Path, name: str, args, cfg, kw, prim
         if args.calibration_samples:
             eval_records, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
             t = E.choose_threshold(model, tok, eval_records, kw["batch_size"], kw["system_prompt"],
-                                   kw["enable_thinking"])
+                                   kw["enable_thinking"], kw["cutoff_len"])
             metrics["at_eval_threshold"] = E.threshold_metrics(labels, p_yes, t)
         E.plot_roc(labels, p_yes, out / ("roc_curve.png" if primary else f"{name}_roc_curve.png"),
                    title=f"{name} ROC ({len(rows)} examples)")
@@ -127,6 +128,7 @@ def compare_modes(model, tok, records, first_mode, first, kw) -> dict:
     first_rows, first_metrics = first
     other = "generate" if first_mode == "score" else "score"
     gen_kw = {k: kw[k] for k in ("max_new_tokens", "temperature", "top_p")} if other == "generate" else {}
+    gen_kw["cutoff_len"] = kw["cutoff_len"]
     rows, metrics = E.evaluate(model, tok, records, other, kw["batch_size"], kw["system_prompt"],
                                kw["enable_thinking"], kw["source"], desc=other, **gen_kw)
     by_mode = {first_mode: (first_rows, first_metrics), other: (rows, metrics)}
@@ -143,19 +145,21 @@ def compare_modes(model, tok, records, first_mode, first, kw) -> dict:
 
 def demo(cfg, adapter: str | None) -> dict:
     from recsft import evaluation as E
-    from recsft.inference import generate, prompts_for
+    from recsft.inference import generate, max_prompt_tokens, prompts_for
     from recsft.metrics import extract_answer
 
     model, tok = E.load_for_eval(cfg.model, adapter)
     prompts, _ = prompts_for([DEMO_RECORD], tok, cfg.data.system_prompt, cfg.model.enable_thinking)
     print("=" * 80 + f"\nPROMPT\n{prompts[0]}\n" + "=" * 80)
     answers = {}
+    budget = max_prompt_tokens(tok, cfg.data.cutoff_len)
+    kw = dict(max_new_tokens=cfg.infer.max_new_tokens, progress=False, max_prompt_tokens=budget)
     if adapter:
-        answers["lora"] = generate(model, tok, prompts, cfg.infer.max_new_tokens, progress=False)[0]
+        answers["lora"] = generate(model, tok, prompts, **kw)[0]
         with model.disable_adapter():
-            answers["base"] = generate(model, tok, prompts, cfg.infer.max_new_tokens, progress=False)[0]
+            answers["base"] = generate(model, tok, prompts, **kw)[0]
     else:
-        answers["base"] = generate(model, tok, prompts, cfg.infer.max_new_tokens, progress=False)[0]
+        answers["base"] = generate(model, tok, prompts, **kw)[0]
     for name, text in answers.items():
         print(f"{name:>4}: {text!r} -> {extract_answer(text)}")
     return answers

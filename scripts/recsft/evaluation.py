@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .inference import generate, prompts_for, score
+from .inference import generate, max_prompt_tokens, prompts_for, score
 from .io import write_json_atomic, write_jsonl_atomic
 from .metrics import best_threshold, compute_metrics, extract_answer
 
@@ -16,10 +16,12 @@ logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
 
 
-def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None):
+def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None, merge: bool = False):
     """``(model, tokenizer)`` for inference: the base model, with the LoRA adapter when ``adapter_dir`` is set.
 
     The adapter is checked first (folder, adapter_config.json, same base model), before the model loads.
+    ``merge`` folds the adapter into the weights (faster; not for quantized models, and it removes the
+    ability to switch the adapter off for a base-model comparison).
     """
     from .modeling import check_adapter, get_device, load_adapter, load_model, load_tokenizer
 
@@ -32,18 +34,25 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
                        model_args.quantization_bit, model_args.trust_remote_code)
     if adapter_dir:
         model = load_adapter(model, adapter_dir, model_args.model_name_or_path)
+        if merge and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+            model = model.merge_and_unload()
     return model.eval(), tok
 
 
 def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16, max_new_tokens: int = 8,
-            temperature: float = 0.0, top_p: float = 1.0, desc: str = "") -> list[dict[str, Any]]:
-    """Per prompt: ``response`` and parsed ``prediction`` (generate), plus ``p_yes`` (score)."""
+            temperature: float = 0.0, top_p: float = 1.0, desc: str = "",
+            cutoff_len: int | None = None) -> list[dict[str, Any]]:
+    """Per prompt: ``response`` and parsed ``prediction`` (generate), plus ``p_yes`` (score).
+
+    Prompts are cut from the left to fit ``cutoff_len`` exactly as in training.
+    """
+    budget = max_prompt_tokens(tok, cutoff_len)
     if mode == "score":
-        rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring")
+        rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
         return [{"response": r["top_token"], "prediction": "Yes" if r["p_yes"] >= 0.5 else "No",
                  "p_yes": r["p_yes"]} for r in rows]
     responses = generate(model, tok, prompts, max_new_tokens, temperature, top_p, batch_size,
-                         desc=desc or "Generating")
+                         desc=desc or "Generating", max_prompt_tokens=budget)
     return [{"response": r, "prediction": extract_answer(r)} for r in responses]
 
 
@@ -72,10 +81,10 @@ def threshold_metrics(labels: Sequence[str], p_yes: Sequence[float], threshold: 
 
 
 def choose_threshold(model, tok, eval_records: Sequence[dict], batch_size: int, system_prompt: str | None,
-                     enable_thinking: bool) -> float:
+                     enable_thinking: bool, cutoff_len: int | None = None) -> float:
     """P(Yes) threshold maximising accuracy on eval records (never on the test records)."""
     rows, _ = evaluate(model, tok, eval_records, "score", batch_size, system_prompt, enable_thinking,
-                       desc="Scoring eval (threshold)")
+                       desc="Scoring eval (threshold)", cutoff_len=cutoff_len)
     return best_threshold([r["label"] == "Yes" for r in rows], [r["p_yes"] for r in rows])
 
 

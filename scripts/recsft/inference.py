@@ -26,9 +26,20 @@ def _batches(items: Sequence, size: int, desc: str, progress: bool):
         yield items[start:start + size]
 
 
+def _encode(tokenizer, batch: list[str], device, max_prompt_tokens: int | None):
+    """Left-padded batch; prompts longer than ``max_prompt_tokens`` lose tokens from the left, as in training."""
+    old = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False,
+                         truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens).to(device)
+    finally:
+        tokenizer.truncation_side = old
+
+
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS,
              temperature: float = TEMPERATURE, top_p: float = TOP_P, batch_size: int = 16,
-             progress: bool = True, desc: str = "Generating") -> list[str]:
+             progress: bool = True, desc: str = "Generating", max_prompt_tokens: int | None = None) -> list[str]:
     """Responses to already-templated prompt texts (greedy when ``temperature`` is 0), special tokens kept."""
     import torch
 
@@ -42,7 +53,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX
     model.eval()
     with _left_padding(tokenizer), torch.inference_mode():
         for batch in _batches(list(prompts), batch_size, desc, progress):
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = _encode(tokenizer, batch, device, max_prompt_tokens)
             ids = model.generate(**enc, **kwargs)
             new = ids[:, enc["input_ids"].shape[1]:]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=False))
@@ -59,7 +70,7 @@ def answer_token_ids(tokenizer) -> tuple[int, int]:
 
 
 def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = True,
-          desc: str = "Scoring") -> list[dict]:
+          desc: str = "Scoring", max_prompt_tokens: int | None = None) -> list[dict]:
     """One forward pass per prompt: P(Yes) vs P(No) at the answer position, and the argmax token.
 
     Returns per prompt ``{"p_yes", "logit_yes", "logit_no", "top_token"}``; ``p_yes`` is the softmax of
@@ -73,7 +84,7 @@ def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progre
     model.eval()
     with _left_padding(tokenizer), torch.inference_mode():
         for batch in _batches(list(prompts), batch_size, desc, progress):
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = _encode(tokenizer, batch, device, max_prompt_tokens)
             position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :].float()
             pair = logits[:, [yes_id, no_id]]
@@ -83,6 +94,14 @@ def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progre
                 out.append({"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]),
                             "logit_no": float(pair[i, 1]), "top_token": tokenizer.decode([int(top[i])])})
     return out
+
+
+def max_prompt_tokens(tokenizer, cutoff_len: int | None) -> int | None:
+    """Prompt budget under ``cutoff_len``: what training keeps in front of the answer "Yes<eos>"."""
+    if not cutoff_len:
+        return None
+    answer = tokenizer("Yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return cutoff_len - len(answer)
 
 
 def prompts_for(records: Sequence[dict], tokenizer, system_prompt: str | None = None,

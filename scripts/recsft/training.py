@@ -392,15 +392,16 @@ def stopped_early(trainer, signal_name: str) -> dict:
 
 
 def generation_eval(model, tokenizer, eval_path: str, n: int, system_prompt: str | None,
-                    enable_thinking: bool, batch_size: int) -> dict:
+                    enable_thinking: bool, batch_size: int, cutoff_len: int | None = None) -> dict:
     """Greedy generation (max_new_tokens=8) on the first ``n`` eval records, scored like inference."""
     from .config import MAX_NEW_TOKENS
-    from .inference import generate, prompts_for
+    from .inference import generate, max_prompt_tokens, prompts_for
     from .io import load_data
 
     records = load_data(eval_path)[:n]
     prompts, labels = prompts_for(records, tokenizer, system_prompt, enable_thinking, eval_path)
-    responses = generate(model, tokenizer, prompts, MAX_NEW_TOKENS, 0.0, 1.0, batch_size, desc="Gen eval")
+    responses = generate(model, tokenizer, prompts, MAX_NEW_TOKENS, 0.0, 1.0, batch_size, desc="Gen eval",
+                         max_prompt_tokens=max_prompt_tokens(tokenizer, cutoff_len))
     return compute_metrics(labels, [extract_answer(r) for r in responses])
 
 
@@ -424,7 +425,7 @@ def finish(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, 
         if cfg.train.gen_eval_samples and eval_path:
             gen = generation_eval(trainer.model, tokenizer, eval_path, cfg.train.gen_eval_samples,
                                   cfg.data.system_prompt, cfg.model.enable_thinking,
-                                  cfg.train.per_device_eval_batch_size)
+                                  cfg.train.per_device_eval_batch_size, cfg.data.cutoff_len)
             summary["gen_eval"] = gen
             print("Generation eval (greedy, max_new_tokens=8): " +
                   " | ".join(f"{k} {v:.4g}" for k, v in gen.items()), flush=True)

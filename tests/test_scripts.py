@@ -1,0 +1,115 @@
+"""End to end: every inference/analysis script on the tiny random Qwen3 (real tokenizer) with a trained adapter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import analyze_differences
+import check_seq_len
+import compare_base_vs_lora
+import finetune_lora
+import infer_lora
+from recsft.io import load_data
+from recsft.movielens import to_train_record
+from test_training import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_qwen3, movielens_dir):
+    """A LoRA adapter trained for a few steps on real MovieLens records, and a config file pointing at it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tmp, tiny_qwen3, max_steps=12, learning_rate=1e-2, eval_steps=6, save_steps=6)
+    finetune_lora.main(cfg)
+    test = load_data(movielens_dir / "test_raw.jsonl")[:12]
+    (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    (tmp / "eval_train_format.json").write_text(json.dumps([to_train_record(r) for r in test[:6]]))
+    yaml = "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items() if v is not None)
+    (tmp / "cfg.yaml").write_text(yaml + f"\ntest_file: {json.dumps(str(tmp / 'test.jsonl'))}\n")
+    return tmp, str(tmp / "cfg.yaml"), cfg.train.output_dir
+
+
+def run_infer(cfg_path, *extra):
+    return infer_lora.main(infer_lora.parse_args(["--config", cfg_path, *extra]))
+
+
+def test_batch_generate_both_formats(trained):
+    tmp, cfg, adapter = trained
+    out = tmp / "gen"
+    summary = run_infer(cfg, "--output_dir", str(out), "--compare_base")
+    rows = load_data(out / "lora_predictions.jsonl")
+    metrics = json.loads((out / "metrics_summary.json").read_text())
+    assert len(rows) == 12 and {"user_id", "candidate_title", "label", "response", "prediction"} <= set(rows[0])
+    assert {"accuracy", "f1", "precision", "recall", "unparseable"} <= set(metrics) and metrics["n"] == 12
+    assert (out / "base_predictions.jsonl").is_file() and summary["base"]["n"] == 12
+    out2 = tmp / "gen_train_format"
+    run_infer(cfg, "--test_file", str(tmp / "eval_train_format.json"), "--max_samples", "1",
+              "--output_dir", str(out2))
+    assert len(load_data(out2 / "lora_predictions.jsonl")) == 1
+
+
+def test_score_mode_agrees_with_generation_and_writes_roc(trained):
+    tmp, cfg, adapter = trained
+    out = tmp / "score"
+    summary = run_infer(cfg, "--output_dir", str(out), "--eval_mode", "score", "--compare_modes",
+                        "--calibration_samples", "8")
+    metrics = json.loads((out / "metrics_summary.json").read_text())
+    assert {"auc", "log_loss", "at_0.5", "at_eval_threshold"} <= set(metrics)
+    assert (out / "roc_curve.png").stat().st_size > 1000
+    gen = summary["modes"]["generate_metrics"]
+    assert gen["n"] == 12 and summary["modes"]["score_speedup"] > 0
+    assert summary["modes"]["agreement"] == 1.0 or summary["modes"]["generation_parsed"] == 0
+    assert summary["modes"]["generation_parsed"] > 0, "the trained tiny model should answer Yes/No"
+
+
+def test_demo_mode_prints_base_and_lora(trained, capsys):
+    tmp, cfg, adapter = trained
+    answers = run_infer(cfg)
+    assert set(answers) == {"lora", "base"} and "PROMPT" in capsys.readouterr().out
+
+
+def test_compare_and_analyze(trained, capsys):
+    tmp, cfg, adapter = trained
+    out = tmp / "compare"
+    summary = compare_base_vs_lora.main(compare_base_vs_lora.parse_args(
+        ["--config", cfg, "--output_dir", str(out), "--eval_mode", "score"]))
+    agreement = summary["agreement"]
+    assert agreement["agree"] + agreement["disagree"] == 12
+    assert sum(agreement[k] for k in ("both_right", "both_wrong", "lora_right_base_wrong",
+                                      "base_right_lora_wrong")) == 12
+    assert len(load_data(out / "comparisons.jsonl")) == 12
+    result = analyze_differences.main(analyze_differences.parse_args(["--input_dir", str(out)]))
+    assert sum(result["counts"].values()) == 12 and "12 examples" in capsys.readouterr().out
+
+
+def test_check_seq_len_steps_stats_and_histogram(trained, capsys, tmp_path):
+    tmp, cfg, adapter = trained
+    stats = check_seq_len.main(check_seq_len.parse_args(
+        ["--config", cfg, "--show-examples", "1", "--cutoff-len", "120", "--output-dir", str(tmp_path)]))
+    out = capsys.readouterr().out
+    for step in range(1, 7):
+        assert f"[STEP {step}]" in out
+    assert "removed from the LEFT" in out and stats["truncated"] > 0 and stats["p50"] > 120
+    assert list(tmp_path.glob("*.png"))
+    chars = check_seq_len.main(check_seq_len.parse_args(["--config", cfg, "--char-only", "--show-examples", "0",
+                                                         "--output-dir", str(tmp_path)]))
+    assert chars["mean"] > stats["mean"]
+
+
+def test_missing_or_foreign_adapter_fails_before_loading(trained, tmp_path, tiny_qwen3, qwen3_tokenizer):
+    tmp, cfg, adapter = trained
+    r = subprocess.run([sys.executable, "scripts/infer_lora.py", "--config", cfg, "--output_dir", str(tmp_path),
+                        "--adapter_dir", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    cfg_json = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    cfg_json["base_model_name_or_path"] = "Qwen/Qwen3-8B"
+    (foreign / "adapter_config.json").write_text(json.dumps(cfg_json))
+    r = subprocess.run([sys.executable, "scripts/infer_lora.py", "--config", cfg, "--output_dir", str(tmp_path),
+                        "--adapter_dir", str(foreign)], capture_output=True, text=True)
+    assert r.returncode == 2 and "was trained on 'Qwen/Qwen3-8B'" in r.stderr

@@ -113,3 +113,17 @@ def test_missing_or_foreign_adapter_fails_before_loading(trained, tmp_path, tiny
     r = subprocess.run([sys.executable, "scripts/infer_lora.py", "--config", cfg, "--output_dir", str(tmp_path),
                         "--adapter_dir", str(foreign)], capture_output=True, text=True)
     assert r.returncode == 2 and "was trained on 'Qwen/Qwen3-8B'" in r.stderr
+
+
+def test_baselines_on_the_same_split(tmp_path):
+    import baselines
+    import prepare_data
+
+    prepare_data.main(prepare_data.parse_args(["--out-dir", str(tmp_path / "d"), "--max-users", "80"]))
+    results = baselines.main(baselines.parse_args(["--data_dir", str(tmp_path / "d"), "--output_dir",
+                                                   str(tmp_path / "o"), "--svd_rank", "5"]))
+    assert len(results) == 5 and all(0 <= m["accuracy"] <= 1 for m in results.values())
+    assert results["always Yes (majority of train)"]["auc"] == 0.5
+    assert results["user+item biases"]["auc"] > 0.55  # real signal on real data
+    saved = json.loads((tmp_path / "o" / "baselines.json").read_text())
+    assert saved["test_examples"] == len(load_data(tmp_path / "d" / "test_raw.jsonl"))

@@ -109,7 +109,7 @@ def make_compute_metrics(tokenizer):
         gold = [extract_answer(tokenizer.decode([int(i)])) for i in label_ids]
         p_yes = 1.0 / (1.0 + np.exp(-(preds[:, 1] - preds[:, 2])))
         m = compute_metrics(gold, pred_text, p_yes.tolist())
-        return {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "auc", "unparseable")}
+        return {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "auc", "unparseable", "n")}
 
     return _compute
 
@@ -357,7 +357,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
     args = sft_config(train, cfg.data.cutoff_len, device, eval_ds is not None, extra_epochs)
     stopper = GracefulStopCallback()
     callbacks = [ReadableLogCallback(), stopper]
-    if train.report_to == "tensorboard":
+    if train.report_to == "tensorboard" and args.process_index == 0:  # one event file, from rank 0
         from torch.utils.tensorboard import SummaryWriter
 
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(train.output_dir) / "logs"))))
@@ -367,6 +367,9 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
+    if args.world_size > 1:
+        logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,
+                    args.parallel_mode, args.process_index)
     return trainer, stopper
 
 

@@ -61,7 +61,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     tokenizer = T.tokenizer_for(cfg.model)
     train_ds, eval_ds = T.datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
                                        clear_cache)
-    model, device = T.model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing)
+    model, device = T.model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
     trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
     with T.signals_installed(stopper):
         result = trainer.train(resume_from_checkpoint=ckpt)

@@ -10,11 +10,14 @@ Copy-paste:
 Each example: the user's last ``history_len`` rated movies (title with year, rating) before the candidate;
 label Yes when the candidate's rating >= ``like_threshold``. Split per user by time (last 10% of each
 user's candidates -> test, the 10% before -> eval), so no eval/test candidate precedes a training one.
+Invalid raw rows (bad line, rating outside 0.5..5, unknown movie id) are dropped with one counted warning.
+Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json}``; errors exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -52,8 +55,9 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s: %(message)s")
     try:
         main(parse_args())
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, OSError) as err:  # bad folder, missing package, download or write failure
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

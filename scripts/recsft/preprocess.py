@@ -257,8 +257,25 @@ def cache_key(data_path: str, tokenizer_fp: str, **settings: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _valid_cache(path: Path) -> bool:
-    return (path / "recsft_cache.json").is_file() and (path / "dataset_info.json").is_file()
+def _read_cache(path: Path):
+    """The cached dataset, or None when the folder is missing, partial or corrupt (it is then removed)."""
+    from datasets import load_from_disk
+
+    meta_file = path / "recsft_cache.json"
+    if not meta_file.is_file():
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        ds = load_from_disk(str(path))
+        if len(ds) != meta["num_rows"] or (len(ds) and len(ds[len(ds) - 1]["input_ids"]) == 0):
+            raise ValueError(f"{len(ds)} rows, expected {meta['num_rows']}")
+        return ds
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
+        logger.warning("preprocessing cache %s is corrupt or partial (%s); rebuilding it", path, e)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
 
 
 def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_samples: int | None,
@@ -273,14 +290,10 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     path = Path(cache_dir) / f"{split}_preprocessed-{key}" if cache_dir else None
     if path is not None and clear_cache and path.exists():
         shutil.rmtree(path)
-    if path is not None and _valid_cache(path):
-        try:
-            ds = load_from_disk(str(path))
-            logger.info("Loading preprocessed datasets from cache... %s (%d examples)", path, len(ds))
-            return ds
-        except Exception as e:  # corrupt or partial: rebuild
-            logger.warning("cache %s is unreadable (%s); rebuilding it", path, e)
-            shutil.rmtree(path, ignore_errors=True)
+    cached = _read_cache(path) if path is not None else None
+    if cached is not None:
+        logger.info("Loading preprocessed datasets from cache... %s (%d examples)", path, len(cached))
+        return cached
     t0 = time.perf_counter()
     records = load_data(data_path)
     if max_samples:
@@ -293,9 +306,13 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         ds.save_to_disk(str(tmp))
-        (tmp / "recsft_cache.json").write_text(json.dumps({"key": key, "data": data_path, **settings}))
+        meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
+        (tmp / "recsft_cache.json").write_text(json.dumps(meta))
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process (DDP rank) published the same cache first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
         ds = load_from_disk(str(path))
     return ds
 

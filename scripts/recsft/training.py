@@ -297,17 +297,25 @@ def tokenizer_for(model_args):
 
 
 def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_path: str | None, clear_cache: bool):
+    """Tokenized train/eval datasets; under DDP rank 0 builds the cache first and the others load it."""
+    from accelerate import PartialState
+
     from .preprocess import preprocess_datasets_parallel
 
-    return preprocess_datasets_parallel(
-        train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
-        max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
-        system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)
+    with PartialState().main_process_first():
+        return preprocess_datasets_parallel(
+            train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
+            max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
+            system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)
 
 
-def model_for(model_args, lora, gradient_checkpointing: bool):
+def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
+    """Base model + fresh LoRA adapters; the seed is set first so the adapter init is reproducible."""
+    from transformers import set_seed
+
     from .modeling import apply_lora, get_device, load_model
 
+    set_seed(seed)
     device = get_device()
     model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
                        model_args.quantization_bit, model_args.trust_remote_code)

@@ -117,7 +117,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_reaches_the_same_state(tmp_path, 
     from safetensors.torch import load_file
 
     def cfg_file(sub: str) -> tuple[Path, Path]:
-        cfg = tiny_config(tmp_path / sub, tiny_qwen3, max_steps=60, eval_strategy="no", save_strategy="steps",
+        cfg = tiny_config(tmp_path / sub, tiny_qwen3, max_steps=24, eval_strategy="no", save_strategy="steps",
                           save_steps=1000, load_best_model_at_end="false", per_device_train_batch_size=2,
                           gradient_accumulation_steps=1)
         path = tmp_path / f"{sub}.yaml"
@@ -128,14 +128,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_reaches_the_same_state(tmp_path, 
     killed_cfg, killed_out = cfg_file("killed")
     proc = subprocess.Popen(cmd + [str(killed_cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
-        if "Step 3/60" in line:
+        if "Step 3/24" in line:
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0, rest[-2000:]
     assert "Training stopped by SIGTERM" in rest
     ckpts = list(killed_out.glob("checkpoint-*"))
-    assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 60
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 24
     assert not (killed_out / "adapter_model.safetensors").exists()  # no final adapter from a killed run
     r = subprocess.run(cmd + [str(killed_cfg), "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "RESUMING TRAINING FROM CHECKPOINT" in r.stdout

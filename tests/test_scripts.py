@@ -20,10 +20,10 @@ from test_training import tiny_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_qwen3, movielens_dir):
+def trained(tmp_path_factory, yes_no_qwen3, movielens_dir):
     """A LoRA adapter trained for a few steps on real MovieLens records, and a config file pointing at it."""
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = tiny_config(tmp, tiny_qwen3, max_steps=12, learning_rate=1e-2, eval_steps=6, save_steps=6)
+    cfg = tiny_config(tmp, yes_no_qwen3, max_steps=8, learning_rate=1e-2, eval_steps=4, save_steps=4)
     finetune_lora.main(cfg)
     test = load_data(movielens_dir / "test_raw.jsonl")[:12]
     (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
@@ -55,15 +55,16 @@ def test_batch_generate_both_formats(trained):
 def test_score_mode_agrees_with_generation_and_writes_roc(trained):
     tmp, cfg, adapter = trained
     out = tmp / "score"
+    # max_new_tokens=1: this toy head never emits EOS, so longer responses ("YesNoYes...") are unparseable
     summary = run_infer(cfg, "--output_dir", str(out), "--eval_mode", "score", "--compare_modes",
-                        "--calibration_samples", "8")
+                        "--calibration_samples", "8", "max_new_tokens=1")
     metrics = json.loads((out / "metrics_summary.json").read_text())
     assert {"auc", "log_loss", "at_0.5", "at_eval_threshold"} <= set(metrics)
     assert (out / "roc_curve.png").stat().st_size > 1000
     gen = summary["modes"]["generate_metrics"]
     assert gen["n"] == 12 and summary["modes"]["score_speedup"] > 0
     assert summary["modes"]["agreement"] == 1.0 or summary["modes"]["generation_parsed"] == 0
-    assert summary["modes"]["generation_parsed"] > 0, "the trained tiny model should answer Yes/No"
+    assert summary["modes"]["generation_parsed"] == 12, "the yes/no-head model always starts with Yes or No"
 
 
 def test_demo_mode_prints_base_and_lora(trained, capsys):

@@ -164,3 +164,13 @@ def test_label_position_loss_equals_full_logits_loss_padded_and_packed(tmp_path,
         targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
         got = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / n_labels
         assert got.item() == pytest.approx(expected.item(), rel=1e-4), f"padding_free={padding_free}"
+
+
+def test_packing_and_gradient_checkpointing_knobs_train(tmp_path, tiny_qwen3):
+    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=2, eval_steps=2, save_steps=2, packing="true",
+                      gradient_checkpointing="true", flash_attn="sdpa", lora_target="qv", lora_rank=4)
+    summary = finetune_lora.main(cfg)
+    assert summary["global_step"] == 2 and summary["config"]["packing"] is True
+    assert summary["final_eval"]["eval_n"] == 16 and 0 < summary["train_loss"] < 20
+    adapter = json.loads((Path(cfg.train.output_dir) / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["r"] == 4

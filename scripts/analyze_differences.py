@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from recsft.cli import run  # noqa: E402
+
 from recsft.io import DataError  # noqa: E402
 
 CATEGORIES = ("lora_right_base_wrong", "base_right_lora_wrong", "both_wrong", "both_right")
@@ -69,8 +71,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

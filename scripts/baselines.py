@@ -26,6 +26,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from recsft.cli import run  # noqa: E402
+
 from recsft.io import DataError  # noqa: E402
 
 
@@ -155,8 +157,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

@@ -23,8 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recsft.config import ConfigError, load_config  # noqa: E402
-from recsft.io import DataError  # noqa: E402
+from recsft.cli import run  # noqa: E402
+
+from recsft.config import load_config  # noqa: E402
 
 RULE = "─" * 76
 BAR = "=" * 80
@@ -166,8 +167,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

@@ -15,14 +15,14 @@ per example with both predictions) and disagreements.jsonl. Read them with scrip
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recsft.config import ConfigError, load_config  # noqa: E402
-from recsft.io import DataError  # noqa: E402
+from recsft.cli import run  # noqa: E402
+
+from recsft.config import load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -97,9 +97,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
-    try:
-        main(parse_args())
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recsft.config import Config, ConfigError, load_config  # noqa: E402
-from recsft.io import DataError  # noqa: E402
+from recsft.cli import run  # noqa: E402
+
+from recsft.config import Config, load_config  # noqa: E402
 
 logger = logging.getLogger("finetune_lora")
 
@@ -41,13 +42,6 @@ def parse_args(argv: list[str] | None = None):
                         help="resume from this checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return parser.parse_args(argv)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO, force=True)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epochs: float = 0.0,
@@ -71,12 +65,6 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    setup_logging()
-    try:
-        config = load_config(args.config, args.overrides)
-        main(config, clear_cache=args.clear_cache, resume=args.resume, extra_epochs=args.extra_epochs,
-             resume_from_checkpoint=args.resume_from_checkpoint)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(lambda a: main(load_config(a.config, a.overrides), clear_cache=a.clear_cache, resume=a.resume,
+                           extra_epochs=a.extra_epochs, resume_from_checkpoint=a.resume_from_checkpoint),
+        parse_args)

@@ -25,14 +25,14 @@ unparseable; score mode adds auc, log_loss, accuracy at 0.5 and at the eval-chos
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recsft.config import ConfigError, load_config  # noqa: E402
-from recsft.io import DataError  # noqa: E402
+from recsft.cli import run  # noqa: E402
+
+from recsft.config import load_config  # noqa: E402
 
 DEMO_RECORD = {
     "user_id": 0, "candidate_title": "Empire Strikes Back, The (1980)", "label": "Yes",
@@ -166,9 +166,4 @@ def demo(cfg, adapter: str | None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
-    try:
-        main(parse_args())
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

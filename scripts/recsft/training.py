@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -154,6 +155,8 @@ class GracefulStopCallback(TrainerCallback):
 
     def _handle(self, signum, frame):
         if self.requested:
+            if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun/accelerate forwards the signal it got (and
+                return  # SIGKILLs after 30 s): a repeat is that copy, not a second request
             self.uninstall()
             signal.raise_signal(signum)
             return
@@ -162,6 +165,12 @@ class GracefulStopCallback(TrainerCallback):
               f"(send it again to stop at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # DDP: every rank must stop after the same step, even if the signal reached them a step apart
+            flag = torch.tensor([int(self.requested is not None)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not self.requested:
+                self.requested = "SIGTERM (on another rank)"
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
@@ -300,9 +309,11 @@ def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_p
     """Tokenized train/eval datasets; under DDP rank 0 builds the cache first and the others load it."""
     from accelerate import PartialState
 
+    from .modeling import get_device
     from .preprocess import preprocess_datasets_parallel
 
-    with PartialState().main_process_first():
+    # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
+    with PartialState(cpu=get_device() == "cpu").main_process_first():
         return preprocess_datasets_parallel(
             train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
             max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,

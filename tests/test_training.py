@@ -174,3 +174,13 @@ def test_packing_and_gradient_checkpointing_knobs_train(tmp_path, tiny_qwen3):
     assert summary["final_eval"]["eval_n"] == 16 and 0 < summary["train_loss"] < 20
     adapter = json.loads((Path(cfg.train.output_dir) / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["r"] == 4
+
+
+def test_time_budget_stops_with_eval_and_checkpoint(tmp_path, tiny_qwen3):
+    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=50, max_train_minutes=1e-6, budget_clock="cpu",
+                      load_best_model_at_end="false")
+    summary = finetune_lora.main(cfg)
+    assert summary["global_step"] == 1  # the first step already spends the tiny budget
+    assert summary["budget_minutes_used"] > 0 and summary["budget_clock"] == "cpu"
+    assert summary["final_eval"].get("eval_auc") is not None  # the stop evaluated
+    assert Path(cfg.train.output_dir, "checkpoint-1").is_dir()  # ... and saved

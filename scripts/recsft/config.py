@@ -146,6 +146,11 @@ class TrainArgs(_Section):
     report_to: str = "tensorboard"
     bf16: str = "auto"  # auto = bf16 on GPUs that support it
     dataloader_num_workers: int = 0
+    # Training-time budget: stop (evaluate + save) once the training steps have used this many minutes.
+    # Counted over optimizer steps only (evaluation and checkpointing excluded). Clock: wall = elapsed time;
+    # cpu = CPU time of this process, which measures the same work whatever else runs on the machine.
+    max_train_minutes: float | None = None
+    budget_clock: str = "wall"
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -162,6 +167,9 @@ class TrainArgs(_Section):
                     "metric_for_best_model: must be one of f1, accuracy, auc, loss")
         self._check(self.gen_eval_samples >= 0, "gen_eval_samples: must be >= 0")
         self._check(self.bf16 in ("auto", "true", "false"), "bf16: must be auto, true or false")
+        self._check(self.max_train_minutes is None or 0 < self.max_train_minutes < float("inf"),
+                    f"max_train_minutes: must be a positive number or null, got {self.max_train_minutes}")
+        self._check(self.budget_clock in ("wall", "cpu"), f"budget_clock: must be wall or cpu, got {self.budget_clock!r}")
         if self.load_best_model_at_end and self.eval_strategy != "no":
             self._check(self.save_strategy == self.eval_strategy,
                         "load_best_model_at_end needs save_strategy == eval_strategy")

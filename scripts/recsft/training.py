@@ -192,6 +192,35 @@ class TokenThroughputCallback(TrainerCallback):
             self.train_time = time.perf_counter() - self.start
 
 
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training (with a final eval and checkpoint) once the optimizer steps used ``minutes``.
+
+    Only the time between step begin and step end counts, so evaluation and checkpoint saving do not eat the
+    budget; ``clock="cpu"`` counts this process's CPU time, a fair budget on a machine shared with other jobs.
+    """
+
+    def __init__(self, minutes: float, clock: str = "wall"):
+        self.limit_s = minutes * 60.0
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
+        self.used_s = 0.0
+        self._t0: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = self.now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.used_s += self.now() - self._t0
+            self._t0 = None
+        if self.used_s >= self.limit_s and not control.should_training_stop:
+            logger.info("Time budget of %.1f min reached at step %d: evaluating, saving and stopping",
+                        self.limit_s / 60, state.global_step)
+            control.should_training_stop = True
+            control.should_save = True
+            control.should_evaluate = args.eval_strategy != "no"
+        return control
+
+
 # --------------------------------------------------------------------------------------------- resume
 def checkpoint_info(checkpoint: str) -> dict[str, Any]:
     """Step and epoch of a checkpoint, from its ``trainer_state.json``."""
@@ -381,12 +410,17 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
         from torch.utils.tensorboard import SummaryWriter
 
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(train.output_dir) / "logs"))))
+    budget = None
+    if train.max_train_minutes:
+        budget = TimeBudgetCallback(train.max_train_minutes, train.budget_clock)
+        callbacks.append(budget)
     if train.early_stopping_patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = RecSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
+    trainer.time_budget = budget
     if args.world_size > 1:
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,
                     args.parallel_mode, args.process_index)
@@ -442,7 +476,11 @@ def finish(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, 
         summary = {"model": cfg.model.model_name_or_path, "device": device, "global_step": state.global_step,
                    "epoch": state.epoch, "train_loss": result.metrics.get("train_loss"),
                    "train_runtime_s": runtime, "wall_time_s": wall, "train_tokens": tokens,
-                   "tokens_per_s": tokens / runtime, "best_checkpoint": state.best_model_checkpoint,
+                   "tokens_per_s": tokens / runtime,
+                   "train_examples_seen": state.global_step * cfg.train.per_device_train_batch_size
+                   * cfg.train.gradient_accumulation_steps * trainer.args.world_size,
+                   "budget_minutes_used": (trainer.time_budget.used_s / 60 if trainer.time_budget else None),
+                   "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
                    "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
                    "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
         if cfg.train.gen_eval_samples and eval_path:

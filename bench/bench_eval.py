@@ -19,13 +19,9 @@ Yes/No that scoring picks; and each one's accuracy against the gold labels).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (QWEN3_TOKENIZER, SMOLLM2_GGUF, default_data, device_info, isolated, load_records,  # noqa: E402
+from _common import (QWEN3_TOKENIZER, SMOLLM2_GGUF, default_data, device_info, isolated, load_records,
                      median, print_table, quiet_logs, versions, write_json)
 
 

@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (QWEN3_TOKENIZER, Timer, as_json_file, default_data, device_info, isolated,  # noqa: E402
+from _common import (QWEN3_TOKENIZER, Timer, as_json_file, default_data, device_info, isolated,
                      load_records, median, print_table, quiet_logs, versions, write_json)
 
 WARMUP = 32

@@ -41,16 +41,12 @@ import argparse
 import gc
 import importlib.util
 import shutil
-import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (QWEN3_TOKENIZER, default_data, device_info, isolated, load_records, median,  # noqa: E402
+from _common import (QWEN3_TOKENIZER, default_data, device_info, isolated, load_records, median,
                      print_table, quiet_logs, versions, write_json)
 
 QWEN3_VOCAB = 151936

@@ -12,15 +12,11 @@ prompt (first 300 characters).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recsft.cli import run  # noqa: E402
-
-from recsft.io import DataError  # noqa: E402
+from recsft.cli import run
+from recsft.io import DataError
 
 CATEGORIES = ("lora_right_base_wrong", "base_right_lora_wrong", "both_wrong", "both_right")
 

@@ -18,17 +18,13 @@ least squares), and matrix factorisation (scikit-learn TruncatedSVD on the bias 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recsft.cli import run  # noqa: E402
-
-from recsft.io import DataError  # noqa: E402
+from recsft.cli import run
+from recsft.io import DataError
 
 
 def parse_args(argv: list[str] | None = None):

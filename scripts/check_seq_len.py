@@ -16,16 +16,12 @@ saved as a PNG in --output-dir.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recsft.cli import run  # noqa: E402
-
-from recsft.config import load_config  # noqa: E402
+from recsft.cli import run
+from recsft.config import load_config
 
 RULE = "─" * 76
 BAR = "=" * 80

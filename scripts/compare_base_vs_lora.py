@@ -15,14 +15,10 @@ per example with both predictions) and disagreements.jsonl. Read them with scrip
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recsft.cli import run  # noqa: E402
-
-from recsft.config import load_config  # noqa: E402
+from recsft.cli import run
+from recsft.config import load_config
 
 
 def parse_args(argv: list[str] | None = None):

@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recsft.cli import run  # noqa: E402
-
-from recsft.config import Config, load_config  # noqa: E402
+from recsft.cli import run
+from recsft.config import Config, load_config
 
 logger = logging.getLogger("finetune_lora")
 

@@ -25,14 +25,10 @@ unparseable; score mode adds auc, log_loss, accuracy at 0.5 and at the eval-chos
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recsft.cli import run  # noqa: E402
-
-from recsft.config import load_config  # noqa: E402
+from recsft.cli import run
+from recsft.config import load_config
 
 DEMO_RECORD = {
     "user_id": 0, "candidate_title": "Empire Strikes Back, The (1980)", "label": "Yes",

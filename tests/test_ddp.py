@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from test_training import tiny_config
+from conftest import tiny_config, write_config_yaml
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-pytestmark = pytest.mark.skipif(not ACCELERATE.is_file(), reason="accelerate CLI not installed in this venv")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not ACCELERATE.is_file(), reason="accelerate CLI not installed in this venv")]
 
 
 def free_port() -> int:
@@ -39,9 +40,7 @@ ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # CPU rank
 
 def write_config(tmp_path: Path, name: str, tiny_qwen3: str, **overrides) -> tuple[Path, object]:
     cfg = tiny_config(tmp_path, tiny_qwen3, **overrides)
-    path = tmp_path / name
-    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items() if v is not None))
-    return path, cfg
+    return write_config_yaml(cfg, tmp_path / name), cfg
 
 
 def test_two_process_ddp_trains_gathers_and_writes_once(tmp_path, tiny_qwen3):

@@ -24,6 +24,8 @@ from recsft.metrics import extract_answer
 from recsft.modeling import get_device, load_model, load_tokenizer
 from recsft.preprocess import tokenize_func
 
+pytestmark = pytest.mark.slow  # loads a real model
+
 RECORD = {"instruction": INSTRUCTION, "output": "Yes", "input": build_input_text(
     ["Star Wars (1977)", "Return of the Jedi (1983)", "Raiders of the Lost Ark (1981)", "Toy Story (1995)"],
     [5, 5, 4, 4], "The Empire Strikes Back (1980)")}

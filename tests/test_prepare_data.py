@@ -189,6 +189,7 @@ def test_bad_parameters_are_rejected(slice_):
         movielens.build_examples(ratings, titles, history_len=0)
 
 
+@pytest.mark.slow
 def test_cli_error_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "scripts/prepare_data.py", "--raw-dir", str(tmp_path / "nope"),
                         "--out-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)

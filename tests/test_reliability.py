@@ -14,7 +14,7 @@ import finetune_lora
 from recsft import modeling
 from recsft.config import ConfigError, load_config
 from recsft.io import DataError
-from test_training import tiny_config, write_data
+from conftest import tiny_config, write_config_yaml, write_data
 
 
 @pytest.fixture
@@ -52,7 +52,8 @@ def test_bad_training_data_fails_before_the_model_and_writes_nothing(case, tmp_p
     with pytest.raises(DataError, match=message):
         finetune_lora.main(cfg)
     assert not Path(cfg.train.output_dir).exists()
-    assert not any(Path(cfg.data.preprocessing_cache_dir).glob("*")) if Path(cfg.data.preprocessing_cache_dir).exists() else True
+    cache = Path(cfg.data.preprocessing_cache_dir)
+    assert not cache.exists() or not any(cache.iterdir())
 
 
 def test_bad_eval_data_also_fails_before_the_model(tmp_path, tiny_qwen3, no_model_load):
@@ -75,6 +76,7 @@ def test_missing_data_path(tmp_path, tiny_qwen3, no_model_load):
         finetune_lora.main(cfg)
 
 
+@pytest.mark.slow
 def test_config_errors_are_collected_and_cli_exits_2(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cutof_len: 512\nlora_rank: sixteen\nnum_train_epochs: 1\n")
@@ -112,6 +114,7 @@ def test_incomplete_checkpoint_is_skipped_by_resume(tmp_path):
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-4")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_reaches_the_same_state(tmp_path, tiny_qwen3):
     import torch
     from safetensors.torch import load_file
@@ -120,9 +123,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_reaches_the_same_state(tmp_path, 
         cfg = tiny_config(tmp_path / sub, tiny_qwen3, max_steps=24, eval_strategy="no", save_strategy="steps",
                           save_steps=1000, load_best_model_at_end="false", per_device_train_batch_size=2,
                           gradient_accumulation_steps=1)
-        path = tmp_path / f"{sub}.yaml"
-        path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items() if v is not None))
-        return path, Path(cfg.train.output_dir)
+        return write_config_yaml(cfg, tmp_path / f"{sub}.yaml"), Path(cfg.train.output_dir)
 
     cmd = [sys.executable, "scripts/finetune_lora.py", "--config"]
     killed_cfg, killed_out = cfg_file("killed")

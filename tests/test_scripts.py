@@ -16,7 +16,9 @@ import finetune_lora
 import infer_lora
 from recsft.io import load_data
 from recsft.movielens import to_train_record
-from test_training import tiny_config
+from conftest import tiny_config, write_config_yaml
+
+pytestmark = pytest.mark.slow  # every test here trains an adapter or runs a script end to end
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,7 @@ def trained(tmp_path_factory, yes_no_qwen3, movielens_dir):
     test = load_data(movielens_dir / "test_raw.jsonl")[:12]
     (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     (tmp / "eval_train_format.json").write_text(json.dumps([to_train_record(r) for r in test[:6]]))
-    yaml = "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.to_dict().items() if v is not None)
-    (tmp / "cfg.yaml").write_text(yaml + f"\ntest_file: {json.dumps(str(tmp / 'test.jsonl'))}\n")
+    write_config_yaml(cfg, tmp / "cfg.yaml", test_file=str(tmp / "test.jsonl"))
     return tmp, str(tmp / "cfg.yaml"), cfg.train.output_dir
 
 
@@ -62,9 +63,9 @@ def test_score_mode_agrees_with_generation_and_writes_roc(trained):
     assert {"auc", "log_loss", "at_0.5", "at_eval_threshold"} <= set(metrics)
     assert (out / "roc_curve.png").stat().st_size > 1000
     gen = summary["modes"]["generate_metrics"]
-    assert gen["n"] == 12 and summary["modes"]["score_speedup"] > 0
-    assert summary["modes"]["agreement"] == 1.0 or summary["modes"]["generation_parsed"] == 0
+    assert gen["n"] == 12 and "score_speedup" in summary["modes"]
     assert summary["modes"]["generation_parsed"] == 12, "the yes/no-head model always starts with Yes or No"
+    assert summary["modes"]["agreement"] == 1.0  # scoring compares the same two logits that greedy decoding does
 
 
 def test_demo_mode_prints_base_and_lora(trained, capsys):

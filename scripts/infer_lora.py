@@ -28,7 +28,7 @@ import argparse
 from pathlib import Path
 
 from recsft.cli import run
-from recsft.config import load_config
+from recsft.config import DEFAULT_CONFIG, load_config
 
 DEMO_RECORD = {
     "user_id": 0, "candidate_title": "Empire Strikes Back, The (1980)", "label": "Yes",
@@ -42,7 +42,7 @@ DEMO_RECORD = {
 
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/qwen3_movielens_qlora.yaml", help="YAML config (model, data)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (model, data)")
     p.add_argument("--test_file", default=None, help="dataset name (dataset_info.json) or .json/.jsonl path")
     p.add_argument("--output_dir", default=None, help="batch mode: where predictions and metrics go")
     p.add_argument("--adapter_dir", default=None, help="LoRA adapter (default: the config's output_dir); none = base")

@@ -90,7 +90,6 @@ class DataArgs(_Section):
     max_eval_samples: int | None = 1000  # cap on eval examples used during training
     max_test_samples: int | None = None  # cap on test examples for inference scripts
     preprocessing_cache_dir: str = ".cache/preprocessed"
-    preprocessing_num_workers: int | None = None  # None = one per CPU core
     system_prompt: str | None = None  # None = DEFAULT_SYSTEM_PROMPT (or the record's own "system")
 
     def __post_init__(self):

@@ -14,7 +14,6 @@ from .io import resolve_asset
 
 logger = logging.getLogger(__name__)
 MODEL_CACHE = Path(os.environ.get("RECSFT_MODEL_CACHE", ".cache/models"))
-LINEAR_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def get_device() -> str:

@@ -7,7 +7,7 @@ Copy-paste:
     python bench/bench_eval.py --n 64 --repeats 2 --json-out output/bench/eval_cpu.json
     python bench/bench_eval.py --quick                            # tiny random Qwen3; used by the smoke test
     # GPU: random weights in the exact Qwen3-0.6B shape; EOS is disabled so generation runs exactly
-    # max_new_tokens steps (8 = the spec's eval; 2 = what a trained adapter emits: "Yes<|im_end|>")
+    # max_new_tokens steps (8 = the generation eval's default; 2 = what a trained adapter emits: "Yes<|im_end|>")
     python bench/bench_eval.py --device cuda --model qwen3-0.6b-random --n 512 --batch 16,64 --max-new-tokens 2,8
 
 Both modes go through ``recsft.inference`` (``score`` and ``generate``) exactly as ``infer_lora.py`` does:
@@ -159,7 +159,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="records with labels (default: data/movielens_qwen3/eval.json)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--batch", default="16", help="batch size(s), comma list (16 = the configs' infer_batch_size)")
-    p.add_argument("--max-new-tokens", default="8", help="comma list; 8 = the spec's generation eval")
+    p.add_argument("--max-new-tokens", default="8", help="comma list; 8 = the default of the generation eval (max_new_tokens)")
     p.add_argument("--cutoff-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 on a busy shared CPU)")

@@ -1,4 +1,4 @@
-"""Preprocessing benchmark: per-example pipelines (the spec's, stock TRL's) vs ours, same records, one process.
+"""Preprocessing benchmark: per-example pipelines (plain `datasets.map`, stock TRL's) vs ours, same records, one process.
 
 Copy-paste:
 
@@ -9,7 +9,7 @@ Copy-paste:
 What is compared (every pipeline produces ``input_ids`` + ``labels`` with -100 over the prompt, cut to
 ``--cutoff-len`` from the left, and the outputs are checked to be identical):
 
-* ``spec``  -- the spec's pipeline: ``datasets.map`` one example at a time: apply_chat_template (full
+* ``per_example`` -- the plain pipeline: ``datasets.map`` one example at a time: apply_chat_template (full
   conversation and generation prompt), add EOS, tokenize both texts, mask the prompt labels.
 * ``trl``   -- stock TRL 1.16 ``SFTTrainer._prepare_dataset`` on conversational prompt/completion records
   (per-example chat template + tokenization, then label building and truncation maps).
@@ -38,8 +38,8 @@ from _common import (QWEN3_TOKENIZER, Timer, as_json_file, default_data, device_
 WARMUP = 32
 
 
-def spec_pipeline(records: list[dict], tok, cutoff_len: int):
-    """The spec's per-example pipeline through ``datasets.map``: format, add EOS, tokenize + mask."""
+def per_example_pipeline(records: list[dict], tok, cutoff_len: int):
+    """The plain per-example pipeline through ``datasets.map``: format, add EOS, tokenize + mask."""
     from datasets import Dataset
 
     from recsft.formatting import to_chat_messages
@@ -119,8 +119,8 @@ def run(args) -> dict:
                      "versions": versions(), "cutoff_len": args.cutoff_len}
     # warm-up: imports, jinja template compilation, tokenizer caches (not timed, for every pipeline)
     if not args.quick:
-        spec_pipeline(records[:WARMUP], tok, args.cutoff_len)
-    pipelines = {"spec": spec_pipeline} if args.skip_trl else {"spec": spec_pipeline, "trl": trl_pipeline}
+        per_example_pipeline(records[:WARMUP], tok, args.cutoff_len)
+    pipelines = {"per_example": per_example_pipeline} if args.skip_trl else {"per_example": per_example_pipeline, "trl": trl_pipeline}
     if "trl" in pipelines:
         trl_pipeline(records[:WARMUP], tok, args.cutoff_len)
     tokenize_to_arrow(records[:WARMUP], tok, args.cutoff_len)
@@ -183,9 +183,9 @@ def run(args) -> dict:
     print_table(rows, [("pipeline", "pipeline", ""), ("n", "examples", "d"), ("s", "seconds", ".2f"),
                        ("eps", "examples/s", ",.0f"), ("ratio", "ours_arrow / this", ".1f"),
                        ("same", "identical ids+labels", "")])
-    spec = res["spec"]["examples_per_s"]
-    res["speedup_vs_spec"] = ours_eps / spec
-    print(f"\nRATIO preprocess ours/spec = {ours_eps / spec:.1f}x (target >= 20x); "
+    per_example = res["per_example"]["examples_per_s"]
+    res["speedup_vs_per_example"] = ours_eps / per_example
+    print(f"\nRATIO preprocess ours/per-example = {ours_eps / per_example:.1f}x (target >= 20x); "
           + (f"ours/trl = {ours_eps / res['trl']['examples_per_s']:.1f}x; " if "trl" in res else "")
           + f"cached reload of {n_all} examples = {res['pipeline_cached_reload_s']:.2f}s (target < 2 s)")
     if "trl" in res:
@@ -202,7 +202,7 @@ def parse_args(argv=None):
     p.add_argument("--cutoff-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; medians are reported")
     p.add_argument("--skip-trl", action="store_true", help="leave out the stock TRL baseline")
-    p.add_argument("--quick", action="store_true", help="1000 examples, spec baseline on 64, no TRL baseline")
+    p.add_argument("--quick", action="store_true", help="1000 examples, per-example baseline on 64, no TRL baseline")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 

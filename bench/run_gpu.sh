@@ -70,7 +70,7 @@ want train && step 240 train "$PY" bench/bench_train.py $DEV $SHAPE --batch 2 --
 # 2. the same effective batch (16) in bigger micro-batches (8 x 2): how far padding/launch overheads move the ratio
 want train_b8 && step 90 train_b8 "$PY" bench/bench_train.py $DEV $SHAPE --batch 8 --accum 2 --warmup 2 --steps 6 \
     --variants stock,ours,ours_padfree,stock_nogc --skip-check --time-budget 70 --json-out "$OUT/train_gpu_b8.json"
-# 3. eval: scoring vs generate at the configs' batch 16 and at 64, generating 8 tokens (the spec's eval) and 2
+# 3. eval: scoring vs generate at the configs' batch 16 and at 64, generating 8 tokens (the generation eval's default) and 2
 #    ("Yes<|im_end|>", what a trained adapter emits); random weights: EOS disabled, exactly that many steps
 want eval && step 100 eval "$PY" bench/bench_eval.py $EVAL_MODEL --n 512 --batch 16,64 --max-new-tokens 2,8 \
     --repeats 2 --json-out "$OUT/eval_gpu.json"

@@ -342,5 +342,5 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
 
 def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Spec name: the raw YAML mapping (validated through :func:`load_config` by the scripts)."""
+    """The raw YAML mapping, not validated (the scripts read configs through :func:`load_config`)."""
     return read_yaml(path)

@@ -31,7 +31,7 @@ LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false
 
 
 def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str) -> str:
-    """The user-history block of the prompt (the spec's example prompt)."""
+    """The user-history block of the prompt: numbered past movies with their ratings, then the candidate."""
     lines = [f"User's last {len(history_titles)} watched movies:"]
     for i, (title, rating) in enumerate(zip(history_titles, history_ratings), 1):
         lines.append(f"{i}. {title} (rating ≈ {float(rating):.1f})")

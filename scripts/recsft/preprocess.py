@@ -335,5 +335,5 @@ def preprocess_datasets_parallel(train_path: str, eval_path: str | None, tokeniz
 
 
 def build_datasets(train_path: str, eval_path: str | None, tokenizer, cutoff_len: int, **kwargs):
-    """Spec name for :func:`preprocess_datasets_parallel`."""
+    """Another name for :func:`preprocess_datasets_parallel` (kept for code that imports it)."""
     return preprocess_datasets_parallel(train_path, eval_path, tokenizer, cutoff_len, **kwargs)

@@ -48,8 +48,10 @@ class RecSFTTrainer(SFTTrainer):
     no_id: int = -1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Token NLL over the label positions only: the LM head runs on ~2% of the tokens.
+        """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
 
+        With Qwen3's tokenizer a MovieLens example has ~430 tokens, 3 of them labels (``Yes``/``No``,
+        ``<|im_end|>`` and a newline); the share is 3 / example length, whatever ``cutoff_len`` is above it.
         TRL's fused head projects every position on CPU (and checkpoints tiles on GPU); here the hidden
         states are sliced to the positions whose next token is a label *before* the vocabulary
         projection (transformers' ``logits_to_keep`` with a boolean mask), which gives the same loss.

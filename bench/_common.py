@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python bench/bench_x.py` puts bench/ on the path; the recsft package (scripts/) is added here, once,
+# for every bench script (pytest gets both from pyproject.toml)
 if str(ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(ROOT / "scripts"))
 

@@ -7,8 +7,8 @@
 #
 # Also writes bench/data/movielens_train_sample.json.gz (4,096 real MovieLens training examples) if missing.
 # Never commit either: bench/wheels/ is git-ignored (third-party wheels), bench/data/ stays untracked (the MovieLens
-# terms do not allow redistributing the data). With the device tool, send them along:
-#   run(command="bash bench/run_gpu.sh", carry=["bench/wheels", "bench/data"], timeout_s=600)   # 64 MiB cap in all
+# terms do not allow redistributing the data). Copy both folders to the GPU machine with the repository, e.g.
+#   rsync -a --exclude .venv --exclude output ./ gpu-host:recsft/ && ssh gpu-host 'cd recsft && bash bench/run_gpu.sh'
 # bitsandbytes ships one CUDA library per CUDA version (43 MB); the copy here keeps only the CUDA 12.8 / 13.0 /
 # 13.2 and CPU libraries (BNB_KEEP to change), which cuts it to ~14 MB.
 set -euo pipefail

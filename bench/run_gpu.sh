@@ -7,8 +7,8 @@
 #   DRY_RUN=1 bash bench/run_gpu.sh       # the same steps on the CPU in --quick form: checks the setup
 #
 # Before, where PyPI works: `bash bench/fetch_wheels.sh` (fills bench/wheels/, 34 MB, git-ignored, and writes the
-# data sample bench/data/). With the device tool: run(command="bash bench/run_gpu.sh",
-# carry=["bench/wheels", "bench/data"], timeout_s=600). Without bench/wheels/ the installed packages are used.
+# data sample bench/data/); copy the repository with both folders to the GPU machine (rsync, scp) and run this
+# script there. Without bench/wheels/ the installed packages are used.
 # The data: data/movielens_qwen3/train.json when present, else the carried bench/data sample (4,096 real
 # MovieLens examples). Total run time about 5-8 minutes; every step has its own time limit, and each JSON is
 # written after every variant, so a step that runs out of time still leaves its numbers.

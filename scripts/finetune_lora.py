@@ -69,7 +69,11 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
             return T.stopped_early(trainer, stopper.requested)
         return T.finish(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
 
+def cli_main(args) -> dict:
+    """``main`` from parsed command-line arguments (the config file plus key=value overrides)."""
+    return main(load_config(args.config, args.overrides), clear_cache=args.clear_cache, resume=args.resume,
+                extra_epochs=args.extra_epochs, resume_from_checkpoint=args.resume_from_checkpoint)
+
+
 if __name__ == "__main__":
-    run(lambda a: main(load_config(a.config, a.overrides), clear_cache=a.clear_cache, resume=a.resume,
-                           extra_epochs=a.extra_epochs, resume_from_checkpoint=a.resume_from_checkpoint),
-        parse_args)
+    run(cli_main, parse_args)

@@ -241,3 +241,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def require_keys(records: list[dict[str, Any]], keys: dict[str, type | tuple[type, ...]], path: str | os.PathLike,
+                 fix: str) -> None:
+    """Every record has every key with a value of the given type; else one line naming the record and key."""
+    for i, rec in enumerate(records, 1):
+        for key, kind in keys.items():
+            if key not in rec:
+                raise DataError(f"{path}: record {i}: missing key {key!r}; {fix}")
+            value = rec[key]
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool) and bool not in
+                                               (kind if isinstance(kind, tuple) else (kind,))):
+                names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise DataError(f"{path}: record {i}: key {key!r} must be {names}, got {value!r}; {fix}")

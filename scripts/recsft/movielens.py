@@ -12,6 +12,7 @@ import re
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -147,6 +148,33 @@ def check_params(history_len: int, eval_ratio: float, test_ratio: float, like_th
                         f"labels are possible), got {like_threshold}")
     if max_users is not None and max_users < 1:
         raise DataError(f"--max-users must be a positive integer (or left out for all users), got {max_users}")
+
+
+STATS_PARAMS = {"history_len": int, "like_threshold": (int, float), "eval_ratio": (int, float),
+                "test_ratio": (int, float), "seed": int}
+
+
+def check_stats(stats: Any, path: str | Path) -> dict:
+    """A ``stats.json`` written by :func:`prepare`: ``source`` and the ``params`` the split is rebuilt from."""
+    fix = "re-run `python scripts/prepare_data.py` to rewrite it"
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: expected a JSON object, got a {type(stats).__name__}; {fix}")
+    if not isinstance(stats.get("source"), str):
+        raise DataError(f"{path}: missing or non-string key 'source'; {fix}")
+    params = stats.get("params")
+    if not isinstance(params, dict):
+        raise DataError(f"{path}: missing key 'params' (an object); {fix}")
+    for key, kind in STATS_PARAMS.items():
+        if not isinstance(params.get(key), kind) or isinstance(params.get(key), bool):
+            raise DataError(f"{path}: params.{key} is missing or not a number ({params.get(key)!r}); {fix}")
+    max_users = params.get("max_users")
+    if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
+        raise DataError(f"{path}: params.max_users must be a positive integer or null, got {max_users!r}; {fix}")
+    try:
+        check_params(params["history_len"], params["eval_ratio"], params["test_ratio"], params["like_threshold"])
+    except DataError as e:
+        raise DataError(f"{path}: params: {e}; {fix}") from None
+    return stats
 
 
 def split_names(k: np.ndarray, n: np.ndarray, eval_ratio: float, test_ratio: float) -> np.ndarray:

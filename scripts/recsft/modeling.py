@@ -150,7 +150,11 @@ def load_model(name_or_path: str, device: str, dtype: str = "auto", flash_attn: 
             why = "bitsandbytes is not installed" if device == "cuda" else f"device is {device}"
             logger.info("QLoRA needs CUDA and bitsandbytes (%s): training plain LoRA in %s", why,
                         str(torch_dtype).replace("torch.", ""))
-    model = AutoModelForCausalLM.from_pretrained(local_model_path(name_or_path), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local_model_path(name_or_path), **kwargs)
+    except OSError as e:  # weight files missing, hub id unknown, network down
+        raise ConfigError([f"model_name_or_path: cannot load {name_or_path!r} ({str(e).splitlines()[0][:200]}); "
+                           f"use a complete model folder, a .gguf file or a reachable hub id"]) from None
     if "quantization_config" not in kwargs:
         model.to(f"cuda:{_local_cuda_index()}" if device == "cuda" else device)
     return model

@@ -97,7 +97,13 @@ def load_raw_dir(raw_dir: str | Path) -> tuple[pd.DataFrame, dict[int, str]]:
         raise DataError(f"--raw-dir {raw_dir}: folder does not exist")
     fmt = detect_raw_format(raw_dir)
     ratings_file, movies_file, sep, header = RAW_FORMATS[fmt]
-    titles = read_titles(raw_dir / movies_file, fmt)
+    try:
+        titles = read_titles(raw_dir / movies_file, fmt)
+    except (ValueError, KeyError) as e:  # pandas ParserError is a ValueError; KeyError: a missing column
+        raise DataError(f"{raw_dir / movies_file}: not a MovieLens {fmt} movies file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); use the extracted archive as is") from None
+    if not titles:
+        raise DataError(f"{raw_dir / movies_file}: no movie with an id and a title; use the extracted archive as is")
     raw = read_rating_lines(raw_dir / ratings_file, sep, header)
     return clean_ratings(raw, titles, str(raw_dir / ratings_file)), titles
 

@@ -47,8 +47,10 @@ def chat_texts(tokenizer, system: str, user: str, answer: str | None,
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False,
                                          enable_thinking=enable_thinking)
     if not full.startswith(prompt):
-        raise ValueError("chat template: the full conversation does not start with the generation prompt; "
-                         "this template cannot be used for prompt/answer label masking")
+        from .config import ConfigError
+
+        raise ConfigError(["chat template: the full conversation does not start with the generation prompt; "
+                         "this template cannot be used for prompt/answer label masking; use another chat model"])
     return prompt, full[len(prompt):]
 
 

@@ -89,9 +89,23 @@ def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> st
         if not Path(path).is_dir() or not (Path(path) / "config.json").is_file():
             raise ConfigError([f"{key}: {path!r} is not a model folder (no config.json); give a folder saved "
                                f"with save_pretrained, a .gguf file or a hub id"])
+        for weights in sorted(Path(path).glob("*.safetensors")):
+            check_safetensors(weights, key)
         return path
     _check_hub_id(path, key)
     return path
+
+
+def check_safetensors(path: Path, key: str) -> None:
+    """The safetensors header parses (a truncated or corrupt file fails here, not deep inside the load)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ConfigError([f"{key}: {path} is not a readable safetensors file ({type(e).__name__}: "
+                           f"{str(e)[:120]}); the download or copy is incomplete, fetch the model again"]) from None
 
 
 def _check_hub_id(repo_id: str, key: str) -> None:

@@ -39,7 +39,7 @@ def category(row: dict) -> str:
 
 def display_example(row: dict) -> str:
     """Format-specific view of one example and both answers."""
-    from recsft.evaluation import display_example as show
+    from recsft.report import display_example as show
 
     return (f"{show(row)}\n  label: {row['label']} | base: {row['base_prediction']} ({row['base_response']!r})"
             f" | lora: {row['lora_prediction']} ({row['lora_response']!r})")

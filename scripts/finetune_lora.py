@@ -43,20 +43,23 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
          resume_from_checkpoint: str | None = None) -> dict:
     """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
     from recsft import training as T
+    from recsft.modeling import get_device, model_for, tokenizer_for
+    from recsft.preprocess import datasets_for, resolve_data
+    from recsft.report import finish_training
 
     start = time.perf_counter()
     ckpt = T.find_resume_checkpoint(cfg.train.output_dir, resume, resume_from_checkpoint)
-    train_path, eval_path = T.resolve_data(cfg.data)
-    tokenizer = T.tokenizer_for(cfg.model)
-    train_ds, eval_ds = T.datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
-                                       clear_cache)
-    model, device = T.model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
+    train_path, eval_path = resolve_data(cfg.data)
+    tokenizer = tokenizer_for(cfg.model)
+    train_ds, eval_ds = datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
+                                     clear_cache, cpu=get_device() == "cpu")
+    model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
     trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
     with T.signals_installed(stopper):
         result = trainer.train(resume_from_checkpoint=ckpt)
     if stopper.requested:
         return T.stopped_early(trainer, stopper.requested)
-    return T.finish(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
+    return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from recsft.io import (  # noqa: F401
 )
 # --- formatting -----------------------------------------------------------------------------------
 from recsft.formatting import (  # noqa: F401
-    DEFAULT_SYSTEM_PROMPT, INSTRUCTION, format_prompt, resolve_dataset, to_chat_messages, validate_records,
+    DEFAULT_SYSTEM_PROMPT, INSTRUCTION, chat_texts, format_prompt, load_records, render_records, resolve_dataset,
+    to_chat_messages, validate_records,
 )
 # --- tokenization ---------------------------------------------------------------------------------
 from recsft.preprocess import (  # noqa: F401

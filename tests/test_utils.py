@@ -8,8 +8,8 @@ import pytest
 
 import utils
 from recsft import config as C
-from recsft.formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, build_input_text
-from recsft.preprocess import chat_texts, tokenize_records
+from recsft.formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, build_input_text, chat_texts
+from recsft.preprocess import tokenize_records
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Fargo (1996)"]
 RATINGS = [5.0, 3.0, 4.0]

@@ -16,9 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from recsft.cli import run
+from recsft.evaluation import CATEGORIES, category
 from recsft.io import DataError
-
-CATEGORIES = ("lora_right_base_wrong", "base_right_lora_wrong", "both_wrong", "both_right")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -27,14 +26,6 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--category", choices=CATEGORIES + ("all",), default="all")
     p.add_argument("--show", type=int, default=5, help="examples to display per category")
     return p.parse_args(argv)
-
-
-def category(row: dict) -> str:
-    if row["lora_correct"] and not row["base_correct"]:
-        return "lora_right_base_wrong"
-    if row["base_correct"] and not row["lora_correct"]:
-        return "base_right_lora_wrong"
-    return "both_right" if row["lora_correct"] else "both_wrong"
 
 
 def display_example(row: dict) -> str:

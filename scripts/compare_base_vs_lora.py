@@ -34,30 +34,6 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_args(argv)
 
 
-def pair_rows(base_rows: list[dict], lora_rows: list[dict]) -> list[dict]:
-    """One row per example with both predictions and which model was right."""
-    rows = []
-    for b, lo in zip(base_rows, lora_rows):
-        row = {k: v for k, v in lo.items() if k not in ("response", "prediction", "p_yes")}
-        row.update({"base_response": b["response"], "base_prediction": b["prediction"],
-                    "lora_response": lo["response"], "lora_prediction": lo["prediction"],
-                    "agree": b["prediction"] == lo["prediction"],
-                    "base_correct": b["prediction"] == b["label"], "lora_correct": lo["prediction"] == lo["label"]})
-        if "p_yes" in lo:
-            row.update(base_p_yes=b["p_yes"], lora_p_yes=lo["p_yes"])
-        rows.append(row)
-    return rows
-
-
-def agreement(rows: list[dict]) -> dict[str, int]:
-    return {"examples": len(rows), "agree": sum(r["agree"] for r in rows),
-            "disagree": sum(not r["agree"] for r in rows),
-            "lora_right_base_wrong": sum(r["lora_correct"] and not r["base_correct"] for r in rows),
-            "base_right_lora_wrong": sum(r["base_correct"] and not r["lora_correct"] for r in rows),
-            "both_right": sum(r["lora_correct"] and r["base_correct"] for r in rows),
-            "both_wrong": sum(not r["lora_correct"] and not r["base_correct"] for r in rows)}
-
-
 def main(args) -> dict:
     from recsft import evaluation as E
     from recsft.formatting import load_records
@@ -74,9 +50,9 @@ def main(args) -> dict:
     lora_rows, lora_m = E.evaluate(model, tok, records, mode, settings, source, desc="LoRA")
     with model.disable_adapter():
         base_rows, base_m = E.evaluate(model, tok, records, mode, settings, source, desc="Base")
-    rows = pair_rows(base_rows, lora_rows)
+    rows = E.pair_rows(base_rows, lora_rows)
     summary = {"test_file": source, "mode": mode, "adapter_dir": adapter, "model": cfg.model.model_name_or_path,
-               "base": base_m, "lora": lora_m, "agreement": agreement(rows)}
+               "base": base_m, "lora": lora_m, "agreement": E.agreement(rows)}
     out = Path(args.output_dir)
     write_jsonl_atomic(out / "comparisons.jsonl", rows)
     write_jsonl_atomic(out / "disagreements.jsonl", [r for r in rows if not r["agree"]])

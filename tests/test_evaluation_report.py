@@ -82,3 +82,24 @@ def test_best_and_final():
     log = [{"eval_loss": 0.5, "step": 1}, {"eval_loss": 0.3, "step": 2}, {"eval_loss": 0.4, "step": 3}]
     assert R.best_and_final(log, "loss") == (log[1], log[2])
     assert R.best_and_final(log, "f1") == ({}, {})
+
+
+def test_normalize_label_is_shared_by_formatting_and_metrics():
+    from recsft import formatting, metrics
+
+    assert formatting.normalize_label is metrics.normalize_label
+    cases = [("Yes", "Yes"), (" no ", "No"), ("TRUE", "Yes"), ("false", "No"), ("1", "Yes"), (0, "No"), (1.0, "Yes"),
+             (True, "Yes"), (False, "No"), ("maybe", None), (2, None), (None, None), ("", None)]
+    assert [(k, metrics.normalize_label(k)) for k, _ in cases] == cases
+
+
+def test_category_and_agreement():
+    base = _rows(["Yes", "No", "Yes", "No"], ["Yes", "Yes", "No", "No"])
+    lora = _rows(["Yes", "Yes", "No", "Yes"], ["Yes", "Yes", "No", "No"])
+    for b, lo in zip(base, lora):
+        b["response"], lo["response"] = b["prediction"], lo["prediction"]
+    rows = E.pair_rows(base, lora)
+    assert [E.category(r) for r in rows] == ["both_right", "lora_right_base_wrong", "lora_right_base_wrong",
+                                             "base_right_lora_wrong"]
+    assert E.agreement(rows) == {"examples": 4, "agree": 1, "disagree": 3, "lora_right_base_wrong": 2,
+                                 "base_right_lora_wrong": 1, "both_right": 1, "both_wrong": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -136,13 +137,46 @@ def compare_modes(model, tok, records: Sequence[dict], first_mode: str, first: t
             "score_speedup": speedup, f"{other}_metrics": metrics}
 
 
-def generation_eval(model, tokenizer, eval_path: str, n: int, system_prompt: str | None,
-                    enable_thinking: bool, batch_size: int, cutoff_len: int | None = None) -> dict:
-    """Greedy generation (max_new_tokens=8) on the first ``n`` eval records, scored like inference."""
+def generation_eval(model, tokenizer, eval_path: str, n: int, settings: EvalSettings) -> dict:
+    """Generation (greedy, max_new_tokens=8 by default) on the first ``n`` eval records: the metrics only."""
     from .io import load_data
 
-    records = load_data(eval_path)[:n]
-    prompts, labels = prompts_for(records, tokenizer, system_prompt, enable_thinking, eval_path)
-    responses = generate(model, tokenizer, prompts, MAX_NEW_TOKENS, 0.0, 1.0, batch_size, desc="Gen eval",
-                         max_prompt_tokens=max_prompt_tokens(tokenizer, cutoff_len))
-    return compute_metrics(labels, [extract_answer(r) for r in responses])
+    _, metrics = evaluate(model, tokenizer, load_data(eval_path)[:n], "generate", settings, eval_path, "Gen eval")
+    return {k: v for k, v in metrics.items() if k not in ("mode", "seconds", "examples_per_s")}
+
+
+# ------------------------------------------------------------------------------ base vs adapter
+CATEGORIES = ("lora_right_base_wrong", "base_right_lora_wrong", "both_wrong", "both_right")
+
+
+def pair_rows(base_rows: list[dict], lora_rows: list[dict]) -> list[dict]:
+    """One row per example with both predictions and which model was right."""
+    rows = []
+    for b, lo in zip(base_rows, lora_rows):
+        row = {k: v for k, v in lo.items() if k not in ("response", "prediction", "p_yes")}
+        row.update({"base_response": b["response"], "base_prediction": b["prediction"],
+                    "lora_response": lo["response"], "lora_prediction": lo["prediction"],
+                    "agree": b["prediction"] == lo["prediction"],
+                    "base_correct": b["prediction"] == b["label"], "lora_correct": lo["prediction"] == lo["label"]})
+        if "p_yes" in lo:
+            row.update(base_p_yes=b["p_yes"], lora_p_yes=lo["p_yes"])
+        rows.append(row)
+    return rows
+
+
+def category(row: dict) -> str:
+    """Which of :data:`CATEGORIES` a paired row falls in (who was right)."""
+    if row["lora_correct"] and not row["base_correct"]:
+        return "lora_right_base_wrong"
+    if row["base_correct"] and not row["lora_correct"]:
+        return "base_right_lora_wrong"
+    return "both_right" if row["lora_correct"] else "both_wrong"
+
+
+def agreement(rows: list[dict]) -> dict[str, int]:
+    """Examples, (dis)agreements and the count of every right/wrong category."""
+    counts = Counter(category(r) for r in rows)
+    agree = sum(r["agree"] for r in rows)
+    return {"examples": len(rows), "agree": agree, "disagree": len(rows) - agree,
+            **{c: counts.get(c, 0) for c in ("lora_right_base_wrong", "base_right_lora_wrong", "both_right",
+                                              "both_wrong")}}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .io import DataError, load_data, load_json, resolve_asset
+from .metrics import normalize_label
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ TRAIN_FIELDS = ("instruction", "input", "output")
 TEST_FIELDS = ("history_titles", "history_ratings", "candidate_title", "label")
 _USER, _ANSWER = "\u2063RECSFT_USER\u2063", "\u2063RECSFT_ANSWER\u2063"  # chat-template sentinels
 _VERIFY_FIRST = 16  # records whose fast rendering is checked against the real template
-LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
 
 
 def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str) -> str:
@@ -54,13 +54,6 @@ def record_format(record: dict[str, Any]) -> str:
         return "test"
     raise DataError(f"record has neither training fields {TRAIN_FIELDS} nor test fields {TEST_FIELDS}; "
                     f"got keys {sorted(record)}")
-
-
-def normalize_label(value: Any) -> str | None:
-    """``"Yes"``/``"No"`` from a label value (Yes/No in any case, 1/0, true/false), else None."""
-    if value is None:
-        return None
-    return LABELS.get(str(value).strip().lower())
 
 
 def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:

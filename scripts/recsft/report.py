@@ -137,7 +137,7 @@ def best_and_final(log_history: list[dict], metric: str) -> tuple[dict, dict]:
 
 def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, device: str) -> dict:
     """Save the final (best) adapter, run the optional generation eval, write summary and curves."""
-    from .evaluation import generation_eval
+    from .evaluation import EvalSettings, generation_eval
 
     out = cfg.train.output_dir
     trainer.save_model(out)
@@ -159,9 +159,10 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
                    "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
                    "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
         if cfg.train.gen_eval_samples and eval_path:
-            gen = generation_eval(trainer.model, tokenizer, eval_path, cfg.train.gen_eval_samples,
-                                  cfg.data.system_prompt, cfg.model.enable_thinking,
-                                  cfg.train.per_device_eval_batch_size, cfg.data.cutoff_len)
+            settings = EvalSettings(batch_size=cfg.train.per_device_eval_batch_size,
+                                    system_prompt=cfg.data.system_prompt, enable_thinking=cfg.model.enable_thinking,
+                                    cutoff_len=cfg.data.cutoff_len)  # greedy, max_new_tokens=8
+            gen = generation_eval(trainer.model, tokenizer, eval_path, cfg.train.gen_eval_samples, settings)
             summary["gen_eval"] = gen
             print("Generation eval (greedy, max_new_tokens=8): " +
                   " | ".join(f"{k} {v:.4g}" for k, v in gen.items()), flush=True)

@@ -271,6 +271,8 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
     """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours)."""
     from trl import SFTConfig
 
+    # warmup_steps=warmup_ratio: transformers reads a warmup_steps below 1 as a fraction of the total steps
+    # (TrainingArgs.get_warmup_steps); config.py keeps warmup_ratio in [0, 1) so it always is one.
     bf16 = train.bf16 == "true" or (train.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     eval_strategy = train.eval_strategy if has_eval else "no"
     return SFTConfig(

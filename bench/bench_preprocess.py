@@ -16,7 +16,7 @@ What is compared (every pipeline produces ``input_ids`` + ``labels`` with -100 o
 * ``ours``  -- ``recsft.preprocess.tokenize_to_arrow`` (chat template rendered once per system prompt, each
   distinct text piece tokenized once, verified exact, vectorized masking/truncation into Arrow), and
   ``tokenize_records`` (the same, returned as Python lists).
-* ``pipeline`` -- ``preprocess_datasets_parallel`` on the whole file: cold (read JSON, tokenize, write the
+* ``pipeline`` -- ``load_tokenized_datasets`` on the whole file: cold (read JSON, tokenize, write the
   hash-keyed cache) and cached reload (hash the file + tokenizer, memory-map the cached Arrow dataset).
 
 The per-example baselines are slow, so they run on ``--n`` examples (after a 32-example warm-up that
@@ -103,7 +103,7 @@ def same_output(ds, table, n: int) -> bool:
 def run(args) -> dict:
     quiet_logs()
     from recsft.modeling import load_tokenizer
-    from recsft.preprocess import preprocess_datasets_parallel, tokenize_records, tokenize_to_arrow
+    from recsft.preprocess import load_tokenized_datasets, tokenize_records, tokenize_to_arrow
 
     data = default_data(args.data)
     tok = load_tokenizer(QWEN3_TOKENIZER)
@@ -163,11 +163,11 @@ def run(args) -> dict:
         Path(path).write_text(json.dumps(records))
     try:
         with Timer() as cold:
-            preprocess_datasets_parallel(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
+            load_tokenized_datasets(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
         warm = []
         for _ in range(3):
             with Timer() as t:
-                ds, _ = preprocess_datasets_parallel(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
+                ds, _ = load_tokenized_datasets(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
             warm.append(t.s)
         assert len(ds) == n_all
     finally:

@@ -351,8 +351,3 @@ def dump_config(cfg: Config) -> str:
         blocks.append(f"# --- {name} ---\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120))
     return f"# effective config ({cfg.source or 'defaults only'} over the defaults in recsft/config.py)\n" + \
         "\n".join(blocks)
-
-
-def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw YAML mapping, not validated (the scripts read configs through :func:`load_config`)."""
-    return read_yaml(path)

@@ -5,10 +5,11 @@
 full conversation, labels ``-100`` over the prompt; over-long examples lose tokens from the LEFT of
 the prompt so the answer and its labels always survive.
 
-``tokenize_records`` is the fast path used for training: it renders the chat template once per system
-prompt with sentinel strings, fills in each record by string substitution (verified against the real
-template on the first records, falling back to per-record rendering if they ever differ), and tokenizes
-whole batches in the Rust tokenizer. Its output is identical to ``tokenize_func``, which a test checks.
+``tokenize_to_arrow`` is the batched path that training uses (through ``load_tokenized_datasets`` and its
+cache): prompts come from ``formatting.render_records`` (the chat template rendered once per system prompt
+with sentinel strings and filled in by substitution, checked against the real template), each distinct
+text piece is tokenized once in the Rust tokenizer, and the result is assembled with numpy into a pyarrow
+table. ``tokenize_records`` returns the same as Python lists. Both equal ``tokenize_func``, which a test checks.
 """
 
 from __future__ import annotations
@@ -247,11 +248,11 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     return ds
 
 
-def preprocess_datasets_parallel(train_path: str, eval_path: str | None, tokenizer, cutoff_len: int,
-                                 max_samples: int | None = None, max_eval_samples: int | None = None,
-                                 cache_dir: str | None = ".cache/preprocessed", system_prompt: str | None = None,
-                                 enable_thinking: bool = False, clear_cache: bool = False):
-    """Train and eval datasets, tokenized in batches (the Rust tokenizer uses every core) and cached.
+def load_tokenized_datasets(train_path: str, eval_path: str | None, tokenizer, cutoff_len: int,
+                            max_samples: int | None = None, max_eval_samples: int | None = None,
+                            cache_dir: str | None = ".cache/preprocessed", system_prompt: str | None = None,
+                            enable_thinking: bool = False, clear_cache: bool = False):
+    """Train and eval datasets (one after the other), tokenized in batches and cached.
 
     The cache is keyed by a hash of the data file, the tokenizer and chat template, and every
     preprocessing setting, so a changed ``cutoff_len`` or tokenizer rebuilds it; ``clear_cache`` forces it.
@@ -263,10 +264,6 @@ def preprocess_datasets_parallel(train_path: str, eval_path: str | None, tokeniz
     evals = load_or_build("eval", eval_path, tokenizer, cutoff_len, max_eval_samples, **kw) if eval_path else None
     return train, evals
 
-
-def build_datasets(train_path: str, eval_path: str | None, tokenizer, cutoff_len: int, **kwargs):
-    """Another name for :func:`preprocess_datasets_parallel` (kept for code that imports it)."""
-    return preprocess_datasets_parallel(train_path, eval_path, tokenizer, cutoff_len, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ training data
@@ -291,7 +288,7 @@ def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_p
 
     # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
     with PartialState(cpu=cpu).main_process_first():
-        return preprocess_datasets_parallel(
+        return load_tokenized_datasets(
             train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
             max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
             system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)

@@ -177,21 +177,6 @@ class GracefulStopCallback(TrainerCallback):
         return control
 
 
-class TokenThroughputCallback(TrainerCallback):
-    """Counts trained (non-pad) tokens and wall time, for tokens/s in the summary."""
-
-    def __init__(self):
-        self.start = None
-        self.train_time = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.start is not None:
-            self.train_time = time.perf_counter() - self.start
-
-
 class TimeBudgetCallback(TrainerCallback):
     """Stops training (with a final eval and checkpoint) once the optimizer steps used ``minutes``.
 

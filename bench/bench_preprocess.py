@@ -32,8 +32,8 @@ import tempfile
 import types
 from pathlib import Path
 
-from _common import (QWEN3_TOKENIZER, Timer, as_json_file, default_data, device_info, isolated,
-                     load_records, median, print_table, quiet_logs, versions, write_json)
+from _common import (QWEN3_TOKENIZER, Timer, as_json_file, bench_main, default_data, device_info, load_records,
+                     median, print_table, quiet_logs, versions, write_json)
 
 WARMUP = 32
 
@@ -109,9 +109,9 @@ def run(args) -> dict:
     tok = load_tokenizer(QWEN3_TOKENIZER)
     records = load_records(data)
     if args.quick:
-        records, args.skip_trl = records[:1000], True
+        records = records[:1000]
     n_all = len(records)
-    n_base = min(args.n if not args.quick else 64, n_all)
+    n_base = min(args.n, n_all)
     print(f"data: {data} ({n_all} examples); baselines on {n_base}; cutoff_len {args.cutoff_len}")
     print(f"device: {device_info()}")
 
@@ -204,14 +204,15 @@ def parse_args(argv=None):
     p.add_argument("--skip-trl", action="store_true", help="leave out the stock TRL baseline")
     p.add_argument("--quick", action="store_true", help="1000 examples, per-example baseline on 64, no TRL baseline")
     p.add_argument("--json-out", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.skip_trl = 64, True
+    return args
 
 
 def main(argv=None) -> dict:
     """Run with command-line ``argv`` (a list, or None for sys.argv) or an already parsed Namespace."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    with isolated():
-        return run(args)
+    return bench_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,7 @@ def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16,
     budget = max_prompt_tokens(tok, cutoff_len)
     if mode == "score":
         rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
-        return [{"response": r["top_token"], "prediction": "Yes" if r["p_yes"] >= 0.5 else "No",
-                 "p_yes": r["p_yes"]} for r in rows]
+        return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"]} for r in rows]
     responses = generate(model, tok, prompts, max_new_tokens, temperature, top_p, batch_size,
                          desc=desc or "Generating", max_prompt_tokens=budget)
     return [{"response": r, "prediction": extract_answer(r)} for r in responses]

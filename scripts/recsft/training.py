@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from .inference import AnswerLogits
 from .metrics import compute_metrics, extract_answer
 
 logger = logging.getLogger(__name__)
@@ -85,15 +86,18 @@ class RecSFTTrainer(SFTTrainer):
         labels = inputs["labels"]
         keep, starts = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad(), self.compute_loss_context_manager():
-            logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits.float()  # (N_label, V)
+        with torch.no_grad(), self.compute_loss_context_manager(), \
+                AnswerLogits(model, self.yes_id, self.no_id) as head:
+            model_logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits  # (N_label, V)
+            pair = head.pair(model_logits[:, [self.yes_id, self.no_id]])  # float32 re-projection
+        logits = model_logits.float()
         targets = labels[:, 1:][labels[:, 1:] != -100]
         loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
         if prediction_loss_only:
             return loss.detach(), None, None
         first = starts[keep]  # which kept rows are the first token of an answer
-        at = logits[first]
-        preds = torch.stack([at.argmax(-1).float(), at[:, self.yes_id], at[:, self.no_id]], dim=-1)
+        # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32
+        preds = torch.stack([logits[first].argmax(-1).float(), pair[first, 0], pair[first, 1]], dim=-1)
         return loss.detach(), preds, targets[first]
 
 
@@ -108,7 +112,8 @@ def make_compute_metrics(tokenizer):
         preds, label_ids = preds[valid], label_ids[valid]
         pred_text = [extract_answer(tokenizer.decode([int(i)])) for i in preds[:, 0]]
         gold = [extract_answer(tokenizer.decode([int(i)])) for i in label_ids]
-        p_yes = 1.0 / (1.0 + np.exp(-(preds[:, 1] - preds[:, 2])))
+        gap = preds[:, 1].astype(np.float64) - preds[:, 2].astype(np.float64)
+        p_yes = 1.0 / (1.0 + np.exp(-gap))  # float64: float32 saturates at 1.0 past a gap of ~17
         m = compute_metrics(gold, pred_text, p_yes.tolist())
         return {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "auc", "unparseable", "n")}
 

@@ -45,7 +45,7 @@ def no_model_load(monkeypatch):
 
 def invoke(script, argv: list[str], capsys) -> tuple[int, str]:
     """Run ``script`` through ``recsft.cli.run`` in-process; return (exit code, stderr)."""
-    main = getattr(script, "cli_main", script.main)
+    main = getattr(script, "cli", script.main)
     with pytest.raises(SystemExit) as exit_info:
         cli.run(main, lambda: script.parse_args(argv))
     return exit_info.value.code, capsys.readouterr().err
@@ -641,7 +641,7 @@ def test_resume_of_a_finished_run_does_not_train_or_overwrite(work, tiny_qwen3, 
     (out / "adapter_model.safetensors").write_bytes(b"final adapter")
     (out / "training_summary.json").write_text(json.dumps({"global_step": 8, "config": cfg.to_dict()}))
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    summary = finetune_lora.cli_main(finetune_lora.parse_args(["--config", cfg_path, "--resume"]))
+    summary = finetune_lora.cli(finetune_lora.parse_args(["--config", cfg_path, "--resume"]))
     assert summary["global_step"] == 8 and "nothing to resume" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 

@@ -41,7 +41,7 @@ def main(args) -> dict:
     from recsft.report import display_example, format_metrics
 
     from recsft.errors import UserInputError
-    from recsft.validate import check_model_source, writable_dir
+    from recsft.validate import preflight_inference, writable_dir
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter_dir or cfg.train.output_dir
@@ -49,7 +49,7 @@ def main(args) -> dict:
         raise UserInputError("--adapter_dir: compare_base_vs_lora needs a LoRA adapter folder to compare with the "
                              "base model (for the base model alone use infer_lora.py --adapter_dir none)")
     writable_dir(args.output_dir, "--output_dir")
-    check_model_source(cfg.model.model_name_or_path)
+    preflight_inference(cfg.model)
     mode = args.eval_mode or cfg.infer.eval_mode
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
                                    args.max_samples or cfg.data.max_test_samples)

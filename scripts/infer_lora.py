@@ -59,12 +59,12 @@ def main(args) -> dict:
     from recsft import evaluation as E
     from recsft.formatting import load_records
     from recsft.report import save_eval
-    from recsft.validate import check_model_source, writable_dir
+    from recsft.validate import preflight_inference, writable_dir
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter_dir or cfg.train.output_dir
     adapter = None if str(adapter).lower() == "none" else adapter
-    check_model_source(cfg.model.model_name_or_path)
+    preflight_inference(cfg.model)
     if not args.test_file and not args.output_dir:
         return demo(cfg, adapter)
     mode = args.eval_mode or cfg.infer.eval_mode

@@ -349,6 +349,8 @@ INFER_FLAG_CASES = {
     "output_dir_empty": (["--output_dir", ""], ["--output_dir"]),
     "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir", "a_file"]),
     "eval_mode_unknown": (["--eval_mode", "vote"], ["--eval_mode", "vote"]),
+    "flash_attention_2_on_cpu": (["flash_attn=flash_attention_2"], ["flash_attn"]),
+    "tokenizer_folder_missing": (["tokenizer_name_or_path=/no/such/tokenizer"], ["tokenizer_name_or_path"]),
     "calibration_without_eval_data": (["--eval_mode", "score", "--calibration_samples", "5",
                                        "eval_dataset=missing_eval.json"], ["missing_eval.json"]),
 }
@@ -368,6 +370,8 @@ def test_infer_bad_flag(case, work, tiny_qwen3, capsys, no_model_load):
 # --------------------------------------------------------------------------- compare_base_vs_lora
 COMPARE_CASES = {
     "show_negative": (["--show", "-1"], ["--show"]),
+    "flash_attention_2_on_cpu": (["flash_attn=flash_attention_2"], ["flash_attn"]),
+    "model_missing": (["model_name_or_path=/no/such/model"], ["model_name_or_path"]),
     "adapter_none": (["--adapter_dir", "none"], ["--adapter_dir"]),
     "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir"]),
     "max_samples_0": (["--max_samples", "0"], ["--max_samples"]),

@@ -28,16 +28,19 @@ def get_device() -> str:
     return "cpu"
 
 
-def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
+def resolve_model_path(name_or_path: str, key: str = "model_name_or_path") -> tuple[str, str | None]:
     """``(path_or_hub_id, gguf_file)``; a ``.gguf`` file (or ``pkg://`` asset) becomes (its folder, its name)."""
-    path = resolve_asset(name_or_path)
+    try:
+        path = resolve_asset(name_or_path)
+    except DataError as e:
+        raise ConfigError([f"{key}: {e}"]) from None
     if path.endswith(".gguf"):
         if not Path(path).is_file():
-            raise ConfigError([f"model_name_or_path: GGUF file {path!r} does not exist"])
+            raise ConfigError([f"{key}: GGUF file {path!r} does not exist"])
         return str(Path(path).parent), Path(path).name
     looks_like_hub_id = path.count("/") <= 1 and not path.startswith((".", "/", "~"))
     if not Path(path).exists() and not looks_like_hub_id:
-        raise ConfigError([f"model_name_or_path: local path {path!r} does not exist "
+        raise ConfigError([f"{key}: local path {path!r} does not exist "
                            f"(use a hub id like Qwen/Qwen3-0.6B or an existing folder)"])
     return path, None
 

@@ -76,13 +76,9 @@ def check_model_source(name_or_path: str, key: str = "model_name_or_path") -> st
 
     Returns the path or hub id to load from.
     """
-    from .io import DataError
     from .modeling import resolve_model_path
 
-    try:
-        path, gguf = resolve_model_path(name_or_path)
-    except (DataError, FileNotFoundError) as e:
-        raise ConfigError([f"{key}: {e}"]) from None
+    path, gguf = resolve_model_path(name_or_path, key)
     if gguf:
         return str(Path(path) / gguf)
     if Path(path).exists():
@@ -193,6 +189,16 @@ def preflight_training(cfg, extra_epochs: float = 0.0, resume_from_checkpoint: s
         check_model_source(cfg.model.tokenizer_name_or_path, "tokenizer_name_or_path")
     shapes = linear_layer_shapes(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     check_lora_target(cfg.lora.lora_target, shapes, cfg.model.model_name_or_path)
+
+
+def preflight_inference(model_args) -> None:
+    """The model resolves and an explicit attention backend is available: before records, tokenizer, weights."""
+    from .modeling import get_device
+
+    check_model_source(model_args.model_name_or_path)
+    if model_args.tokenizer_name_or_path:
+        check_model_source(model_args.tokenizer_name_or_path, "tokenizer_name_or_path")
+    check_attention(model_args.flash_attn, get_device())
 
 
 # ------------------------------------------------------------------------------------------- locks

@@ -237,8 +237,8 @@ def check_not_locked(output_dir: str | os.PathLike) -> None:
     owner = _lock_owner(lock)
     if owner and owner.get("pid") != os.getpid() and _alive(owner) and _is_main_rank():
         raise UserInputError(f"output_dir {str(output_dir)!r} is in use by another training run (pid {owner['pid']} "
-                             f"on {owner.get('host')}, lock file {lock}); wait for it to finish, stop it, or "
-                             f"choose another output_dir")
+                             f"on {owner.get('host')}, lock file {lock}); wait for it to finish, stop it, choose "
+                             f"another output_dir, or delete the lock file if that run is gone")
 
 
 @contextlib.contextmanager

@@ -278,10 +278,13 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
         load_best_model_at_end=train.load_best_model_at_end and eval_strategy != "no",
         metric_for_best_model=train.metric_for_best_model,
         greater_is_better=train.metric_for_best_model != "loss",
+        # activation_checkpointing is the transformers-5 name; gradient_checkpointing is its deprecated alias
         activation_checkpointing=train.gradient_checkpointing, gradient_checkpointing=None,
         packing=train.packing, packing_strategy="bfd",
         eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, bf16=bf16,
+        # report_to="none": TensorBoard is added by build_trainer (rank 0 only, logs/ under output_dir)
         report_to="none", dataloader_num_workers=train.dataloader_num_workers,
+        # the datasets are already tokenized and cut (preprocess.py); TRL prepares them only to pack them
         dataset_kwargs={"skip_prepare_dataset": not train.packing}, use_cpu=device == "cpu",
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )

@@ -402,6 +402,10 @@ def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
 
     set_seed(seed)
     device = get_device()
+    if device == "cpu":
+        from .runtime import set_threads
+
+        set_threads(model_args.num_threads)
     model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
                        model_args.quantization_bit, model_args.trust_remote_code)
     model = apply_lora(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target,

@@ -44,6 +44,10 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
     from .modeling import check_adapter, get_device, load_adapter, load_model, load_tokenizer
 
     device = device or get_device()
+    if device == "cpu":
+        from .runtime import set_threads
+
+        set_threads(model_args.num_threads)
     if adapter_dir:
         check_adapter(adapter_dir, model_args.model_name_or_path)
     tok = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,

@@ -47,6 +47,15 @@ class RecSFTTrainer(SFTTrainer):
     yes_id: int = -1
     no_id: int = -1
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .modeling import keep_trainable_fp32
+
+        # TRL casts a quantized model's LoRA weights to bf16 above; the optimizer (built in train()) must see fp32
+        cast = keep_trainable_fp32(self.model)
+        if cast:
+            logger.info("LoRA weights kept in float32 for the optimizer (%d tensors cast back)", cast)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
 
@@ -369,13 +378,32 @@ def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
     return model, device
 
 
-def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0):
-    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours)."""
+def mixed_precision(bf16: str, device: str) -> dict[str, bool]:
+    """Trainer ``bf16``/``fp16`` flags: ``auto`` = bf16 on GPUs with bf16 hardware (sm80+), fp16 autocast with a
+    GradScaler on older GPUs (bf16 is only emulated there), neither on CPU/MPS."""
+    if bf16 == "true":
+        return {"bf16": True, "fp16": False}
+    if bf16 == "false" or device != "cuda":
+        return {"bf16": False, "fp16": False}
+    from .modeling import cuda_half_dtype
+
+    hw_bf16 = cuda_half_dtype() == torch.bfloat16
+    if not hw_bf16:
+        logger.info("GPU without bf16 hardware: training in fp16 mixed precision (loss scaling)")
+    return {"bf16": hw_bf16, "fp16": not hw_bf16}
+
+
+def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0, **extra):
+    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours).
+
+    ``extra``: further SFTConfig arguments (e.g. ``torch_compile=True``); they must be given here, at
+    construction, since SFTConfig derives settings from them (setting ``torch_compile`` afterwards compiles nothing).
+    """
     from trl import SFTConfig
 
-    bf16 = train.bf16 == "true" or (train.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    precision = mixed_precision(train.bf16, device)
     eval_strategy = train.eval_strategy if has_eval else "no"
-    return SFTConfig(
+    kwargs = dict(
         output_dir=train.output_dir, per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -390,11 +418,12 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
         greater_is_better=train.metric_for_best_model != "loss",
         activation_checkpointing=train.gradient_checkpointing, gradient_checkpointing=None,
         packing=train.packing, packing_strategy="bfd",
-        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, bf16=bf16,
+        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, **precision,
         report_to="none", dataloader_num_workers=train.dataloader_num_workers,
         dataset_kwargs={"skip_prepare_dataset": not train.packing}, use_cpu=device == "cpu",
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )
+    return SFTConfig(**(kwargs | extra))
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_epochs: float = 0.0):

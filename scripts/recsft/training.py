@@ -306,6 +306,32 @@ def write_summary(path: str, summary: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------- pipeline stages
+def check_launch(quantization_bit: int | None, gpu_count: int | None = None) -> None:
+    """Fail before any loading on launch set-ups that cannot train (one line each, exit 2).
+
+    * several GPUs visible to a plain ``python`` process: the Trainer would wrap the model in
+      ``nn.DataParallel``, which neither a 4-bit model nor the label-position loss supports;
+    * FSDP with a sharded state dict: the Trainer saves no adapter from it;
+    * 8-bit under FSDP / ZeRO-3 (4-bit works: its weights are then stored in the compute dtype).
+    """
+    from .config import ConfigError
+    from .modeling import sharded_launch
+
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise ConfigError([f"{gpus} GPUs are visible but no launcher started this process: train on one with "
+                           f"CUDA_VISIBLE_DEVICES=0 python scripts/finetune_lora.py ..., or on all with "
+                           f"accelerate launch --multi_gpu --num_processes {gpus} scripts/finetune_lora.py ..."])
+    sharded = sharded_launch()
+    state_dict = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    if sharded == "FSDP" and "FULL_STATE_DICT" not in state_dict:
+        raise ConfigError([f"FSDP with fsdp_state_dict_type {state_dict} saves no LoRA adapter; set "
+                           f"fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (configs/accelerate_fsdp.yaml)"])
+    if sharded and quantization_bit == 8:
+        raise ConfigError([f"quantization_bit: 8 is not supported under {sharded}; use quantization_bit=4 "
+                           f"(stored in the compute dtype for sharding) or null"])
+
+
 def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) -> str | None:
     """The checkpoint to resume from (printing the RESUMING banner), or None to start fresh."""
     if explicit:
@@ -514,7 +540,14 @@ def finish(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, 
                    "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
                    "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
                    "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
-        if cfg.train.gen_eval_samples and eval_path:
+        from .modeling import sharded_launch
+
+        sharded = sharded_launch()
+        if cfg.train.gen_eval_samples and eval_path and sharded:
+            # rank 0 alone cannot run a model whose weights are sharded over every rank (it would wait forever)
+            print(f"Generation eval skipped under {sharded}: run scripts/infer_lora.py on the saved adapter",
+                  flush=True)
+        elif cfg.train.gen_eval_samples and eval_path:
             gen = generation_eval(trainer.model, tokenizer, eval_path, cfg.train.gen_eval_samples,
                                   cfg.data.system_prompt, cfg.model.enable_thinking,
                                   cfg.train.per_device_eval_batch_size, cfg.data.cutoff_len)

@@ -181,3 +181,21 @@ def test_shipped_fsdp_config_uses_a_full_state_dict():
 
     cfg = yaml.safe_load((ROOT / "configs" / "accelerate_fsdp.yaml").read_text())
     assert cfg["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+# --------------------------------------------------------------------------- Ctrl-C under a launcher
+def test_a_repeated_signal_within_the_window_is_ignored_a_later_one_stops_at_once(monkeypatch):
+    import signal
+
+    raised = []
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+    clock = [100.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    stop = training.GracefulStopCallback()
+    stop._handle(signal.SIGINT, None)  # from the terminal
+    clock[0] += 0.2
+    stop._handle(signal.SIGTERM, None)  # the launcher's forwarded copy
+    assert stop.requested == "SIGINT" and raised == []
+    clock[0] += stop.REPEAT_WINDOW_S
+    stop._handle(signal.SIGINT, None)  # the user again, seconds later: stop now
+    assert raised == [signal.SIGINT]

@@ -144,11 +144,17 @@ class ReadableLogCallback(TrainerCallback):
 class GracefulStopCallback(TrainerCallback):
     """On SIGTERM/SIGINT: finish the current step, save a resumable checkpoint, stop.
 
-    ``pkill -f finetune_lora.py`` sends SIGTERM; a second signal falls through to the default handler.
+    ``pkill -f finetune_lora.py`` sends SIGTERM. Under torchrun / ``accelerate launch`` each worker gets a Ctrl-C
+    twice (from the terminal and forwarded by the launcher, which SIGKILLs it 30 s later): a repeat within
+    ``REPEAT_WINDOW_S`` is that copy and is ignored; a later one falls through to the default handler (stop now).
+    Under DDP the ranks agree at every step end (an all-reduce of the flag), so all save the same step.
     """
+
+    REPEAT_WINDOW_S = 5.0
 
     def __init__(self):
         self.requested: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self):
@@ -165,15 +171,16 @@ class GracefulStopCallback(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
-            if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun/accelerate forwards the signal it got (and
-                return  # SIGKILLs after 30 s): a repeat is that copy, not a second request
+            if now - self._first_at < self.REPEAT_WINDOW_S:
+                return  # the same request, delivered twice (terminal + launcher)
             self.uninstall()
             signal.raise_signal(signum)
             return
-        self.requested = signal.Signals(signum).name
+        self.requested, self._first_at = signal.Signals(signum).name, now
         print(f"Received {self.requested}: saving a checkpoint after this step, then stopping "
-              f"(send it again to stop at once)", flush=True)
+              f"(send it again after {self.REPEAT_WINDOW_S:.0f} s to stop at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.world_size > 1 and torch.distributed.is_initialized():

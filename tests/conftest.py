@@ -58,7 +58,7 @@ def tiny_config(tmp_path: Path, model: str, **overrides):
 
 def write_config_yaml(cfg, path: Path, **extra) -> Path:
     """``cfg`` (plus ``extra`` keys) as a flat YAML config file that the scripts' ``--config`` reads."""
-    values = {k: v for k, v in cfg.to_dict().items() if v is not None} | extra
+    values = cfg.to_dict() | extra  # None -> null (e.g. quantization_bit: null, not the default 4)
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
     return path
 

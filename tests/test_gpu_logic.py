@@ -105,6 +105,7 @@ def test_4bit_weights_are_stored_in_the_compute_dtype_under_fsdp(monkeypatch):
     monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeAuto)
     monkeypatch.setattr(modeling, "local_model_path", lambda p: p)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(modeling, "resolve_dtype", lambda d, dev: torch.bfloat16)
     monkeypatch.setattr(modeling, "resolve_attn_implementation", lambda f, d: "sdpa")
@@ -133,6 +134,7 @@ def test_plain_model_stays_on_the_cpu_under_fsdp_and_moves_otherwise(monkeypatch
     monkeypatch.setattr(modeling, "resolve_dtype", lambda d, dev: torch.bfloat16)
     monkeypatch.setattr(modeling, "resolve_attn_implementation", lambda f, d: "sdpa")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     modeling.load_model("m", "cuda")
     assert moved == []  # the trainer shards it onto the GPUs
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
@@ -163,6 +165,7 @@ def test_finetune_fails_on_several_gpus_before_loading_anything(monkeypatch, tmp
 
 
 def test_fsdp_launch_checks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")

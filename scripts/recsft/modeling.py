@@ -157,7 +157,10 @@ def resolve_dtype(dtype: str, device: str):
 
 def sharded_launch() -> str | None:
     """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when accelerate launched this process with sharded parameters."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+    import torch
+
+    # without CUDA accelerate runs an FSDP config as plain multi-process DDP (nothing is sharded)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and torch.cuda.is_available():
         return "FSDP"
     if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
             and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
@@ -216,6 +219,8 @@ def load_model(name_or_path: str, device: str, dtype: str = "auto", flash_attn: 
             logger.info("QLoRA unavailable (%s): training plain LoRA in %s", why,
                         str(torch_dtype).replace("torch.", ""))
     model = AutoModelForCausalLM.from_pretrained(local_model_path(name_or_path), **kwargs)
+    if device == "cpu" and is_kbit(model):
+        _keep_unpackable_4bit_layers_plain(model)
     if "quantization_config" not in kwargs and not sharded:
         model.to(f"cuda:{_local_cuda_index()}" if device == "cuda" else device)
     return model
@@ -244,6 +249,14 @@ def keep_trainable_fp32(model) -> int:
             param.data = param.data.float()
             changed += 1
     return changed
+
+
+def _keep_unpackable_4bit_layers_plain(model) -> None:
+    """bitsandbytes' fast CPU inference layout needs in_features % 64 == 0 and out_features % 32 == 0 (every real
+    chat model's layers do); other layers keep the standard layout instead of failing at the first eval forward."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and (module.in_features % 64 or module.out_features % 32):
+            module.support_avx512bf16_for_cpu = False
 
 
 def disable_cpu_4bit_inference_packing(model) -> None:

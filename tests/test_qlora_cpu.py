@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # every test here loads a 4-bit model and most tr
 @pytest.fixture(scope="module")
 def tiny64(tmp_path_factory, qwen3_tokenizer) -> str:
     """Hidden size 64: bitsandbytes' CPU 4-bit kernels work on blocks of 64 inputs."""
-    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny64"), qwen3_tokenizer, yes_no_head=True, hidden_size=64)
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny64"), qwen3_tokenizer, yes_no_head=True, shape="tiny64")
 
 
 def step_losses(checkpoint: Path) -> dict[int, float]:
@@ -72,13 +72,15 @@ def test_qlora_trains_resumes_saves_and_serves(tmp_path, tiny64, caplog):
 
 def trainer_for(tmp_path, model_path: str, lr: float, **overrides):
     from recsft import training as T
+    from recsft.modeling import model_for, tokenizer_for
+    from recsft.preprocess import datasets_for, resolve_data
 
     cfg = tiny_config(tmp_path, model_path, quantization_bit=4, learning_rate=lr, eval_strategy="no",
                       save_strategy="no", load_best_model_at_end="false", **overrides)
-    train_path, eval_path = T.resolve_data(cfg.data)
-    tok = T.tokenizer_for(cfg.model)
-    train_ds, _ = T.datasets_for(cfg.data, False, tok, train_path, None, False)
-    model, device = T.model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
+    train_path, _ = resolve_data(cfg.data)
+    tok = tokenizer_for(cfg.model)
+    train_ds, _ = datasets_for(cfg.data, False, tok, train_path, None, False, cpu=True)
+    model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
     trainer, _ = T.build_trainer(model, tok, train_ds, None, cfg, device)
     return trainer
 

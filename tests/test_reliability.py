@@ -88,20 +88,20 @@ def test_config_errors_are_collected_and_cli_exits_2(tmp_path):
 
 
 def test_corrupt_or_partial_cache_is_rebuilt(tmp_path, qwen3_tokenizer, caplog):
-    from recsft.preprocess import preprocess_datasets_parallel
+    from recsft.preprocess import load_tokenized_datasets
 
     train, _ = write_data(tmp_path / "d")
     kw = dict(cache_dir=str(tmp_path / "cache"))
-    first, _ = preprocess_datasets_parallel(train, None, qwen3_tokenizer, 160, **kw)
+    first, _ = load_tokenized_datasets(train, None, qwen3_tokenizer, 160, **kw)
     first = first.to_dict()  # copy out of the memory-mapped file before corrupting it
     cache = next((tmp_path / "cache").glob("train_preprocessed-*"))
     for arrow in cache.glob("*.arrow"):
         arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # a killed writer
     with caplog.at_level("WARNING"):
-        again, _ = preprocess_datasets_parallel(train, None, qwen3_tokenizer, 160, **kw)
+        again, _ = load_tokenized_datasets(train, None, qwen3_tokenizer, 160, **kw)
     assert "corrupt or partial" in caplog.text and again["input_ids"] == first["input_ids"]
     (cache / "recsft_cache.json").unlink()  # partial: never finished
-    third, _ = preprocess_datasets_parallel(train, None, qwen3_tokenizer, 160, **kw)
+    third, _ = load_tokenized_datasets(train, None, qwen3_tokenizer, 160, **kw)
     assert third["labels"] == first["labels"] and (cache / "recsft_cache.json").is_file()
 
 

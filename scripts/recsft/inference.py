@@ -8,7 +8,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
-from .preprocess import render_records
+from .formatting import render_records
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
 from .inference import generate, max_prompt_tokens, prompts_for, score
 from .metrics import best_threshold, compute_metrics, extract_answer
 
+logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
 
 

@@ -158,7 +158,14 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
                    "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
                    "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
                    "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
-        if cfg.train.gen_eval_samples and eval_path:
+        from .modeling import sharded_launch
+
+        sharded = sharded_launch()
+        if cfg.train.gen_eval_samples and eval_path and sharded:
+            # rank 0 alone cannot run a model whose weights are sharded over every rank (it would wait forever)
+            print(f"Generation eval skipped under {sharded}: run scripts/infer_lora.py on the saved adapter",
+                  flush=True)
+        elif cfg.train.gen_eval_samples and eval_path:
             settings = EvalSettings(batch_size=cfg.train.per_device_eval_batch_size,
                                     system_prompt=cfg.data.system_prompt, enable_thinking=cfg.model.enable_thinking,
                                     cutoff_len=cfg.data.cutoff_len)  # greedy, max_new_tokens=8

@@ -47,13 +47,13 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
          resume_from_checkpoint: str | None = None) -> dict:
     """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
     from recsft import training as T
-    from recsft.modeling import get_device, model_for, tokenizer_for
+    from recsft.modeling import get_device, linear_layer_shapes, model_for, tokenizer_for
     from recsft.preprocess import datasets_for, resolve_data
     from recsft.report import finish_training
-    from recsft.modeling import linear_layer_shapes
     from recsft.validate import preflight_training, run_lock
 
     start = time.perf_counter()
+    T.check_launch(cfg.model.quantization_bit)
     preflight_training(cfg, extra_epochs, resume_from_checkpoint)  # settings, output_dir, model: before any work
     if resume and not resume_from_checkpoint and (done := T.finished_run(cfg.train, extra_epochs)) is not None:
         print(f"{cfg.train.output_dir} holds a finished run ({done.get('global_step')} steps); nothing to resume. "
@@ -75,6 +75,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
         if stopper.requested:
             return T.stopped_early(trainer, stopper.requested)
         return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
+
 
 def cli(args) -> dict:
     """The command line: ``--print-config`` prints the effective config; otherwise train."""

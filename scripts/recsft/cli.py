@@ -12,7 +12,11 @@ import math
 import sys
 from typing import Any, Callable
 
-from .errors import UserInputError, one_line
+from .runtime import omp_defaults
+
+omp_defaults()  # before anything imports torch: OpenMP reads its environment once, when torch loads it
+
+from .errors import UserInputError, one_line  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C

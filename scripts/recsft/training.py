@@ -45,6 +45,16 @@ class RecSFTTrainer(SFTTrainer):
 
     yes_id: int = -1
     no_id: int = -1
+    answer_width: int = 0  # label tokens per example (the longer templated answer); 0 = use the boolean mask
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .modeling import keep_trainable_fp32
+
+        # TRL casts a quantized model's LoRA weights to bf16 above; the optimizer (built in train()) must see fp32
+        cast = keep_trainable_fp32(self.model)
+        if cast:
+            logger.info("LoRA weights kept in float32 for the optimizer (%d tensors cast back)", cast)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
@@ -53,33 +63,70 @@ class RecSFTTrainer(SFTTrainer):
         ``<|im_end|>`` and a newline); the share is 3 / example length, whatever ``cutoff_len`` is above it.
         TRL's fused head projects every position on CPU (and checkpoints tiles on GPU); here the hidden
         states are sliced to the positions whose next token is a label *before* the vocabulary
-        projection (transformers' ``logits_to_keep`` with a boolean mask), which gives the same loss.
+        projection (transformers' ``logits_to_keep``), which gives the same loss.
+
+        Nothing here waits for the device: with one example per row (no packing) each row has at most
+        ``answer_width`` label positions, so they are picked with a fixed-size sort instead of a boolean mask
+        (whose size the host would have to read), and the logged counters stay on the device until a log step.
         """
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
-        keep, _ = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**fwd, use_cache=False, logits_to_keep=keep)
-        logits = outputs.logits.float()
-        targets = labels[:, 1:][labels[:, 1:] != -100]
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        keep, _ = answer_positions(labels)
+        next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        if self.answer_width and not (self.args.packing or self.args.padding_free):
+            width = min(self.answer_width, labels.shape[1])
+            rows = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # label positions first
+            outputs = model(**fwd, use_cache=False, logits_to_keep=rows)
+            logits = outputs.logits.flatten(0, 1).float()
+            targets = next_labels.gather(1, rows).flatten()  # -100 where a row has fewer labels
+        else:  # packed rows hold several answers: a boolean mask (its size is read on the host)
+            outputs = model(**fwd, use_cache=False, logits_to_keep=keep)
+            logits = outputs.logits.float()
+            targets = next_labels[keep]
+        loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        valid = targets != -100
+        count = num_items_in_batch if num_items_in_batch is not None else valid.sum()
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        self._log_token_metrics(mode, inputs, logits, targets)
+        self._count_tokens(mode, inputs, logits, targets, valid)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_token_metrics(self, mode: str, inputs, logits, targets) -> None:
+    def _count_tokens(self, mode: str, inputs, logits, targets, valid) -> None:
+        """Per micro-step counters, kept on the device; :meth:`log` gathers and averages them."""
         with torch.no_grad():
-            n = self.accelerator.gather_for_metrics(torch.tensor(targets.numel(), device=logits.device)).sum()
-            correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == targets).sum()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((correct / n.clamp(min=1)).item())
+            correct = ((logits.argmax(-1) == targets) & valid).sum()
+            pending = self.__dict__.setdefault("_pending", {"train": [], "eval": [], "tokens": []})
+            pending[mode].append(torch.stack([correct, valid.sum()]))
             if mode == "train":
                 mask = inputs.get("attention_mask")
                 local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-                self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.to(logits.device)).sum())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                pending["tokens"].append(local.to(logits.device))
+
+    def _flush_counters(self) -> None:
+        """Move the device counters into TRL's ``_metrics`` (one gather per kind, at a log step only).
+
+        Same numbers as gathering every micro-step: per micro-step accuracy = correct / label tokens summed over
+        ranks, averaged by TRL's ``log``; ``num_tokens`` = non-pad tokens trained on so far, over all ranks.
+        """
+        pending = self.__dict__.get("_pending")
+        if not pending:
+            return
+        for mode in ("train", "eval"):
+            if pending[mode]:
+                counts = self.accelerator.gather(torch.stack(pending[mode])[None]).sum(0).cpu()  # (steps, 2)
+                accuracy = counts[:, 0] / counts[:, 1].clamp(min=1)  # float32, as a per-step .item() gave
+                self._metrics[mode]["mean_token_accuracy"].extend(accuracy.tolist())
+                pending[mode].clear()
+        if pending["tokens"]:
+            self._total_train_tokens += int(self.accelerator.gather(torch.stack(pending["tokens"]).sum()[None]).sum())
+            pending["tokens"].clear()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_counters()  # every rank calls log at the same steps, so the gathers line up
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -138,11 +185,17 @@ class ReadableLogCallback(TrainerCallback):
 class GracefulStopCallback(TrainerCallback):
     """On SIGTERM/SIGINT: finish the current step, save a resumable checkpoint, stop.
 
-    ``pkill -f finetune_lora.py`` sends SIGTERM; a second signal falls through to the default handler.
+    ``pkill -f finetune_lora.py`` sends SIGTERM. Under torchrun / ``accelerate launch`` each worker gets a Ctrl-C
+    twice (from the terminal and forwarded by the launcher, which SIGKILLs it 30 s later): a repeat within
+    ``REPEAT_WINDOW_S`` is that copy and is ignored; a later one falls through to the default handler (stop now).
+    Under DDP the ranks agree at every step end (an all-reduce of the flag), so all save the same step.
     """
+
+    REPEAT_WINDOW_S = 5.0
 
     def __init__(self):
         self.requested: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self):
@@ -159,15 +212,16 @@ class GracefulStopCallback(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
-            if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun/accelerate forwards the signal it got (and
-                return  # SIGKILLs after 30 s): a repeat is that copy, not a second request
+            if now - self._first_at < self.REPEAT_WINDOW_S:
+                return  # the same request, delivered twice (terminal + launcher)
             self.uninstall()
             signal.raise_signal(signum)
             return
-        self.requested = signal.Signals(signum).name
+        self.requested, self._first_at = signal.Signals(signum).name, now
         print(f"Received {self.requested}: saving a checkpoint after this step, then stopping "
-              f"(send it again to stop at once)", flush=True)
+              f"(send it again after {self.REPEAT_WINDOW_S:.0f} s to stop at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.world_size > 1 and torch.distributed.is_initialized():
@@ -337,15 +391,60 @@ def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) 
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0):
-    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours)."""
+def check_launch(quantization_bit: int | None, gpu_count: int | None = None) -> None:
+    """Fail before any loading on launch set-ups that cannot train (one line each, exit 2).
+
+    * several GPUs visible to a plain ``python`` process: the Trainer would wrap the model in
+      ``nn.DataParallel``, which neither a 4-bit model nor the label-position loss supports;
+    * FSDP with a sharded state dict: the Trainer saves no adapter from it;
+    * 8-bit under FSDP / ZeRO-3 (4-bit works: its weights are then stored in the compute dtype).
+    """
+    from .config import ConfigError
+    from .modeling import sharded_launch
+
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise ConfigError([f"{gpus} GPUs are visible but no launcher started this process: train on one with "
+                           f"CUDA_VISIBLE_DEVICES=0 python scripts/finetune_lora.py ..., or on all with "
+                           f"accelerate launch --multi_gpu --num_processes {gpus} scripts/finetune_lora.py ..."])
+    sharded = sharded_launch()
+    state_dict = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    if sharded == "FSDP" and "FULL_STATE_DICT" not in state_dict:
+        raise ConfigError([f"FSDP with fsdp_state_dict_type {state_dict} saves no LoRA adapter; set "
+                           f"fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (configs/accelerate_fsdp.yaml)"])
+    if sharded and quantization_bit == 8:
+        raise ConfigError([f"quantization_bit: 8 is not supported under {sharded}; use quantization_bit=4 "
+                           f"(stored in the compute dtype for sharding) or null"])
+
+
+def mixed_precision(bf16: str, device: str) -> dict[str, bool]:
+    """Trainer ``bf16``/``fp16`` flags: ``auto`` = bf16 on GPUs with bf16 hardware (sm80+), fp16 autocast with a
+    GradScaler on older GPUs (bf16 is only emulated there), neither on CPU/MPS."""
+    if bf16 == "true":
+        return {"bf16": True, "fp16": False}
+    if bf16 == "false" or device != "cuda":
+        return {"bf16": False, "fp16": False}
+    from .modeling import cuda_half_dtype
+
+    hw_bf16 = cuda_half_dtype() == torch.bfloat16
+    if not hw_bf16:
+        logger.info("GPU without bf16 hardware: training in fp16 mixed precision (loss scaling)")
+    return {"bf16": hw_bf16, "fp16": not hw_bf16}
+
+
+def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0, **extra):
+    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours).
+
+    ``extra``: further SFTConfig arguments (e.g. ``torch_compile=True``); they must be given here, at
+    construction, since SFTConfig derives settings from them (setting ``torch_compile`` afterwards compiles nothing).
+    """
     from trl import SFTConfig
 
     # warmup_steps=warmup_ratio: transformers reads a warmup_steps below 1 as a fraction of the total steps
     # (TrainingArgs.get_warmup_steps); config.py keeps warmup_ratio in [0, 1) so it always is one.
-    bf16 = train.bf16 == "true" or (train.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    precision = mixed_precision(train.bf16, device)
     eval_strategy = train.eval_strategy if has_eval else "no"
-    return SFTConfig(
+    kwargs = dict(
         output_dir=train.output_dir, per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -358,13 +457,17 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
         load_best_model_at_end=train.load_best_model_at_end and eval_strategy != "no",
         metric_for_best_model=train.metric_for_best_model,
         greater_is_better=train.metric_for_best_model != "loss",
+        # activation_checkpointing is the transformers-5 name; gradient_checkpointing is its deprecated alias
         activation_checkpointing=train.gradient_checkpointing, gradient_checkpointing=None,
         packing=train.packing, packing_strategy="bfd",
-        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, bf16=bf16,
+        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, **precision,
+        # report_to="none": TensorBoard is added by build_trainer (rank 0 only, logs/ under output_dir)
         report_to="none", dataloader_num_workers=train.dataloader_num_workers,
+        # the datasets are already tokenized and cut (preprocess.py); TRL prepares them only to pack them
         dataset_kwargs={"skip_prepare_dataset": not train.packing}, use_cpu=device == "cpu",
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )
+    return SFTConfig(**(kwargs | extra))
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_epochs: float = 0.0):
@@ -373,6 +476,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
     from transformers.integrations import TensorBoardCallback
 
     from .inference import answer_token_ids
+    from .preprocess import prompt_budget
 
     train = cfg.train
     args = sft_config(train, cfg.data.cutoff_len, device, eval_ds is not None, extra_epochs)
@@ -392,6 +496,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
+    trainer.answer_width = cfg.data.cutoff_len - prompt_budget(tokenizer, cfg.data.cutoff_len, cfg.model.enable_thinking)
     trainer.time_budget = budget
     if args.world_size > 1:
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,

@@ -43,6 +43,14 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(modeling, "load_model", boom)
 
 
+@pytest.fixture
+def no_tokenizer_load(monkeypatch, no_model_load):
+    """Loading the tokenizer (or the model) fails the test: settings must be checked before tokenization."""
+    def boom(*a, **k):
+        raise AssertionError("the tokenizer was loaded before the bad input was detected")
+    monkeypatch.setattr(modeling, "load_tokenizer", boom)
+
+
 def invoke(script, argv: list[str], capsys) -> tuple[int, str]:
     """Run ``script`` through ``recsft.cli.run`` in-process; return (exit code, stderr)."""
     main = getattr(script, "cli", script.main)
@@ -115,12 +123,12 @@ CONFIG_CASES = {  # override(s) -> names the error line must contain
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_finetune_bad_setting(case, work, tiny_qwen3, capsys, no_model_load):
+def test_finetune_bad_setting(case, work, tiny_qwen3, capsys, no_tokenizer_load):
     overrides, names = CONFIG_CASES[case]
     check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3), *overrides], names, capsys, work)
 
 
-def test_finetune_hub_id_not_cached_offline(work, tiny_qwen3, capsys, no_model_load, monkeypatch):
+def test_finetune_hub_id_not_cached_offline(work, tiny_qwen3, capsys, monkeypatch, no_tokenizer_load):
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -129,7 +137,7 @@ def test_finetune_hub_id_not_cached_offline(work, tiny_qwen3, capsys, no_model_l
                ["model_name_or_path", "recsft-test/no-such-model", "HF_HUB_OFFLINE"], capsys, work)
 
 
-def test_finetune_model_folder_without_config(work, tiny_qwen3, capsys, no_model_load):
+def test_finetune_model_folder_without_config(work, tiny_qwen3, capsys, no_tokenizer_load):
     (work / "not_a_model").mkdir()
     check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3), f"model_name_or_path={work / 'not_a_model'}"],
                ["model_name_or_path", "config.json"], capsys, work)
@@ -147,7 +155,7 @@ def _read_only_dir(work: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(OUTPUT_DIR_CASES))
-def test_finetune_unwritable_output_dir_fails_before_loading(case, work, tiny_qwen3, capsys, no_model_load):
+def test_finetune_unwritable_output_dir_fails_before_loading(case, work, tiny_qwen3, capsys, no_tokenizer_load):
     cfg = train_config(work, tiny_qwen3)
     out = OUTPUT_DIR_CASES[case](work)
     check_case(finetune_lora, ["--config", cfg, f"output_dir={out}"], ["output_dir"], capsys, work)
@@ -163,7 +171,7 @@ YAML_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(YAML_CASES))
-def test_finetune_bad_yaml(case, work, capsys, no_model_load):
+def test_finetune_bad_yaml(case, work, capsys, no_tokenizer_load):
     text, names = YAML_CASES[case]
     path = work / "bad.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -184,7 +192,7 @@ FLAG_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(FLAG_CASES))
-def test_finetune_bad_flag(case, work, tiny_qwen3, capsys, no_model_load):
+def test_finetune_bad_flag(case, work, tiny_qwen3, capsys, no_tokenizer_load):
     flags, names = FLAG_CASES[case]
     check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3), *flags], names, capsys, work)
 
@@ -233,21 +241,21 @@ def _checkpoint(folder: Path, step: int, rank: int = 16, state: str | None = Non
     return ckpt
 
 
-def test_resume_with_another_lora_shape_is_refused(work, tiny_qwen3, capsys, no_model_load):
+def test_resume_with_another_lora_shape_is_refused(work, tiny_qwen3, capsys, no_tokenizer_load):
     cfg = train_config(work, tiny_qwen3, lora_target="qv", lora_rank=16)
     _checkpoint(work / "out", 4, rank=8)
     check_case(finetune_lora, ["--config", cfg, "--resume"], ["--resume", "checkpoint-4", "r=8", "lora_rank"],
                capsys, work)
 
 
-def test_resume_from_checkpoint_with_truncated_state(work, tiny_qwen3, capsys, no_model_load):
+def test_resume_from_checkpoint_with_truncated_state(work, tiny_qwen3, capsys, no_tokenizer_load):
     cfg = train_config(work, tiny_qwen3)
     ckpt = _checkpoint(work / "out", 4, state='{"global_step": 4, "log_hist')
     check_case(finetune_lora, ["--config", cfg, "--resume_from_checkpoint", str(ckpt)], ["trainer_state.json"],
                capsys, work)
 
 
-def test_output_dir_locked_by_a_live_run(work, tiny_qwen3, capsys, no_model_load):
+def test_output_dir_locked_by_a_live_run(work, tiny_qwen3, capsys, no_tokenizer_load):
     cfg = train_config(work, tiny_qwen3)
     (work / "out").mkdir()
     (work / "out" / ".recsft.lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
@@ -307,7 +315,7 @@ def infer_config(work: Path, model: str, **extra) -> str:
 
 
 @pytest.mark.parametrize("case", sorted(ADAPTER_CASES))
-def test_infer_bad_adapter_fails_before_the_base_model(case, work, tiny_qwen3, capsys, no_model_load):
+def test_infer_bad_adapter_fails_before_the_base_model(case, work, tiny_qwen3, capsys, no_tokenizer_load):
     make, names = ADAPTER_CASES[case]
     cfg = infer_config(work, tiny_qwen3)
     adapter = make(work, tiny_qwen3)
@@ -332,7 +340,7 @@ RECORD_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(RECORD_CASES))
-def test_infer_bad_test_record(case, work, tiny_qwen3, capsys, no_model_load):
+def test_infer_bad_test_record(case, work, tiny_qwen3, capsys, no_tokenizer_load):
     change, names = RECORD_CASES[case]
     cfg = infer_config(work, tiny_qwen3)
     bad = {**TEST_RECORD, **change}
@@ -357,7 +365,7 @@ INFER_FLAG_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(INFER_FLAG_CASES))
-def test_infer_bad_flag(case, work, tiny_qwen3, capsys, no_model_load):
+def test_infer_bad_flag(case, work, tiny_qwen3, capsys, no_tokenizer_load):
     flags, names = INFER_FLAG_CASES[case]
     cfg = infer_config(work, tiny_qwen3)
     _a_file(work)
@@ -379,7 +387,7 @@ COMPARE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(COMPARE_CASES))
-def test_compare_bad_flag(case, work, tiny_qwen3, capsys, no_model_load):
+def test_compare_bad_flag(case, work, tiny_qwen3, capsys, no_tokenizer_load):
     flags, names = COMPARE_CASES[case]
     cfg = infer_config(work, tiny_qwen3)
     _a_file(work)

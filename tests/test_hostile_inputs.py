@@ -708,3 +708,19 @@ def test_real_ctrl_c_during_prepare_data(tmp_path):
 
     assert not out.exists() or check_file_set(out) is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".data.tmp-")]
+
+
+def test_resume_lora_check_reads_peft_module_paths(tmp_path):
+    """peft stores target_modules as full module paths: the same layers pass, another rank or layer set fails."""
+    from recsft.config import ConfigError, LoraArgs
+    from recsft.training import check_resume_lora
+
+    layers = [f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj", "k_proj")]
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": layers}))
+    check_resume_lora(str(ckpt), LoraArgs(lora_rank=8, lora_target="all"), layers)
+    with pytest.raises(ConfigError, match="r=8 .* asks r=16"):
+        check_resume_lora(str(ckpt), LoraArgs(lora_rank=16, lora_target="all"), layers)
+    with pytest.raises(ConfigError, match=r"asks r=8 on \['q_proj', 'v_proj'\]"):
+        check_resume_lora(str(ckpt), LoraArgs(lora_rank=8, lora_target="qv"), layers)

@@ -71,7 +71,7 @@ def qwen3_tokenizer():
 
 
 def build_tiny_qwen3(path: Path, tokenizer, seed: int = 0, yes_no_head: bool = False) -> str:
-    """A 2-layer random Qwen3 with the real tokenizer's vocabulary, saved to ``path``.
+    """A random Qwen3 in the tiny shape (2 layers, hidden 32) with the real tokenizer's vocabulary, saved to ``path``.
 
     ``yes_no_head``: an untied LM head whose only non-zero rows are +v for "Yes" and -v for "No", so the
     model's first answer token is always Yes or No (which one depends on the input), like a chat model's.
@@ -79,9 +79,10 @@ def build_tiny_qwen3(path: Path, tokenizer, seed: int = 0, yes_no_head: bool = F
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from _common import qwen3_shape  # bench/_common.py: the one definition of the tiny shape
+
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+    config = Qwen3Config(vocab_size=len(tokenizer), **qwen3_shape("tiny"), max_position_embeddings=2048,
                          tie_word_embeddings=not yes_no_head, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = Qwen3ForCausalLM(config)

@@ -8,7 +8,8 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
-from .preprocess import prompt_budget, render_records
+from .formatting import render_records
+from .preprocess import prompt_budget
 
 
 @contextlib.contextmanager

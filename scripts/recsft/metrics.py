@@ -1,8 +1,9 @@
-"""The one Yes/No extractor and the one metrics function, shared by training, inference and comparison."""
+"""The one Yes/No extractor, label normaliser and metrics function, shared by training, inference and comparison."""
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Sequence
 
@@ -38,15 +39,16 @@ def extract_answer(text: str | None) -> str | None:
     return None
 
 
-def _as_label(value: Any) -> str | None:
-    if value in (1, True, "1"):
-        return "Yes"
-    if value in (0, False, "0"):
-        return "No"
-    if isinstance(value, str):
-        low = value.strip().lower()
-        return {"yes": "Yes", "no": "No"}.get(low)
-    return None
+LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
+
+
+def normalize_label(value: Any) -> str | None:
+    """``"Yes"``/``"No"`` from a label value, else None: Yes/No in any case, true/false, 1/0 (as text or number)."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool) and value in (0, 1):
+        return "Yes" if value == 1 else "No"
+    if value is None:
+        return None
+    return LABELS.get(str(value).strip().lower())
 
 
 def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
@@ -58,11 +60,11 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
     """
     if len(labels) != len(preds):
         raise ValueError(f"labels ({len(labels)}) and preds ({len(preds)}) differ in length")
-    gold = [_as_label(x) for x in labels]
+    gold = [normalize_label(x) for x in labels]
     if any(g is None for g in gold):
         bad = next(x for x, g in zip(labels, gold) if g is None)
         raise ValueError(f"label {bad!r} is not Yes/No")
-    pred = [_as_label(x) for x in preds]
+    pred = [normalize_label(x) for x in preds]
     n = len(gold)
     tp = sum(g == "Yes" and p == "Yes" for g, p in zip(gold, pred))
     fp = sum(g == "No" and p == "Yes" for g, p in zip(gold, pred))

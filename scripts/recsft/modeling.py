@@ -239,3 +239,30 @@ def load_adapter(model, adapter_dir: str, base_model: str | None = None):
 
     check_adapter(adapter_dir, base_model)
     return PeftModel.from_pretrained(model, adapter_dir)
+
+
+# -------------------------------------------------------------------------------------- for training
+def tokenizer_for(model_args):
+    """The tokenizer named by the ``model`` config section (its own path, else the model's)."""
+    return load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                          model_args.trust_remote_code)
+
+
+def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
+    """Base model + fresh LoRA adapters; the seed is set first so the adapter init is reproducible."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    device = get_device()
+    if device == "cpu":
+        from .runtime import set_threads
+
+        set_threads(model_args.num_threads)
+    model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
+                       model_args.quantization_bit, model_args.trust_remote_code)
+    model = apply_lora(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target,
+                       gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %s trainable of %s parameters (%.2f%%) on %s", f"{trainable:,}", f"{total:,}",
+                100 * trainable / total, device)
+    return model, device

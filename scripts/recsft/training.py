@@ -1,10 +1,9 @@
-"""Training on TRL's SFTTrainer: answer-position eval metrics, callbacks, resume, summary and plots."""
+"""Training on TRL's SFTTrainer: the trainer (answer-position loss and eval metrics), callbacks, resume."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -17,7 +16,6 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .inference import AnswerLogits
-from .io import write_json_atomic
 from .metrics import compute_metrics, extract_answer
 
 logger = logging.getLogger(__name__)
@@ -222,21 +220,6 @@ class GracefulStopCallback(TrainerCallback):
         return control
 
 
-class TokenThroughputCallback(TrainerCallback):
-    """Counts trained (non-pad) tokens and wall time, for tokens/s in the summary."""
-
-    def __init__(self):
-        self.start = None
-        self.train_time = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.start is not None:
-            self.train_time = time.perf_counter() - self.start
-
-
 class TimeBudgetCallback(TrainerCallback):
     """Stops training (with a final eval and checkpoint) once the optimizer steps used ``minutes``.
 
@@ -294,52 +277,6 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
 
 
-# -------------------------------------------------------------------------------------- summary/plots
-def best_and_final(log_history: list[dict], metric: str) -> tuple[dict, dict]:
-    evals = [e for e in log_history if f"eval_{metric}" in e]
-    if not evals:
-        return {}, {}
-    greater = metric != "loss"
-    best = max(evals, key=lambda e: e[f"eval_{metric}"] * (1 if greater else -1))
-    return best, evals[-1]
-
-
-def plot_training_curves(log_history: list[dict], path: str) -> None:
-    """Train loss and eval loss/accuracy/F1/AUC against steps, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [e for e in log_history if "eval_loss" in e]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        ax1.plot(*zip(*train), label="train loss")
-    if evals:
-        ax1.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
-        for key in ("eval_accuracy", "eval_f1", "eval_auc"):
-            pts = [(e["step"], e[key]) for e in evals if key in e and not math.isnan(e[key])]
-            if pts:
-                ax2.plot(*zip(*pts), "o-", label=key.replace("eval_", ""))
-    ax1.set(xlabel="step", ylabel="loss", title="Loss")
-    ax2.set(xlabel="step", ylim=(0, 1), title="Eval metrics (answer token)")
-    for ax in (ax1, ax2):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = str(Path(path).with_suffix(".tmp.png"))
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    Path(tmp).replace(path)
-
-
-def write_summary(path: str, summary: dict[str, Any]) -> None:
-    write_json_atomic(path, summary)
-
-
-# ----------------------------------------------------------------------------------- pipeline stages
 def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) -> str | None:
     """The checkpoint to resume from (printing the RESUMING banner), or None to start fresh."""
     if explicit:
@@ -357,69 +294,13 @@ def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) 
     return ckpt
 
 
-def resolve_data(data) -> tuple[str, str | None]:
-    """Train/eval file paths from dataset names (dataset_info.json) or paths; fail before any heavy work."""
-    from .formatting import resolve_dataset
-
-    train = resolve_dataset(data.dataset, data.dataset_dir)
-    evals = resolve_dataset(data.eval_dataset, data.dataset_dir) if data.eval_dataset else None
-    for path in (train, evals):
-        if path and not Path(path).is_file():
-            from .io import DataError
-
-            raise DataError(f"{path}: data file does not exist; run `python scripts/prepare_data.py` "
-                            f"or fix dataset/eval_dataset in the config")
-    return train, evals
-
-
-def tokenizer_for(model_args):
-    from .modeling import load_tokenizer
-
-    return load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                          model_args.trust_remote_code)
-
-
-def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_path: str | None, clear_cache: bool):
-    """Tokenized train/eval datasets; under DDP rank 0 builds the cache first and the others load it."""
-    from accelerate import PartialState
-
-    from .modeling import get_device
-    from .preprocess import preprocess_datasets_parallel
-
-    # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
-    with PartialState(cpu=get_device() == "cpu").main_process_first():
-        return preprocess_datasets_parallel(
-            train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
-            max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
-            system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)
-
-
-def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
-    """Base model + fresh LoRA adapters; the seed is set first so the adapter init is reproducible."""
-    from transformers import set_seed
-
-    from .modeling import apply_lora, get_device, load_model
-
-    set_seed(seed)
-    device = get_device()
-    if device == "cpu":
-        from .runtime import set_threads
-
-        set_threads(model_args.num_threads)
-    model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
-                       model_args.quantization_bit, model_args.trust_remote_code)
-    model = apply_lora(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target,
-                       gradient_checkpointing)
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA: %s trainable of %s parameters (%.2f%%) on %s", f"{trainable:,}", f"{total:,}",
-                100 * trainable / total, device)
-    return model, device
-
-
+# ---------------------------------------------------------------------------------------------- trainer
 def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0):
     """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours)."""
     from trl import SFTConfig
 
+    # warmup_steps=warmup_ratio: transformers reads a warmup_steps below 1 as a fraction of the total steps
+    # (TrainingArgs.get_warmup_steps); config.py keeps warmup_ratio in [0, 1) so it always is one.
     bf16 = train.bf16 == "true" or (train.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     eval_strategy = train.eval_strategy if has_eval else "no"
     return SFTConfig(
@@ -435,10 +316,13 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
         load_best_model_at_end=train.load_best_model_at_end and eval_strategy != "no",
         metric_for_best_model=train.metric_for_best_model,
         greater_is_better=train.metric_for_best_model != "loss",
+        # activation_checkpointing is the transformers-5 name; gradient_checkpointing is its deprecated alias
         activation_checkpointing=train.gradient_checkpointing, gradient_checkpointing=None,
         packing=train.packing, packing_strategy="bfd",
         eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, bf16=bf16,
+        # report_to="none": TensorBoard is added by build_trainer (rank 0 only, logs/ under output_dir)
         report_to="none", dataloader_num_workers=train.dataloader_num_workers,
+        # the datasets are already tokenized and cut (preprocess.py); TRL prepares them only to pack them
         dataset_kwargs={"skip_prepare_dataset": not train.packing}, use_cpu=device == "cpu",
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )
@@ -497,52 +381,3 @@ def stopped_early(trainer, signal_name: str) -> dict:
     print(f"Training stopped by {signal_name} at step {trainer.state.global_step}; checkpoint saved: {ckpt}. "
           f"Continue with --resume.", flush=True)
     return {"stopped_by": signal_name, "global_step": trainer.state.global_step, "checkpoint": ckpt}
-
-
-def generation_eval(model, tokenizer, eval_path: str, n: int, system_prompt: str | None,
-                    enable_thinking: bool, batch_size: int, cutoff_len: int | None = None) -> dict:
-    """Greedy generation (max_new_tokens=8) on the first ``n`` eval records, scored like inference."""
-    from .config import MAX_NEW_TOKENS
-    from .inference import generate, max_prompt_tokens, prompts_for
-    from .io import load_data
-
-    records = load_data(eval_path)[:n]
-    prompts, labels = prompts_for(records, tokenizer, system_prompt, enable_thinking, eval_path)
-    responses = generate(model, tokenizer, prompts, MAX_NEW_TOKENS, 0.0, 1.0, batch_size, desc="Gen eval",
-                         max_prompt_tokens=max_prompt_tokens(tokenizer, cutoff_len))
-    return compute_metrics(labels, [extract_answer(r) for r in responses])
-
-
-def finish(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, device: str) -> dict:
-    """Save the final (best) adapter, run the optional generation eval, write summary and curves."""
-    out = cfg.train.output_dir
-    trainer.save_model(out)
-    summary: dict[str, Any] = {}
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        state = trainer.state
-        best, final = best_and_final(state.log_history, cfg.train.metric_for_best_model)
-        tokens = float(trainer._total_train_tokens)
-        runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
-        summary = {"model": cfg.model.model_name_or_path, "device": device, "global_step": state.global_step,
-                   "epoch": state.epoch, "train_loss": result.metrics.get("train_loss"),
-                   "train_runtime_s": runtime, "wall_time_s": wall, "train_tokens": tokens,
-                   "tokens_per_s": tokens / runtime,
-                   "train_examples_seen": state.global_step * cfg.train.per_device_train_batch_size
-                   * cfg.train.gradient_accumulation_steps * trainer.args.world_size,
-                   "budget_minutes_used": (trainer.time_budget.used_s / 60 if trainer.time_budget else None),
-                   "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
-                   "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
-                   "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
-        if cfg.train.gen_eval_samples and eval_path:
-            gen = generation_eval(trainer.model, tokenizer, eval_path, cfg.train.gen_eval_samples,
-                                  cfg.data.system_prompt, cfg.model.enable_thinking,
-                                  cfg.train.per_device_eval_batch_size, cfg.data.cutoff_len)
-            summary["gen_eval"] = gen
-            print("Generation eval (greedy, max_new_tokens=8): " +
-                  " | ".join(f"{k} {v:.4g}" for k, v in gen.items()), flush=True)
-        write_summary(str(Path(out) / "training_summary.json"), summary)
-        plot_training_curves(state.log_history, str(Path(out) / "training_curves.png"))
-        print(f"Training complete: {state.global_step} steps in {wall:.0f}s; adapter saved to {out}; "
-              f"best {cfg.train.metric_for_best_model} = {state.best_metric}", flush=True)
-    return summary

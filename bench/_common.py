@@ -37,6 +37,7 @@ QWEN3_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "
                       "num_key_value_heads", "head_dim")
 QWEN3_SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head_dim
     "tiny": (32, 64, 2, 4, 2, 8),
+    "tiny64": (64, 128, 2, 4, 2, 16),  # the smallest shape bitsandbytes' 4-bit CPU kernels take (blocks of 64)
     "small": (256, 768, 4, 4, 2, 64),
     "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128),
 }

@@ -52,6 +52,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     from recsft.report import finish_training
 
     start = time.perf_counter()
+    T.check_launch(cfg.model.quantization_bit)
     ckpt = T.find_resume_checkpoint(cfg.train.output_dir, resume, resume_from_checkpoint)
     train_path, eval_path = resolve_data(cfg.data)
     tokenizer = tokenizer_for(cfg.model)

@@ -10,7 +10,7 @@ PACKAGE = ROOT / "scripts" / "recsft"
 # data -> prompt -> tokens -> model -> train -> score -> report; a module may import its own stage or earlier ones.
 # config, io, cli and metrics (the one extractor and metrics function) are shared foundations used by every stage.
 STAGES = {
-    "foundation": ["config", "io", "cli", "metrics"],
+    "foundation": ["config", "io", "cli", "metrics", "runtime"],  # runtime: CPU dtype/threads choice
     "prompt": ["formatting", "movielens"],  # movielens writes records in the prompt format
     "tokens": ["preprocess"],
     "model": ["modeling", "inference"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
 from .inference import generate, max_prompt_tokens, prompts_for, score
 from .metrics import best_threshold, compute_metrics, extract_answer
 
+logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
 
 
@@ -41,7 +43,7 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
     ``merge`` folds the adapter into the weights (faster; not for quantized models, and it removes the
     ability to switch the adapter off for a base-model comparison).
     """
-    from .modeling import check_adapter, get_device, load_adapter, load_model, load_tokenizer
+    from .modeling import check_adapter, get_device, is_kbit, load_adapter, load_model, load_tokenizer
 
     device = device or get_device()
     if device == "cpu":
@@ -56,7 +58,10 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
                        model_args.quantization_bit, model_args.trust_remote_code)
     if adapter_dir:
         model = load_adapter(model, adapter_dir, model_args.model_name_or_path)
-        if merge and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        if merge and is_kbit(model):
+            logger.info("Adapter not merged: the base is %d-bit and merging would re-quantize the LoRA update; "
+                        "running it unmerged (same outputs, slightly slower)", 4 if model.is_loaded_in_4bit else 8)
+        elif merge:
             model = model.merge_and_unload()
     return model.eval(), tok
 

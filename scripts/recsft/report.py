@@ -158,7 +158,14 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
                    "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
                    "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
                    "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
-        if cfg.train.gen_eval_samples and eval_path:
+        from .modeling import sharded_launch
+
+        sharded = sharded_launch()
+        if cfg.train.gen_eval_samples and eval_path and sharded:
+            # rank 0 alone cannot run a model whose weights are sharded over every rank (it would wait forever)
+            print(f"Generation eval skipped under {sharded}: run scripts/infer_lora.py on the saved adapter",
+                  flush=True)
+        elif cfg.train.gen_eval_samples and eval_path:
             settings = EvalSettings(batch_size=cfg.train.per_device_eval_batch_size,
                                     system_prompt=cfg.data.system_prompt, enable_thinking=cfg.model.enable_thinking,
                                     cutoff_len=cfg.data.cutoff_len)  # greedy, max_new_tokens=8
@@ -171,3 +178,76 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
         print(f"Training complete: {state.global_step} steps in {wall:.0f}s; adapter saved to {out}; "
               f"best {cfg.train.metric_for_best_model} = {state.best_metric}", flush=True)
     return summary
+
+
+# --------------------------------------------------------------------------------------- run comparison
+RESULT_COLUMNS = ("model", "format", "features", "loss", "train examples", "train tokens", "train wall time",
+                  "device", "test examples", "accuracy", "F1", "AUC", "UAUC", "log-loss")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def result_row(label: str, metrics: dict, training: dict | None = None, data: dict | None = None) -> dict:
+    """One row of the results table from an eval's metrics, the run's training summary and its data stats."""
+    training, data = training or {}, data or {}
+    cfg = training.get("config", {})
+    train_cfg = cfg.get("train", {})
+    budget = training.get("budget_minutes_used")
+    wall = training.get("wall_time_s")
+    seen = training.get("train_labels_seen") or training.get("train_examples_seen")
+    at = metrics.get("at_eval_threshold") or {}  # accuracy/F1 at the threshold chosen on eval data
+    return {
+        "model": label,
+        "format": data.get("format", "single") if training else "–",
+        "features": ", ".join(data.get("features") or []) or ("none" if training else "–"),
+        "loss": train_cfg.get("loss_type", "nll") if training else "–",
+        "train examples": f"{seen:,}" if seen else "–",
+        "train tokens": f"{int(training['train_tokens']):,}" if training.get("train_tokens") else "–",
+        "train wall time": (f"{wall / 60:.0f} min" + (f" ({budget:.0f} CPU-min of steps)" if budget else ""))
+        if wall else "–",
+        "device": training.get("device", "–"),
+        "test examples": f"{metrics.get('n', 0):,}",
+        "accuracy": _fmt(at.get("accuracy", metrics.get("accuracy"))),
+        "F1": _fmt(at.get("f1", metrics.get("f1"))),
+        "AUC": _fmt(metrics.get("auc")),
+        "UAUC": _fmt(metrics.get("uauc")),
+        "log-loss": _fmt(metrics.get("log_loss")),
+    }
+
+
+def results_table(rows: list[dict]) -> str:
+    """A markdown table of :func:`result_row` rows."""
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in RESULT_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def auc_curve(log_history: list[dict], examples_per_step: int) -> list[tuple[int, float]]:
+    """(training examples seen, eval AUC) at every evaluation of a run; labels seen when the log has them."""
+    points = []
+    for e in log_history:
+        if "eval_auc" in e and "step" in e:
+            seen = e.get("train_labels_seen") or e["step"] * examples_per_step
+            points.append((int(seen), float(e["eval_auc"])))
+    return points
+
+
+def plot_auc_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
+    """Eval AUC against training examples seen, one line per run, saved as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.axhline(0.5, color="k", ls="--", alpha=0.4, label="chance")
+    ax.set(xlabel="training examples (answers) seen", ylabel="eval AUC", title="Eval AUC during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

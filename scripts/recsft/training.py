@@ -47,6 +47,15 @@ class RecSFTTrainer(SFTTrainer):
     no_id: int = -1
     answer_width: int = 0  # label tokens per example (the longer templated answer); 0 = use the boolean mask
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .modeling import keep_trainable_fp32
+
+        # TRL casts a quantized model's LoRA weights to bf16 above; the optimizer (built in train()) must see fp32
+        cast = keep_trainable_fp32(self.model)
+        if cast:
+            logger.info("LoRA weights kept in float32 for the optimizer (%d tensors cast back)", cast)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
 
@@ -176,11 +185,17 @@ class ReadableLogCallback(TrainerCallback):
 class GracefulStopCallback(TrainerCallback):
     """On SIGTERM/SIGINT: finish the current step, save a resumable checkpoint, stop.
 
-    ``pkill -f finetune_lora.py`` sends SIGTERM; a second signal falls through to the default handler.
+    ``pkill -f finetune_lora.py`` sends SIGTERM. Under torchrun / ``accelerate launch`` each worker gets a Ctrl-C
+    twice (from the terminal and forwarded by the launcher, which SIGKILLs it 30 s later): a repeat within
+    ``REPEAT_WINDOW_S`` is that copy and is ignored; a later one falls through to the default handler (stop now).
+    Under DDP the ranks agree at every step end (an all-reduce of the flag), so all save the same step.
     """
+
+    REPEAT_WINDOW_S = 5.0
 
     def __init__(self):
         self.requested: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self):
@@ -197,15 +212,16 @@ class GracefulStopCallback(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
-            if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun/accelerate forwards the signal it got (and
-                return  # SIGKILLs after 30 s): a repeat is that copy, not a second request
+            if now - self._first_at < self.REPEAT_WINDOW_S:
+                return  # the same request, delivered twice (terminal + launcher)
             self.uninstall()
             signal.raise_signal(signum)
             return
-        self.requested = signal.Signals(signum).name
+        self.requested, self._first_at = signal.Signals(signum).name, now
         print(f"Received {self.requested}: saving a checkpoint after this step, then stopping "
-              f"(send it again to stop at once)", flush=True)
+              f"(send it again after {self.REPEAT_WINDOW_S:.0f} s to stop at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.world_size > 1 and torch.distributed.is_initialized():
@@ -295,15 +311,60 @@ def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) 
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0):
-    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours)."""
+def check_launch(quantization_bit: int | None, gpu_count: int | None = None) -> None:
+    """Fail before any loading on launch set-ups that cannot train (one line each, exit 2).
+
+    * several GPUs visible to a plain ``python`` process: the Trainer would wrap the model in
+      ``nn.DataParallel``, which neither a 4-bit model nor the label-position loss supports;
+    * FSDP with a sharded state dict: the Trainer saves no adapter from it;
+    * 8-bit under FSDP / ZeRO-3 (4-bit works: its weights are then stored in the compute dtype).
+    """
+    from .config import ConfigError
+    from .modeling import sharded_launch
+
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise ConfigError([f"{gpus} GPUs are visible but no launcher started this process: train on one with "
+                           f"CUDA_VISIBLE_DEVICES=0 python scripts/finetune_lora.py ..., or on all with "
+                           f"accelerate launch --multi_gpu --num_processes {gpus} scripts/finetune_lora.py ..."])
+    sharded = sharded_launch()
+    state_dict = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    if sharded == "FSDP" and "FULL_STATE_DICT" not in state_dict:
+        raise ConfigError([f"FSDP with fsdp_state_dict_type {state_dict} saves no LoRA adapter; set "
+                           f"fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (configs/accelerate_fsdp.yaml)"])
+    if sharded and quantization_bit == 8:
+        raise ConfigError([f"quantization_bit: 8 is not supported under {sharded}; use quantization_bit=4 "
+                           f"(stored in the compute dtype for sharding) or null"])
+
+
+def mixed_precision(bf16: str, device: str) -> dict[str, bool]:
+    """Trainer ``bf16``/``fp16`` flags: ``auto`` = bf16 on GPUs with bf16 hardware (sm80+), fp16 autocast with a
+    GradScaler on older GPUs (bf16 is only emulated there), neither on CPU/MPS."""
+    if bf16 == "true":
+        return {"bf16": True, "fp16": False}
+    if bf16 == "false" or device != "cuda":
+        return {"bf16": False, "fp16": False}
+    from .modeling import cuda_half_dtype
+
+    hw_bf16 = cuda_half_dtype() == torch.bfloat16
+    if not hw_bf16:
+        logger.info("GPU without bf16 hardware: training in fp16 mixed precision (loss scaling)")
+    return {"bf16": hw_bf16, "fp16": not hw_bf16}
+
+
+def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0, **extra):
+    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours).
+
+    ``extra``: further SFTConfig arguments (e.g. ``torch_compile=True``); they must be given here, at
+    construction, since SFTConfig derives settings from them (setting ``torch_compile`` afterwards compiles nothing).
+    """
     from trl import SFTConfig
 
     # warmup_steps=warmup_ratio: transformers reads a warmup_steps below 1 as a fraction of the total steps
     # (TrainingArgs.get_warmup_steps); config.py keeps warmup_ratio in [0, 1) so it always is one.
-    bf16 = train.bf16 == "true" or (train.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    precision = mixed_precision(train.bf16, device)
     eval_strategy = train.eval_strategy if has_eval else "no"
-    return SFTConfig(
+    kwargs = dict(
         output_dir=train.output_dir, per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -319,13 +380,14 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
         # activation_checkpointing is the transformers-5 name; gradient_checkpointing is its deprecated alias
         activation_checkpointing=train.gradient_checkpointing, gradient_checkpointing=None,
         packing=train.packing, packing_strategy="bfd",
-        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, bf16=bf16,
+        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, **precision,
         # report_to="none": TensorBoard is added by build_trainer (rank 0 only, logs/ under output_dir)
         report_to="none", dataloader_num_workers=train.dataloader_num_workers,
         # the datasets are already tokenized and cut (preprocess.py); TRL prepares them only to pack them
         dataset_kwargs={"skip_prepare_dataset": not train.packing}, use_cpu=device == "cpu",
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )
+    return SFTConfig(**(kwargs | extra))
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_epochs: float = 0.0):

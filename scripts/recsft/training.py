@@ -345,7 +345,7 @@ def check_resume_lora(ckpt: str, lora, layer_names: list[str]) -> None:
     leaves = {n.rsplit(".", 1)[-1] for n in layer_names}
     wanted = leaves if isinstance(targets, str) else set(targets)
     got = saved.get("target_modules")
-    got = {got} if isinstance(got, str) else set(got or [])
+    got = {got} if isinstance(got, str) else {t.rsplit(".", 1)[-1] for t in got or []}  # peft saves full names
     if saved.get("r") != lora.lora_rank or (got and got != wanted and got != {"all-linear"}):
         raise ConfigError([f"--resume: checkpoint {ckpt} has LoRA r={saved.get('r')} on {sorted(got)}, the config "
                            f"asks r={lora.lora_rank} on {sorted(wanted)}; restore lora_rank/lora_target, or "

@@ -133,7 +133,7 @@ def run(args) -> dict:
 def summarize(gen, sc, gold, gen_s, score_s, new_tokens, batch, max_new, extract_answer) -> dict:
     n = len(gen)
     gen_ans = [extract_answer(g) for g in gen]
-    score_ans = ["Yes" if s["p_yes"] >= 0.5 else "No" for s in sc]
+    score_ans = [s["answer"] for s in sc]  # greedy's pick between Yes and No (ties: lower token id)
     parsed = [i for i, a in enumerate(gen_ans) if a in ("Yes", "No")]
     labelled = [i for i, g in enumerate(gold) if g in ("Yes", "No")]
     return {"batch": batch, "max_new_tokens": max_new, "generate_s": median(gen_s), "score_s": median(score_s),

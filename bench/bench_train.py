@@ -139,14 +139,6 @@ def flops_per_token(config, rank: int, ctx: float, label_frac: float) -> dict:
     return parts
 
 
-def tokenized_dataset(records, tok, cutoff_len: int):
-    from datasets import Dataset
-
-    from recsft.preprocess import tokenize_to_arrow
-
-    return Dataset(tokenize_to_arrow(records, tok, cutoff_len))
-
-
 # ------------------------------------------------------------------------------------------- trainers
 def make_trainer(v: Variant, model_dir: str, tok, train_ds, args, max_steps: int, callbacks=(), lora_dropout=None):
     """A fresh model (same weights, same LoRA init) and the trainer of variant ``v``."""
@@ -309,15 +301,17 @@ class Setup:
 
 def prepare(args) -> Setup:
     """Tokenized data, the random model, FLOPs per token and the header of the results."""
+    from datasets import Dataset
     from transformers import AutoConfig
 
     from recsft.modeling import load_tokenizer
+    from recsft.preprocess import tokenize_to_arrow
 
     tok = load_tokenizer(QWEN3_TOKENIZER)
     data = default_data(args.data)
     need = args.batch * args.accum * (args.warmup + args.steps) * 3  # packing puts ~2 examples in a row
     records = load_records(data)[:need]
-    train_ds = tokenized_dataset(records, tok, args.cutoff_len)
+    train_ds = Dataset(tokenize_to_arrow(records, tok, args.cutoff_len))
     lens = [len(x) for x in train_ds["input_ids"]]
     labels = sum(sum(1 for t in lab if t != -100) for lab in train_ds["labels"])
     ctx = sum(n * n for n in lens) / (2 * sum(lens))

@@ -60,7 +60,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
                                      clear_cache, cpu=get_device() == "cpu")
     model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
     trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
-    with T.signals_installed(stopper):
+    with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
         result = trainer.train(resume_from_checkpoint=ckpt)
     if stopper.requested:
         return T.stopped_early(trainer, stopper.requested)

@@ -107,7 +107,7 @@ def test_4bit_weights_are_stored_in_the_compute_dtype_under_fsdp(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(modeling, "resolve_dtype", lambda d, dev: torch.bfloat16)
+    monkeypatch.setattr(modeling, "choose_dtype", lambda d, dev: ("bfloat16", "set by the test"))
     monkeypatch.setattr(modeling, "resolve_attn_implementation", lambda f, d: "sdpa")
     modeling.load_model("m", "cuda", quantization_bit=4)
     q = captured["quantization_config"]
@@ -131,7 +131,7 @@ def test_plain_model_stays_on_the_cpu_under_fsdp_and_moves_otherwise(monkeypatch
     monkeypatch.setattr(transformers, "AutoModelForCausalLM",
                         types.SimpleNamespace(from_pretrained=lambda p, **k: FakeModel(1, 1)))
     monkeypatch.setattr(modeling, "local_model_path", lambda p: p)
-    monkeypatch.setattr(modeling, "resolve_dtype", lambda d, dev: torch.bfloat16)
+    monkeypatch.setattr(modeling, "choose_dtype", lambda d, dev: ("bfloat16", "set by the test"))
     monkeypatch.setattr(modeling, "resolve_attn_implementation", lambda f, d: "sdpa")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -144,3 +144,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_reaches_the_same_state(tmp_path, 
     assert subprocess.run(cmd + [str(full_cfg)], capture_output=True, timeout=300).returncode == 0
     a, b = load_file(str(killed_out / "adapter_model.safetensors")), load_file(str(full_out / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_tokenizer_fingerprint_ignores_the_last_calls_truncation(qwen3_tokenizer):
+    """An encode with truncation leaves it set in the fast backend; the cache key must not change with it."""
+    from recsft.preprocess import tokenizer_fingerprint
+
+    before = tokenizer_fingerprint(qwen3_tokenizer)
+    qwen3_tokenizer(["a b c d e f"], truncation=True, max_length=3)
+    assert tokenizer_fingerprint(qwen3_tokenizer) == before
+    qwen3_tokenizer(["a b c"], truncation=False)

@@ -65,7 +65,8 @@ class ModelArgs(_Section):
     tokenizer_name_or_path: str | None = None  # defaults to the model path
     flash_attn: str = "auto"  # auto | flash_attention_2 | sdpa | eager | false
     quantization_bit: int | None = 4  # 4 = QLoRA (NF4; CUDA, or CPU with bitsandbytes >= 0.47); 8 (CUDA); None = plain LoRA
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: see recsft.modeling.choose_dtype)
+    num_threads: str = "auto"  # CPU threads for torch: auto (OMP_NUM_THREADS if set, else physical cores) or N
     enable_thinking: bool = False  # Qwen3: keep False so training text == inference text
     trust_remote_code: bool = False
 
@@ -76,6 +77,8 @@ class ModelArgs(_Section):
         self._check(self.quantization_bit in (None, 4, 8), "quantization_bit: must be 4, 8 or null")
         self._check(self.dtype in ("auto", "bfloat16", "float16", "float32"),
                     f"dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        self._check(self.num_threads == "auto" or (self.num_threads.isdigit() and int(self.num_threads) > 0),
+                    f"num_threads: {self.num_threads!r} must be auto or a positive integer")
         self._raise_if_problems()
 
 

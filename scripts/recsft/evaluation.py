@@ -46,6 +46,10 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
     from .modeling import check_adapter, get_device, is_kbit, load_adapter, load_model, load_tokenizer
 
     device = device or get_device()
+    if device == "cpu":
+        from .runtime import set_threads
+
+        set_threads(model_args.num_threads)
     if adapter_dir:
         check_adapter(adapter_dir, model_args.model_name_or_path)
     tok = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -72,8 +76,7 @@ def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16,
     budget = max_prompt_tokens(tok, cutoff_len)
     if mode == "score":
         rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
-        return [{"response": r["top_token"], "prediction": "Yes" if r["p_yes"] >= 0.5 else "No",
-                 "p_yes": r["p_yes"]} for r in rows]
+        return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"]} for r in rows]
     responses = generate(model, tok, prompts, max_new_tokens, temperature, top_p, batch_size,
                          desc=desc or "Generating", max_prompt_tokens=budget)
     return [{"response": r, "prediction": extract_answer(r)} for r in responses]

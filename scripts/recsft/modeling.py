@@ -134,25 +134,44 @@ def resolve_attn_implementation(flash_attn: str, device: str) -> str | None:
     return "sdpa"
 
 
-def cuda_half_dtype():
-    """bf16 where the GPU has bf16 tensor cores (sm80+), else fp16 (trained with fp16 autocast + GradScaler).
-
-    ``torch.cuda.is_bf16_supported()`` also says True on pre-Ampere GPUs (T4, V100) because bf16 can be
-    emulated there, at a fraction of the speed; ``including_emulation=False`` asks about the hardware.
-    """
+def cuda_auto_dtype() -> tuple[str, str]:
+    """``(dtype name, reason)`` for ``dtype: auto`` on a CUDA GPU."""
     import torch
 
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    # is_bf16_supported() alone also says True on pre-Ampere GPUs (T4, V100), where bf16 is only emulated at a
+    # fraction of the speed; including_emulation=False asks about the hardware
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16", "the GPU has bf16 hardware"
+    return "float16", "the GPU has no bf16 hardware (fp16 autocast with a GradScaler)"
+
+
+def cuda_half_dtype():
+    """bf16 where the GPU has bf16 tensor cores (sm80+), else fp16 (trained with fp16 autocast + GradScaler)."""
+    import torch
+
+    return getattr(torch, cuda_auto_dtype()[0])
+
+
+def choose_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """``(dtype name, reason)``: the configured dtype, or for ``auto`` the device's fastest well-supported one.
+
+    CPU: bfloat16 only where the CPU computes it natively (:func:`recsft.runtime.cpu_bf16_native`), else float32.
+    """
+    if dtype != "auto":
+        return dtype, "dtype in the config"
+    if device == "cuda":
+        return cuda_auto_dtype()
+    if device == "cpu":
+        from .runtime import cpu_auto_dtype
+
+        return cpu_auto_dtype()
+    return "float32", f"auto on {device}"
 
 
 def resolve_dtype(dtype: str, device: str):
     import torch
 
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device == "cuda":
-        return cuda_half_dtype()
-    return torch.float32
+    return getattr(torch, choose_dtype(dtype, device)[0])
 
 
 def sharded_launch() -> str | None:
@@ -206,7 +225,13 @@ def load_model(name_or_path: str, device: str, dtype: str = "auto", flash_attn: 
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype, device)
+    import torch
+
+    from .runtime import describe
+
+    name, why = choose_dtype(dtype, device)
+    torch_dtype = getattr(torch, name)
+    logger.info("%s", describe(device, name, why))
     kwargs = dict(dtype=torch_dtype, attn_implementation=resolve_attn_implementation(flash_attn, device),
                   trust_remote_code=trust_remote_code)
     sharded = sharded_launch()
@@ -358,6 +383,10 @@ def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
 
     set_seed(seed)
     device = get_device()
+    if device == "cpu":
+        from .runtime import set_threads
+
+        set_threads(model_args.num_threads)
     model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
                        model_args.quantization_bit, model_args.trust_remote_code)
     model = apply_lora(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target,

@@ -21,6 +21,7 @@ import itertools
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,12 +33,30 @@ from .io import DataError, load_data
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-PREPROCESS_VERSION = "1"  # bump when the preprocessing logic changes: invalidates every cache
+PREPROCESS_VERSION = "2"  # bump when the preprocessing logic changes: invalidates every cache
 
 
-def _assemble(prompt_ids: list[int], answer_ids: list[int], cutoff_len: int, eos_id: int | None) -> dict:
+def prompt_budget(tokenizer, cutoff_len: int | None, enable_thinking: bool = False) -> int | None:
+    """Prompt tokens kept in front of the answer under ``cutoff_len``: one budget for training and inference.
+
+    ``cutoff_len`` minus the longer of the two templated answers (with ChatML ``Yes<|im_end|>\n`` = 3 tokens),
+    so a prompt is cut to the same tokens whether it is trained on with either label or answered at inference.
+    None when ``cutoff_len`` is unset (no truncation).
+    """
+    if not cutoff_len:
+        return None
+    lengths = []
+    for answer in ("Yes", "No"):
+        _, text = chat_texts(tokenizer, "system", "user", answer, enable_thinking)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        lengths.append(len(_answer_ids(ids, tokenizer.eos_token_id, cutoff_len)))
+    return cutoff_len - max(lengths)
+
+
+def _assemble(prompt_ids: list[int], answer_ids: list[int], cutoff_len: int, eos_id: int | None,
+              budget: int | None = None) -> dict:
     answer_ids = _answer_ids(answer_ids, eos_id, cutoff_len)
-    keep = cutoff_len - len(answer_ids)
+    keep = min(cutoff_len - len(answer_ids), budget if budget is not None else cutoff_len)
     if len(prompt_ids) > keep:
         prompt_ids = prompt_ids[len(prompt_ids) - keep:]  # cut from the left: the answer survives
     return {"input_ids": prompt_ids + answer_ids,
@@ -52,7 +71,8 @@ def tokenize_func(record: dict[str, Any], tokenizer, cutoff_len: int, system_pro
         raise DataError("record has no Yes/No label to train on")
     prompt, answer = chat_texts(tokenizer, p["system"], p["user"], p["answer"], enable_thinking)
     out = _assemble(tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                    tokenizer(answer, add_special_tokens=False)["input_ids"], cutoff_len, tokenizer.eos_token_id)
+                    tokenizer(answer, add_special_tokens=False)["input_ids"], cutoff_len, tokenizer.eos_token_id,
+                    prompt_budget(tokenizer, cutoff_len, enable_thinking))
     out["attention_mask"] = [1] * len(out["input_ids"])
     return out
 
@@ -136,7 +156,8 @@ def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, syste
     ans_len = np.asarray([len(a) for a in ans_ids], dtype=np.int64)[which]
     ans_start = len(values) + (np.cumsum([len(a) for a in ans_ids]) - [len(a) for a in ans_ids])[which]
     prompt_end = offsets[1:]
-    prompt_start = np.maximum(offsets[:-1], prompt_end - (cutoff_len - ans_len))  # left truncation
+    keep = np.minimum(cutoff_len - ans_len, prompt_budget(tokenizer, cutoff_len, enable_thinking))
+    prompt_start = np.maximum(offsets[:-1], prompt_end - keep)  # left truncation, as at inference
     starts = np.stack([prompt_start, ans_start], 1).reshape(-1)
     lens = np.stack([prompt_end - prompt_start, ans_len], 1).reshape(-1)
     flat_answers = np.asarray([i for a in ans_ids for i in a], dtype=np.int32)
@@ -168,7 +189,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything in the tokenizer that changes token ids or the chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    if backend is not None:
+        # truncation/padding in the backend are transient call settings (the last encode() leaves them set),
+        # not part of what produces token ids: leaving them in would make the key depend on the call history
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(repr(tokenizer.get_vocab()).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(json.dumps([tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token]).encode())
     return h.hexdigest()[:16]
@@ -234,16 +261,21 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     logger.info("Tokenized %s: %d examples in %.1fs (%.0f examples/s)", split, len(ds),
                 time.perf_counter() - t0, len(ds) / max(time.perf_counter() - t0, 1e-9))
     if path is not None:
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))  # unique per builder
         ds.save_to_disk(str(tmp))
         meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
         (tmp / "recsft_cache.json").write_text(json.dumps(meta))
-        shutil.rmtree(path, ignore_errors=True)
+        # Publish by one rename, never removing a published folder: if another process (a DDP rank that built
+        # the same cache at the same time) got there first, the rename fails and its identical copy is used.
+        # (A stale or corrupt folder was already removed by _read_cache above.)
         try:
-            os.replace(tmp, path)
-        except OSError:  # another process (DDP rank) published the same cache first: use theirs
+            os.rename(tmp, path)
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "recsft_cache.json").is_file():
+                raise
+            logger.info("preprocessing cache %s was published by another process; using it", path)
         ds = load_from_disk(str(path))
     return ds
 
@@ -287,8 +319,10 @@ def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_p
     from accelerate import PartialState
 
     # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
-    with PartialState(cpu=cpu).main_process_first():
+    state = PartialState(cpu=cpu)
+    with state.main_process_first():
         return load_tokenized_datasets(
             train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
             max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
-            system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)
+            system_prompt=data.system_prompt, enable_thinking=enable_thinking,
+            clear_cache=clear_cache and state.is_main_process)  # the others load what the main process rebuilt

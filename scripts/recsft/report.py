@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .io import write_json_atomic, write_jsonl_atomic
+from .io import atomic_path, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +24,12 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
-    """Save a matplotlib figure as a PNG atomically (a temporary file, then a rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    _pyplot().close(fig)
-    tmp.replace(path)
+    """Save a matplotlib figure as a PNG atomically (:func:`recsft.io.atomic_path`) and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_roc(labels: Sequence[str], p_yes: Sequence[float], path: str | Path, title: str = "ROC") -> None:
@@ -178,3 +177,76 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
         print(f"Training complete: {state.global_step} steps in {wall:.0f}s; adapter saved to {out}; "
               f"best {cfg.train.metric_for_best_model} = {state.best_metric}", flush=True)
     return summary
+
+
+# --------------------------------------------------------------------------------------- run comparison
+RESULT_COLUMNS = ("model", "format", "features", "loss", "train examples", "train tokens", "train wall time",
+                  "device", "test examples", "accuracy", "F1", "AUC", "UAUC", "log-loss")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def result_row(label: str, metrics: dict, training: dict | None = None, data: dict | None = None) -> dict:
+    """One row of the results table from an eval's metrics, the run's training summary and its data stats."""
+    training, data = training or {}, data or {}
+    cfg = training.get("config", {})
+    train_cfg = cfg.get("train", {})
+    budget = training.get("budget_minutes_used")
+    wall = training.get("wall_time_s")
+    seen = training.get("train_labels_seen") or training.get("train_examples_seen")
+    at = metrics.get("at_eval_threshold") or {}  # accuracy/F1 at the threshold chosen on eval data
+    return {
+        "model": label,
+        "format": data.get("format", "single") if training else "–",
+        "features": ", ".join(data.get("features") or []) or ("none" if training else "–"),
+        "loss": train_cfg.get("loss_type", "nll") if training else "–",
+        "train examples": f"{seen:,}" if seen else "–",
+        "train tokens": f"{int(training['train_tokens']):,}" if training.get("train_tokens") else "–",
+        "train wall time": (f"{wall / 60:.0f} min" + (f" ({budget:.0f} CPU-min of steps)" if budget else ""))
+        if wall else "–",
+        "device": training.get("device", "–"),
+        "test examples": f"{metrics.get('n', 0):,}",
+        "accuracy": _fmt(at.get("accuracy", metrics.get("accuracy"))),
+        "F1": _fmt(at.get("f1", metrics.get("f1"))),
+        "AUC": _fmt(metrics.get("auc")),
+        "UAUC": _fmt(metrics.get("uauc")),
+        "log-loss": _fmt(metrics.get("log_loss")),
+    }
+
+
+def results_table(rows: list[dict]) -> str:
+    """A markdown table of :func:`result_row` rows."""
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in RESULT_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def auc_curve(log_history: list[dict], examples_per_step: int) -> list[tuple[int, float]]:
+    """(training examples seen, eval AUC) at every evaluation of a run; labels seen when the log has them."""
+    points = []
+    for e in log_history:
+        if "eval_auc" in e and "step" in e:
+            seen = e.get("train_labels_seen") or e["step"] * examples_per_step
+            points.append((int(seen), float(e["eval_auc"])))
+    return points
+
+
+def plot_auc_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
+    """Eval AUC against training examples seen, one line per run, saved as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.axhline(0.5, color="k", ls="--", alpha=0.4, label="chance")
+    ax.set(xlabel="training examples (answers) seen", ylabel="eval AUC", title="Eval AUC during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from .inference import AnswerLogits
 from .metrics import compute_metrics, extract_answer
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class RecSFTTrainer(SFTTrainer):
 
     yes_id: int = -1
     no_id: int = -1
+    answer_width: int = 0  # label tokens per example (the longer templated answer); 0 = use the boolean mask
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -61,48 +63,88 @@ class RecSFTTrainer(SFTTrainer):
         ``<|im_end|>`` and a newline); the share is 3 / example length, whatever ``cutoff_len`` is above it.
         TRL's fused head projects every position on CPU (and checkpoints tiles on GPU); here the hidden
         states are sliced to the positions whose next token is a label *before* the vocabulary
-        projection (transformers' ``logits_to_keep`` with a boolean mask), which gives the same loss.
+        projection (transformers' ``logits_to_keep``), which gives the same loss.
+
+        Nothing here waits for the device: with one example per row (no packing) each row has at most
+        ``answer_width`` label positions, so they are picked with a fixed-size sort instead of a boolean mask
+        (whose size the host would have to read), and the logged counters stay on the device until a log step.
         """
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
-        keep, _ = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**fwd, use_cache=False, logits_to_keep=keep)
-        logits = outputs.logits.float()
-        targets = labels[:, 1:][labels[:, 1:] != -100]
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        keep, _ = answer_positions(labels)
+        next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        if self.answer_width and not (self.args.packing or self.args.padding_free):
+            width = min(self.answer_width, labels.shape[1])
+            rows = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # label positions first
+            outputs = model(**fwd, use_cache=False, logits_to_keep=rows)
+            logits = outputs.logits.flatten(0, 1).float()
+            targets = next_labels.gather(1, rows).flatten()  # -100 where a row has fewer labels
+        else:  # packed rows hold several answers: a boolean mask (its size is read on the host)
+            outputs = model(**fwd, use_cache=False, logits_to_keep=keep)
+            logits = outputs.logits.float()
+            targets = next_labels[keep]
+        loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        valid = targets != -100
+        count = num_items_in_batch if num_items_in_batch is not None else valid.sum()
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        self._log_token_metrics(mode, inputs, logits, targets)
+        self._count_tokens(mode, inputs, logits, targets, valid)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_token_metrics(self, mode: str, inputs, logits, targets) -> None:
+    def _count_tokens(self, mode: str, inputs, logits, targets, valid) -> None:
+        """Per micro-step counters, kept on the device; :meth:`log` gathers and averages them."""
         with torch.no_grad():
-            n = self.accelerator.gather_for_metrics(torch.tensor(targets.numel(), device=logits.device)).sum()
-            correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == targets).sum()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((correct / n.clamp(min=1)).item())
+            correct = ((logits.argmax(-1) == targets) & valid).sum()
+            pending = self.__dict__.setdefault("_pending", {"train": [], "eval": [], "tokens": []})
+            pending[mode].append(torch.stack([correct, valid.sum()]))
             if mode == "train":
                 mask = inputs.get("attention_mask")
                 local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-                self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.to(logits.device)).sum())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                pending["tokens"].append(local.to(logits.device))
+
+    def _flush_counters(self) -> None:
+        """Move the device counters into TRL's ``_metrics`` (one gather per kind, at a log step only).
+
+        Same numbers as gathering every micro-step: per micro-step accuracy = correct / label tokens summed over
+        ranks, averaged by TRL's ``log``; ``num_tokens`` = non-pad tokens trained on so far, over all ranks.
+        """
+        pending = self.__dict__.get("_pending")
+        if not pending:
+            return
+        for mode in ("train", "eval"):
+            if pending[mode]:
+                counts = self.accelerator.gather(torch.stack(pending[mode])[None]).sum(0).cpu()  # (steps, 2)
+                accuracy = counts[:, 0] / counts[:, 1].clamp(min=1)  # float32, as a per-step .item() gave
+                self._metrics[mode]["mean_token_accuracy"].extend(accuracy.tolist())
+                pending[mode].clear()
+        if pending["tokens"]:
+            self._total_train_tokens += int(self.accelerator.gather(torch.stack(pending["tokens"]).sum()[None]).sum())
+            pending["tokens"].clear()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_counters()  # every rank calls log at the same steps, so the gathers line up
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
         keep, starts = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad(), self.compute_loss_context_manager():
-            logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits.float()  # (N_label, V)
+        with torch.no_grad(), self.compute_loss_context_manager(), \
+                AnswerLogits(model, self.yes_id, self.no_id) as head:
+            model_logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits  # (N_label, V)
+            pair = head.pair(model_logits[:, [self.yes_id, self.no_id]])  # float32 re-projection
+        logits = model_logits.float()
         targets = labels[:, 1:][labels[:, 1:] != -100]
         loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
         if prediction_loss_only:
             return loss.detach(), None, None
         first = starts[keep]  # which kept rows are the first token of an answer
-        at = logits[first]
-        preds = torch.stack([at.argmax(-1).float(), at[:, self.yes_id], at[:, self.no_id]], dim=-1)
+        # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32
+        preds = torch.stack([logits[first].argmax(-1).float(), pair[first, 0], pair[first, 1]], dim=-1)
         return loss.detach(), preds, targets[first]
 
 
@@ -117,7 +159,8 @@ def make_compute_metrics(tokenizer):
         preds, label_ids = preds[valid], label_ids[valid]
         pred_text = [extract_answer(tokenizer.decode([int(i)])) for i in preds[:, 0]]
         gold = [extract_answer(tokenizer.decode([int(i)])) for i in label_ids]
-        p_yes = 1.0 / (1.0 + np.exp(-(preds[:, 1] - preds[:, 2])))
+        gap = preds[:, 1].astype(np.float64) - preds[:, 2].astype(np.float64)
+        p_yes = 1.0 / (1.0 + np.exp(-gap))  # float64: float32 saturates at 1.0 past a gap of ~17
         m = compute_metrics(gold, pred_text, p_yes.tolist())
         return {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "auc", "unparseable", "n")}
 
@@ -167,6 +210,11 @@ class GracefulStopCallback(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    __enter__ = install  # `with stopper:` handles the signals for the duration of training
+
+    def __exit__(self, *exc):
+        self.uninstall()
 
     def _handle(self, signum, frame):
         now = time.monotonic()
@@ -334,10 +382,13 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
         load_best_model_at_end=train.load_best_model_at_end and eval_strategy != "no",
         metric_for_best_model=train.metric_for_best_model,
         greater_is_better=train.metric_for_best_model != "loss",
+        # activation_checkpointing is the transformers-5 name; gradient_checkpointing is its deprecated alias
         activation_checkpointing=train.gradient_checkpointing, gradient_checkpointing=None,
         packing=train.packing, packing_strategy="bfd",
         eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, **precision,
+        # report_to="none": TensorBoard is added by build_trainer (rank 0 only, logs/ under output_dir)
         report_to="none", dataloader_num_workers=train.dataloader_num_workers,
+        # the datasets are already tokenized and cut (preprocess.py); TRL prepares them only to pack them
         dataset_kwargs={"skip_prepare_dataset": not train.packing}, use_cpu=device == "cpu",
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )
@@ -350,6 +401,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
     from transformers.integrations import TensorBoardCallback
 
     from .inference import answer_token_ids
+    from .preprocess import prompt_budget
 
     train = cfg.train
     args = sft_config(train, cfg.data.cutoff_len, device, eval_ds is not None, extra_epochs)
@@ -369,24 +421,12 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
+    trainer.answer_width = cfg.data.cutoff_len - prompt_budget(tokenizer, cfg.data.cutoff_len, cfg.model.enable_thinking)
     trainer.time_budget = budget
     if args.world_size > 1:
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,
                     args.parallel_mode, args.process_index)
     return trainer, stopper
-
-
-class signals_installed:
-    """Context manager: SIGTERM/SIGINT -> checkpoint and stop, for the duration of training."""
-
-    def __init__(self, stopper: GracefulStopCallback):
-        self.stopper = stopper
-
-    def __enter__(self):
-        self.stopper.install()
-
-    def __exit__(self, *exc):
-        self.stopper.uninstall()
 
 
 def stopped_early(trainer, signal_name: str) -> dict:

@@ -10,7 +10,7 @@ and ``RATIO auto/best`` (target <= 1.2).
 Copy-paste (heavy: run it once, under nice, on an otherwise quiet machine if you can):
 
     nice -n 10 python bench/bench_cpu_dtype.py --json-out output/bench/cpu_dtype.json
-    python bench/bench_cpu_dtype.py --steps 2 --warmup 1 --no-busy       # quicker, no competing process
+    python bench/bench_cpu_dtype.py --steps 2 --warmup 1 --conditions alone   # quicker, no competing process
 """
 
 from __future__ import annotations
@@ -73,8 +73,12 @@ def run_one(dtype: str, threads: str, args, busy: bool) -> dict:
     if args.data:
         cmd += ["--data", args.data]
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    condition = "busy neighbour" if busy else "alone"
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:  # a run this slow is a result too: more than the limit
+        return {"condition": condition, "setting": f"{dtype}/{threads}", "dtype": dtype, "threads": threads,
+                "s_per_step": float("inf"), "timed_out_s": args.timeout}
     finally:
         if spinner is not None:
             spinner.kill()
@@ -82,28 +86,36 @@ def run_one(dtype: str, threads: str, args, busy: bool) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"worker {dtype}/{threads} failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"condition": "busy neighbour" if busy else "alone", "setting": f"{dtype}/{threads}", **res}
+    return {"condition": condition, "setting": f"{dtype}/{threads}", **res}
 
 
 def run(args) -> dict:
     print(f"device: {device_info('cpu')}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
-    conditions = [False] + ([] if args.no_busy else [True])
+    conditions = [c == "busy" for c in args.conditions.split(",")]
+    settings = [tuple(x.split("/")) for x in args.settings.split(",")]
     rows, verdict = [], []
     for busy in conditions:
         cond = []
-        for dtype, threads in FIXED + [("auto", "auto")]:
+        for dtype, threads in settings:
             t = time.perf_counter()
             r = run_one(dtype, threads, args, busy)
             print(f"  {r['condition']:>14} {r['setting']:>15}: {r['s_per_step']:.2f} s/step "
                   f"({r['dtype']}, {r['threads']} threads; run {time.perf_counter() - t:.0f} s)", flush=True)
             cond.append(r)
-        best = min(cond[:-1], key=lambda r: r["s_per_step"])
+        fixed = [r for r in cond if r["setting"] != "auto/auto"]
+        autos = [r for r in cond if r["setting"] == "auto/auto"]
+        if not fixed:
+            rows += cond
+            continue
+        best = min(fixed, key=lambda r: r["s_per_step"])
         for r in cond:
             r["vs_best"] = r["s_per_step"] / best["s_per_step"]
-        auto = cond[-1]
+        rows += cond
+        if not autos:
+            continue
+        auto = autos[0]
         verdict.append({"condition": auto["condition"], "auto": f"{auto['dtype']}/{auto['threads']}",
                         "best": best["setting"], "ratio": auto["vs_best"]})
-        rows += cond
     print()
     print_table(rows, [("condition", "condition", ""), ("setting", "dtype/threads", ""),
                        ("dtype", "ran as", ""), ("threads", "threads", "d"), ("s_per_step", "s/step", ".2f"),
@@ -124,8 +136,10 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="training records (default: data/movielens_qwen3/train.json)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
-    p.add_argument("--no-busy", action="store_true", help="skip the runs next to a competing busy process")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--settings", default=",".join(f"{d}/{t}" for d, t in FIXED) + ",auto/auto",
+                   help="dtype/threads runs, comma list (default: the 4 fixed ones and auto/auto)")
+    p.add_argument("--conditions", default="alone,busy", help="alone, busy (next to one spinning process), or both")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run (a slower run is reported as inf)")
     p.add_argument("--out", default="output/bench/cpu_dtype_runs")
     p.add_argument("--json-out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

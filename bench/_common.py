@@ -170,10 +170,9 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:
     if not path:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    from recsft.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
     if not quiet:
         print(f"results written to {path}")
 

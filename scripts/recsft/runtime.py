@@ -143,10 +143,9 @@ def cpu_bf16_native() -> tuple[bool, str]:
         pass
     fast = _timed_bf16_is_faster()
     try:
-        CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE_FILE.with_name(f".{CACHE_FILE.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "bf16": fast}))
-        os.replace(tmp, CACHE_FILE)
+        from .io import write_json_atomic
+
+        write_json_atomic(CACHE_FILE, {"key": key, "bf16": fast})
     except OSError:
         pass
     return fast, f"timed a matmul: bf16 {'not ' * (not fast)}slower than float32"

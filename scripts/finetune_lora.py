@@ -70,7 +70,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     with run_lock(cfg.train.output_dir):  # one run per output_dir (a stale lock of a dead run is taken over)
         model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
         trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
-        with T.signals_installed(stopper):
+        with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
             result = trainer.train(resume_from_checkpoint=ckpt)
         if stopper.requested:
             return T.stopped_early(trainer, stopper.requested)

@@ -573,7 +573,7 @@ def test_ctrl_c_while_saving_the_cache_leaves_no_partial_cache(work, tiny_qwen3,
     from datasets import Dataset
 
     def save_half(self, path, *a, **k):
-        Path(path).mkdir(parents=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"half")
         raise KeyboardInterrupt
 

@@ -74,9 +74,9 @@ class ModelArgs(_Section):
     model_name_or_path: str = BASE_MODEL  # hub id, local dir, .gguf file, or pkg://<dist>/<path>
     tokenizer_name_or_path: str | None = None  # defaults to the model path
     flash_attn: str = "auto"  # auto | flash_attention_2 | sdpa | eager | false
-    quantization_bit: int | None = 4  # 4 = QLoRA (NF4, CUDA only); None = plain LoRA
+    quantization_bit: int | None = 4  # 4 = QLoRA (NF4; CUDA, or CPU with bitsandbytes >= 0.47); 8 (CUDA); None = plain LoRA
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: see recsft.modeling.choose_dtype)
-    num_threads: str = "auto"  # CPU threads for torch: auto (OMP_NUM_THREADS if set, else physical cores) or N
+    num_threads: str = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else physical cores not busy) or N
     enable_thinking: bool = False  # Qwen3: keep False so training text == inference text
     trust_remote_code: bool = False
 

@@ -198,13 +198,18 @@ def sharded_launch() -> str | None:
 def kbit_problem(bits: int, device: str) -> str | None:
     """Why the base cannot be loaded in ``bits``-bit with bitsandbytes on ``device`` (None = it can).
 
-    bitsandbytes >= 0.49 quantizes to 4-bit NF4 on CPU too; 8-bit on CPU and MPS are not offered here.
+    bitsandbytes >= 0.47 quantizes to 4-bit NF4 on CPU too; 8-bit on CPU and MPS are not offered here.
     """
     if importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed"
     if device == "cuda":
         return None
     if device == "cpu" and bits == 4:
+        from importlib.metadata import version
+
+        have = version("bitsandbytes")
+        if tuple(int(x) for x in have.split(".")[:2] if x.isdigit()) < (0, 47):
+            return f"bitsandbytes {have} has no 4-bit CPU kernels (needs >= 0.47)"
         return None
     return f"{bits}-bit bitsandbytes is not supported on {device} here (4-bit works on CUDA and CPU, 8-bit on CUDA)"
 

@@ -21,6 +21,7 @@ import itertools
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -256,19 +257,25 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     logger.info("Tokenized %s: %d examples in %.1fs (%.0f examples/s)", split, len(ds),
                 time.perf_counter() - t0, len(ds) / max(time.perf_counter() - t0, 1e-9))
     if path is not None:
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))  # unique per builder
         try:
             ds.save_to_disk(str(tmp))
             meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
             (tmp / "recsft_cache.json").write_text(json.dumps(meta))
-            shutil.rmtree(path, ignore_errors=True)
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process (DDP rank) published the same cache first: use theirs
-                pass
-        finally:  # also on Ctrl-C: no half-written cache folder is left behind
+        except BaseException:  # also on Ctrl-C: no half-written folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Publish by one rename, never removing a published folder: if another process (a DDP rank that built
+        # the same cache at the same time) got there first, the rename fails and its identical copy is used.
+        # (A stale or corrupt folder was already removed by _read_cache above.)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "recsft_cache.json").is_file():
+                raise
+            logger.info("preprocessing cache %s was published by another process; using it", path)
         ds = load_from_disk(str(path))
     return ds
 
@@ -314,8 +321,10 @@ def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_p
     from accelerate import PartialState
 
     # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
-    with PartialState(cpu=cpu).main_process_first():
+    state = PartialState(cpu=cpu)
+    with state.main_process_first():
         return load_tokenized_datasets(
             train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
             max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
-            system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)
+            system_prompt=data.system_prompt, enable_thinking=enable_thinking,
+            clear_cache=clear_cache and state.is_main_process)  # the others load what the main process rebuilt

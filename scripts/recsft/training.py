@@ -211,6 +211,11 @@ class GracefulStopCallback(TrainerCallback):
             signal.signal(sig, handler)
         self._previous.clear()
 
+    __enter__ = install  # `with stopper:` handles the signals for the duration of training
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
     def _handle(self, signum, frame):
         now = time.monotonic()
         if self.requested:
@@ -502,19 +507,6 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,
                     args.parallel_mode, args.process_index)
     return trainer, stopper
-
-
-class signals_installed:
-    """Context manager: SIGTERM/SIGINT -> checkpoint and stop, for the duration of training."""
-
-    def __init__(self, stopper: GracefulStopCallback):
-        self.stopper = stopper
-
-    def __enter__(self):
-        self.stopper.install()
-
-    def __exit__(self, *exc):
-        self.stopper.uninstall()
 
 
 def stopped_early(trainer, signal_name: str) -> dict:

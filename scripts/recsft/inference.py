@@ -112,3 +112,15 @@ def prompts_for(records: Sequence[dict], tokenizer, system_prompt: str | None = 
     prompts, _ = render_records(records, tokenizer, system_prompt, enable_thinking, source)
     labels = [format_prompt(r, system_prompt)["answer"] for r in records]
     return prompts, labels
+
+
+def yes_no_logits(hidden, lm_head, yes_id: int, no_id: int):
+    """``(..., 2)`` float32 logits of Yes and No: final hidden states projected onto the two LM-head rows.
+
+    The projection runs in float32 whatever the model's dtype (a bf16 matmul over the whole vocabulary
+    rounds the two logits and their difference); only two rows are computed, not the vocabulary.
+    """
+    rows = [yes_id, no_id]
+    logits = hidden.float() @ lm_head.weight[rows].float().T
+    bias = getattr(lm_head, "bias", None)
+    return logits + bias[rows].float() if bias is not None else logits

@@ -96,6 +96,8 @@ def mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
 
 def score_questions(questions: Sequence[dict], scorer: Callable, ks=(1, 5, 10)) -> dict[str, float]:
     """Sampled ranking metrics of ``scorer(example, candidate_items) -> scores`` over the questions."""
+    if hasattr(scorer, "warm"):  # a scorer that encodes many examples at once (e.g. a sequential model)
+        scorer.warm([q["example"] for q in questions])
     rows = []
     for q in questions:
         s = np.asarray(scorer(q["example"], np.asarray(q["candidates"])), dtype=float)
@@ -107,6 +109,8 @@ def full_ranking(questions: Sequence[dict], scorer: Callable, rated: dict, items
                  ks=(1, 5, 10)) -> dict[str, float]:
     """The positive ranked among *every* movie its user never rated (not a sample)."""
     items = np.asarray(sorted(items))
+    if hasattr(scorer, "warm"):
+        scorer.warm([q["example"] for q in questions])
     rows = []
     for q in questions:
         pool = items[~np.isin(items, list(rated.get(q["user_id"], ())))]

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max_samples", type=int, default=None, help="first N test examples (as infer_lora)")
     p.add_argument("--output_dir", default="output/baselines")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of the sequential models")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of SASRec")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

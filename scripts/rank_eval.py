@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-users", type=int, default=None, help="first K test users (bounds the LLM cost)")
     p.add_argument("--models", default=",".join(MODELS), help=f"baselines: comma list of {', '.join(MODELS)}, or none")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of the sequential baselines")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of SASRec")
     p.add_argument("--no-full-ranking", action="store_true", help="skip the baselines' all-unrated-movies ranking")
     p.add_argument("--llm", action="store_true", help="rank with the LLM of --config too")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config of the LLM (model, cutoff_len, prompt)")

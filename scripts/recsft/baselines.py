@@ -191,7 +191,7 @@ def fit_cornac(name: str, train: pd.DataFrame, threshold: float, seed: int, prog
         data = list(zip(liked.user_id.tolist(), liked.user_id.tolist(), liked.movie_id.tolist(),
                         liked.timestamp.tolist()))
         dataset = SequentialDataset.build(data, fmt="USIT", seed=seed)
-        model = cornac.models.SASRec(embedding_dim=64, n_epochs=epochs, max_len=50, batch_size=256, n_sample=256,
+        model = cornac.models.SASRec(embedding_dim=64, n_epochs=epochs, max_len=20, batch_size=256, n_sample=256,
                                      seed=seed, verbose=progress)
         return model.fit(dataset)
     rows = liked if name == "bpr" else train
@@ -207,7 +207,7 @@ def fit_cornac(name: str, train: pd.DataFrame, threshold: float, seed: int, prog
 
 
 def fit_scorers(names, train: pd.DataFrame, ratings: pd.DataFrame, threshold: float, seed: int = 0,
-                progress: bool = True, epochs: int = 10) -> dict[str, Scorer]:
+                progress: bool = True, epochs: int = 5) -> dict[str, Scorer]:
     """``{model name: scorer}`` for the requested model names (see :data:`MODELS`)."""
     unknown = [n for n in names if n not in MODELS]
     if unknown:

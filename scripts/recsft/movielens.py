@@ -192,15 +192,30 @@ def split_stats(examples: list[dict]) -> dict:
     return {"examples": len(examples), "yes_share": round(yes / max(len(examples), 1), 4)}
 
 
+def write_parquet_atomic(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
 def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = None, history_len: int = 15,
             like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
-            seed: int = 42, max_users: int | None = None) -> dict:
-    """Write train.json, eval.json, test_raw.jsonl and stats.json to ``out_dir``; return the stats.
+            seed: int = 42, max_users: int | None = None, table=None) -> dict:
+    """Write train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet and items.parquet to
+    ``out_dir``; return the stats.
 
-    ``max_users`` keeps only the first N user ids (quick runs).
+    ``max_users`` keeps only the first N user ids (quick runs). ``table`` (a
+    :class:`recsft.ratings_table.TableSpec`) reads your own ratings and items tables instead of MovieLens.
+    The two parquet files hold the cleaned ratings and the titles, for the classical baselines.
     """
     check_params(history_len, eval_ratio, test_ratio)
-    ratings, titles = load_ratings(source, raw_dir)
+    if table is not None:
+        from .ratings_table import load_table
+
+        ratings, titles, items = load_table(table)
+        source = str(table.ratings)
+    else:
+        ratings, titles = load_ratings(source, raw_dir)
+        items = None
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
     splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed)
@@ -210,6 +225,11 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
     write_json_atomic(out / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
     write_json_atomic(out / "eval.json", [to_train_record(e) for e in splits["eval"]], indent=None)
     write_jsonl_atomic(out / "test_raw.jsonl", splits["test"])
+    kept = sorted(ratings.movie_id.unique().tolist())
+    if items is None:
+        items = pd.DataFrame({"movie_id": kept, "title": [titles[m] for m in kept]})
+    write_parquet_atomic(out / "interactions.parquet", ratings[COLUMNS].reset_index(drop=True))
+    write_parquet_atomic(out / "items.parquet", items[items.movie_id.isin(kept)].reset_index(drop=True))
     stats = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
              "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique()),
              "params": dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,

@@ -1,4 +1,4 @@
-"""The two record formats, prompt text, chat messages, and dataset name resolution.
+"""The two record formats, prompt text, chat messages and their chat-template rendering, dataset loading.
 
 Training format (``train.json`` / ``eval.json``)::
 
@@ -14,11 +14,15 @@ Both formats render to the same user message, so a model sees identical text in 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from .io import DataError, load_json, resolve_asset
+from .io import DataError, load_data, load_json, resolve_asset
+from .metrics import normalize_label
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a movie recommendation assistant. Given a user's recent viewing history with ratings, "
@@ -27,7 +31,8 @@ DEFAULT_SYSTEM_PROMPT = (
 INSTRUCTION = "Predict whether the user will like the candidate movie. Answer only Yes or No."
 TRAIN_FIELDS = ("instruction", "input", "output")
 TEST_FIELDS = ("history_titles", "history_ratings", "candidate_title", "label")
-LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
+_USER, _ANSWER = "\u2063RECSFT_USER\u2063", "\u2063RECSFT_ANSWER\u2063"  # chat-template sentinels
+_VERIFY_FIRST = 16  # records whose fast rendering is checked against the real template
 
 
 def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str) -> str:
@@ -49,13 +54,6 @@ def record_format(record: dict[str, Any]) -> str:
         return "test"
     raise DataError(f"record has neither training fields {TRAIN_FIELDS} nor test fields {TEST_FIELDS}; "
                     f"got keys {sorted(record)}")
-
-
-def normalize_label(value: Any) -> str | None:
-    """``"Yes"``/``"No"`` from a label value (Yes/No in any case, 1/0, true/false), else None."""
-    if value is None:
-        return None
-    return LABELS.get(str(value).strip().lower())
 
 
 def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
@@ -143,3 +141,81 @@ def resolve_dataset(name: str, dataset_dir: str | os.PathLike = ".") -> str:
     if not file_name:
         raise DataError(f"{info_path}: entry {name!r} has no 'file_name'")
     return str(Path(dataset_dir) / file_name)
+
+
+def load_records(name: str, dataset_dir: str | os.PathLike = ".",
+                 max_samples: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """``(records, path)``: resolve a dataset name or path, load it, check every record, keep the first N."""
+    path = resolve_dataset(name, dataset_dir)
+    records = load_data(path)
+    validate_records(records, path)
+    return (records[:max_samples] if max_samples else records), path
+
+
+# ------------------------------------------------------------------------------ chat-template rendering
+def chat_texts(tokenizer, system: str, user: str, answer: str | None,
+               enable_thinking: bool = False) -> tuple[str, str]:
+    """``(prompt_text, answer_text)`` rendered by the tokenizer's chat template (thinking disabled)."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=enable_thinking)
+    if answer is None:
+        return prompt, ""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False,
+                                         enable_thinking=enable_thinking)
+    if not full.startswith(prompt):
+        raise ValueError("chat template: the full conversation does not start with the generation prompt; "
+                         "this template cannot be used for prompt/answer label masking")
+    return prompt, full[len(prompt):]
+
+
+class _TemplateCache:
+    """Chat template pieces per system prompt, rendered once with sentinels."""
+
+    def __init__(self, tokenizer, enable_thinking: bool):
+        self.tokenizer, self.enable_thinking = tokenizer, enable_thinking
+        self.pieces: dict[str, tuple[str, str, str, str] | None] = {}
+
+    def get(self, system: str):
+        if system not in self.pieces:
+            try:
+                prompt, answer = chat_texts(self.tokenizer, system, _USER, _ANSWER, self.enable_thinking)
+                ok = prompt.count(_USER) == 1 and answer.count(_ANSWER) == 1 and _ANSWER not in prompt
+                p0, _, p1 = prompt.partition(_USER)
+                a0, _, a1 = answer.partition(_ANSWER)
+                self.pieces[system] = (p0, p1, a0, a1) if ok else None
+            except Exception:  # templates that inspect content: use the slow path
+                self.pieces[system] = None
+        return self.pieces[system]
+
+    def render(self, system: str, user: str, answer: str | None) -> tuple[str, str]:
+        pieces = self.get(system)
+        if pieces is None:
+            return chat_texts(self.tokenizer, system, user, answer, self.enable_thinking)
+        p0, p1, a0, a1 = pieces
+        return p0 + user + p1, ("" if answer is None else a0 + answer + a1)
+
+
+def render_records(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
+                   enable_thinking: bool = False, source: str = "data") -> tuple[list[str], list[str | None]]:
+    """Prompt texts and answer texts (None when unlabelled) for every record.
+
+    The fast path is checked against the real template on the first records; any difference turns it off.
+    """
+    cache = _TemplateCache(tokenizer, enable_thinking)
+    prompts, answers = [], []
+    for i, rec in enumerate(records):
+        try:
+            p = format_prompt(rec, system_prompt)
+        except DataError as e:
+            raise DataError(f"{source}: record {i + 1}: {e}") from None
+        prompt, answer_text = cache.render(p["system"], p["user"], p["answer"])
+        if i < _VERIFY_FIRST:
+            slow = chat_texts(tokenizer, p["system"], p["user"], p["answer"], enable_thinking)
+            if (prompt, answer_text) != slow:
+                logger.warning("chat template fast path differs from the real template; rendering every record")
+                cache.get = lambda system: None  # type: ignore[method-assign]
+                prompt, answer_text = slow
+        prompts.append(prompt)
+        answers.append(answer_text if p["answer"] is not None else None)
+    return prompts, answers

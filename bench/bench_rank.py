@@ -21,7 +21,8 @@ import argparse
 import random
 import time
 
-from _common import ROOT, SMOLLM2_GGUF, device_info, isolated, median, print_table, quiet_logs, versions, write_json
+from _common import (QWEN3_TOKENIZER, ROOT, SMOLLM2_GGUF, bench_main, device_info, median, print_table, quiet_logs,
+                     random_qwen3_dir, versions, write_json)
 
 TEST_JSONL = ROOT / "data/movielens_qwen3/test_raw.jsonl"
 
@@ -38,6 +39,18 @@ def test_examples(path: str | None) -> list[dict]:
     return movielens.build_examples(ratings[ratings.user_id <= 60], titles)["test"]
 
 
+def load(model: str, device: str):
+    """``(model, tokenizer, temp folder)``; float32 on CPU (the two paths must agree to 1e-4), ``auto`` on CUDA."""
+    from recsft.modeling import load_model, load_tokenizer
+
+    dtype = "float32" if device == "cpu" else "auto"
+    if model.endswith("-random"):
+        tok = load_tokenizer(QWEN3_TOKENIZER)
+        path = random_qwen3_dir(model.removesuffix("-random"), tok, device)
+        return load_model(path, device, dtype, "sdpa").eval(), tok, path
+    return load_model(model, device, dtype, "auto").eval(), load_tokenizer(model), None
+
+
 def questions(examples: list[dict], n_questions: int, n_candidates: int, seed: int = 0) -> list[tuple[dict, list[str]]]:
     pool = sorted({e["candidate_title"] for e in examples})
     rng = random.Random(seed)
@@ -50,20 +63,29 @@ def questions(examples: list[dict], n_questions: int, n_candidates: int, seed: i
 
 def run(args) -> dict:
     quiet_logs()
-    import numpy as np
-    import torch
+    import shutil
 
-    from bench_eval import load
-    from recsft import ranking as R
-    from recsft.inference import score
+    import torch
 
     if args.quick:
         args.model, args.questions, args.candidates, args.batch, args.repeats = "tiny-random", 2, 12, 6, 1
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    model, tok, _ = load(args.model, args.device)
-    if args.device == "cpu":
-        model = model.float()  # float32: the two paths must agree to 1e-4
+    model, tok, tmp = load(args.model, args.device)
+    try:
+        return measure(args, model, tok, sync)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, model, tok, sync) -> dict:
+    """Both scoring paths on the same questions, interleaved; throughput, ratio and largest P(Yes) difference."""
+    import numpy as np
+
+    from recsft import ranking as R
+    from recsft.inference import score
+
     qs = questions(test_examples(args.data), args.questions, args.candidates)
     texts = [R.question_texts(e, titles, tok) for e, titles in qs]
     n = sum(len(t) for _, t in qs)
@@ -125,9 +147,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    with isolated():
-        return run(args)
+    """Run with command-line ``argv`` (a list, or None for sys.argv) or an already parsed Namespace."""
+    return bench_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ and ``RATIO auto/best`` (target <= 1.2).
 Copy-paste (heavy: run it once, under nice, on an otherwise quiet machine if you can):
 
     nice -n 10 python bench/bench_cpu_dtype.py --json-out output/bench/cpu_dtype.json
-    python bench/bench_cpu_dtype.py --steps 2 --warmup 1 --no-busy       # quicker, no competing process
+    python bench/bench_cpu_dtype.py --steps 2 --warmup 1 --conditions alone   # quicker, no competing process
+    python bench/bench_cpu_dtype.py --omp-only      # OpenMP wait policy: libgomp default vs PASSIVE (seconds)
 """
 
 from __future__ import annotations
@@ -63,6 +64,37 @@ def worker(args) -> dict:
             "why": _chosen.get("threads", ""), "step_s": times, "s_per_step": median(times)}
 
 
+OMP_PROBE = """
+import time, torch
+torch.set_num_threads(2)
+x = torch.randn(256, 256)
+def serial():  # 0.5 ms of single-threaded work between two parallel regions
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.0005:
+        pass
+w, c = time.perf_counter(), time.process_time()
+for _ in range(1000):
+    x @ x
+    serial()
+print(time.perf_counter() - w, time.process_time() - c)
+"""
+
+
+def omp_wait_policy(repeats: int = 2) -> list[dict]:
+    """1,000 x (2-thread 256x256 matmul + 0.5 ms serial work): libgomp's default wait policy vs PASSIVE."""
+    rows = []
+    for _ in range(repeats):
+        for policy in ("default", "PASSIVE"):
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if policy != "default":
+                env["OMP_WAIT_POLICY"] = policy
+            out = subprocess.run([sys.executable, "-c", OMP_PROBE], env=env, capture_output=True, text=True,
+                                 timeout=600, check=True)
+            wall, cpu = map(float, out.stdout.split())
+            rows.append({"policy": policy, "wall_s": wall, "cpu_s": cpu})
+    return rows
+
+
 def run_one(dtype: str, threads: str, args, busy: bool) -> dict:
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)  # auto must decide by itself; fixed runs pass the count explicitly
@@ -73,8 +105,12 @@ def run_one(dtype: str, threads: str, args, busy: bool) -> dict:
     if args.data:
         cmd += ["--data", args.data]
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    condition = "busy neighbour" if busy else "alone"
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:  # a run this slow is a result too: more than the limit
+        return {"condition": condition, "setting": f"{dtype}/{threads}", "dtype": dtype, "threads": threads,
+                "s_per_step": float("inf"), "timed_out_s": args.timeout}
     finally:
         if spinner is not None:
             spinner.kill()
@@ -82,28 +118,48 @@ def run_one(dtype: str, threads: str, args, busy: bool) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"worker {dtype}/{threads} failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"condition": "busy neighbour" if busy else "alone", "setting": f"{dtype}/{threads}", **res}
+    return {"condition": condition, "setting": f"{dtype}/{threads}", **res}
+
+
+def run_omp(args) -> dict:
+    rows = omp_wait_policy()
+    print_table(rows, [("policy", "OMP_WAIT_POLICY", ""), ("wall_s", "wall s", ".2f"), ("cpu_s", "CPU s", ".2f")])
+    wall = {p: median([r["wall_s"] for r in rows if r["policy"] == p]) for p in ("default", "PASSIVE")}
+    print(f"RATIO wall default/PASSIVE = {wall['default'] / wall['PASSIVE']:.1f}x")
+    res = {"device": device_info("cpu"), "omp_wait_policy": rows}
+    write_json(args.json_out, res)
+    return res
 
 
 def run(args) -> dict:
     print(f"device: {device_info('cpu')}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
-    conditions = [False] + ([] if args.no_busy else [True])
+    if args.omp_only:
+        return run_omp(args)
+    conditions = [c == "busy" for c in args.conditions.split(",")]
+    settings = [tuple(x.split("/")) for x in args.settings.split(",")]
     rows, verdict = [], []
     for busy in conditions:
         cond = []
-        for dtype, threads in FIXED + [("auto", "auto")]:
+        for dtype, threads in settings:
             t = time.perf_counter()
             r = run_one(dtype, threads, args, busy)
             print(f"  {r['condition']:>14} {r['setting']:>15}: {r['s_per_step']:.2f} s/step "
                   f"({r['dtype']}, {r['threads']} threads; run {time.perf_counter() - t:.0f} s)", flush=True)
             cond.append(r)
-        best = min(cond[:-1], key=lambda r: r["s_per_step"])
+        fixed = [r for r in cond if r["setting"] != "auto/auto"]
+        autos = [r for r in cond if r["setting"] == "auto/auto"]
+        if not fixed:
+            rows += cond
+            continue
+        best = min(fixed, key=lambda r: r["s_per_step"])
         for r in cond:
             r["vs_best"] = r["s_per_step"] / best["s_per_step"]
-        auto = cond[-1]
+        rows += cond
+        if not autos:
+            continue
+        auto = autos[0]
         verdict.append({"condition": auto["condition"], "auto": f"{auto['dtype']}/{auto['threads']}",
                         "best": best["setting"], "ratio": auto["vs_best"]})
-        rows += cond
     print()
     print_table(rows, [("condition", "condition", ""), ("setting", "dtype/threads", ""),
                        ("dtype", "ran as", ""), ("threads", "threads", "d"), ("s_per_step", "s/step", ".2f"),
@@ -124,10 +180,14 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="training records (default: data/movielens_qwen3/train.json)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
-    p.add_argument("--no-busy", action="store_true", help="skip the runs next to a competing busy process")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--settings", default=",".join(f"{d}/{t}" for d, t in FIXED) + ",auto/auto",
+                   help="dtype/threads runs, comma list (default: the 4 fixed ones and auto/auto)")
+    p.add_argument("--conditions", default="alone,busy", help="alone, busy (next to one spinning process), or both")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run (a slower run is reported as inf)")
     p.add_argument("--out", default="output/bench/cpu_dtype_runs")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--omp-only", action="store_true",
+                   help="only the OpenMP wait-policy probe (default policy vs PASSIVE; seconds)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--threads", default="auto", help=argparse.SUPPRESS)

@@ -88,11 +88,16 @@ def build_variants(args) -> list[Variant]:
                    Variant("ours_qlora", ours=True, qlora=True, note="ours, 4-bit NF4 base"),
                    Variant("ours_padfree_qlora", ours=True, padding_free=True, qlora=True,
                            note="ours padding-free, 4-bit NF4 base")]
-    if cuda and importlib.util.find_spec("flash_attn") is not None:
+    fa_problem = None
+    if cuda:
+        from recsft.modeling import flash_attn_problem
+
+        fa_problem = flash_attn_problem()  # the import is tried: an installed but broken wheel is skipped too
+    if cuda and fa_problem is None:
         vs.append(Variant("ours_fa2", ours=True, padding_free=True, attn="flash_attention_2",
-                          note="ours padding-free, flash-attn 2"))
+                          note="ours padding-free, flash-attn 2 varlen"))
     elif cuda:
-        print("flash-attn: not installed, flash_attention_2 variant skipped")
+        print(f"flash-attn: {fa_problem}; flash_attention_2 variant skipped")
     if importlib.util.find_spec("liger_kernel") is not None and cuda:
         vs.append(Variant("ours_liger", ours=True, padding_free=True, liger=True,
                           note="ours padding-free + liger kernels"))

@@ -22,26 +22,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
 
 
 def parse_args(argv: list[str] | None = None):
     from recsft.baselines import MODELS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data/movielens_qwen3", help="folder written by prepare_data.py")
-    p.add_argument("--max_samples", type=int, default=None, help="first N test examples (as infer_lora)")
-    p.add_argument("--output_dir", default="output/baselines")
+    p.add_argument("--max_samples", type=positive_int, default=None, help="first N test examples (as infer_lora)")
+    p.add_argument("--output_dir", type=output_dir, default="output/baselines")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--epochs", type=int, default=5, help="epochs of SASRec")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=5, help="epochs of SASRec")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     return p.parse_args(argv)
 
 
 def main(args) -> dict:
     from recsft import baselines as B
     from recsft.io import write_json_atomic
+    from recsft.validate import writable_dir
 
+    writable_dir(args.output_dir, "--output_dir")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in B.MODELS]
     if unknown:

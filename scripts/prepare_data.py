@@ -18,8 +18,9 @@ Invalid raw rows (bad line, rating outside 0.5..5, unknown movie id) are dropped
 With ``--ratings``/``--items`` (CSV, TSV or Parquet) the same examples, split and statistics are built from
 your own tables (string ids allowed; items without a title and invalid rows dropped, duplicate ratings:
 the latest wins, each with one counted warning).
-Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet, items.parquet}``;
-errors exit with code 2 and nothing is written.
+Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet, items.parquet}``
+as one set with a ``manifest.json`` (one build id, a sha256 per file) that readers check, so an interrupted run never leaves a mixed set;
+errors exit with code 2, Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -27,20 +28,21 @@ from __future__ import annotations
 import argparse
 import time
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="data/movielens_qwen3")
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", type=output_dir, default="data/movielens_qwen3")
     p.add_argument("--source", choices=["bundled", "download"], default="bundled")
     p.add_argument("--raw-dir", default=None, help="extracted ml-100k, ml-1m or ml-latest-small folder")
-    p.add_argument("--history-len", type=int, default=15)
-    p.add_argument("--like-threshold", type=float, default=4.0)
-    p.add_argument("--eval-ratio", type=float, default=0.1)
-    p.add_argument("--test-ratio", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--max-users", type=int, default=None, help="only the first N users (quick runs)")
+    p.add_argument("--history-len", type=positive_int, default=15)
+    p.add_argument("--like-threshold", type=finite_float, default=4.0,
+                   help="label Yes when rating >= this (inside the rating scale)")
+    p.add_argument("--eval-ratio", type=finite_float, default=0.1)
+    p.add_argument("--test-ratio", type=finite_float, default=0.1)
+    p.add_argument("--seed", type=non_negative_int, default=42)
+    p.add_argument("--max-users", type=positive_int, default=None, help="only the first N users (quick runs)")
     g = p.add_argument_group("your own ratings data (instead of MovieLens)")
     g.add_argument("--ratings", default=None, help="ratings table: .csv, .tsv or .parquet")
     g.add_argument("--items", default=None, help="items table: .csv, .tsv or .parquet (item id, title, optional genres)")
@@ -68,21 +70,25 @@ def table_spec(args):
         lo, hi = (float(x) for x in args.rating_scale.split(","))
     except ValueError:
         raise DataError(f"--rating-scale {args.rating_scale!r}: use lowest,highest (e.g. 1,5 or 0.5,5)") from None
-    if not lo < hi or not lo <= args.like_threshold <= hi:
-        raise DataError(f"--rating-scale {args.rating_scale}: need lowest < highest and --like-threshold "
-                        f"{args.like_threshold:g} inside the scale")
+    if not lo < hi:
+        raise DataError(f"--rating-scale {args.rating_scale}: the lowest rating must be below the highest")
     return TableSpec(args.ratings, args.items, args.user_col, args.item_col, args.rating_col, args.time_col,
                      args.items_id_col, args.title_col, args.genres_col, (lo, hi))
 
 
 def main(args) -> dict:
-    from recsft.movielens import prepare
+    from recsft.movielens import check_params, prepare
+    from recsft.validate import writable_dir
 
+    writable_dir(args.out_dir, "--out-dir")
+    table = table_spec(args)
+    check_params(args.history_len, args.eval_ratio, args.test_ratio, args.like_threshold, args.max_users,
+                 table.rating_scale if table else None)
     start = time.perf_counter()
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
-                    args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table_spec(args))
-    print(f"{'Ratings' if args.ratings else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, {stats['users']} users, "
-          f"{stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
+                    args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table)
+    print(f"{'Ratings' if table else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, "
+          f"{stats['users']} users, {stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     for name, s in stats["splits"].items():
         print(f"  {name:5s}: {s['examples']:6,d} examples, Yes share {s['yes_share']:.1%}")
     return stats

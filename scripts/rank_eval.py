@@ -27,7 +27,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
 from recsft.config import DEFAULT_CONFIG
 
 logger = logging.getLogger("rank_eval")
@@ -36,21 +36,21 @@ logger = logging.getLogger("rank_eval")
 def parse_args(argv: list[str] | None = None):
     from recsft.baselines import MODELS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data/movielens_qwen3", help="folder written by prepare_data.py")
-    p.add_argument("--output_dir", default="output/rank_eval")
+    p.add_argument("--output_dir", type=output_dir, default="output/rank_eval")
     p.add_argument("--n-negatives", type=int, default=99, help="unrated movies per question (N)")
     p.add_argument("--sampling", choices=["uniform", "popularity"], default="uniform")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--max-users", type=int, default=None, help="first K test users (bounds the LLM cost)")
     p.add_argument("--models", default=",".join(MODELS), help=f"baselines: comma list of {', '.join(MODELS)}, or none")
-    p.add_argument("--epochs", type=int, default=5, help="epochs of SASRec")
+    p.add_argument("--epochs", type=positive_int, default=5, help="epochs of SASRec")
     p.add_argument("--no-full-ranking", action="store_true", help="skip the baselines' all-unrated-movies ranking")
     p.add_argument("--llm", action="store_true", help="rank with the LLM of --config too")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config of the LLM (model, cutoff_len, prompt)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder, or none for the base model (implies --llm)")
     p.add_argument("--name", default=None, help="label of the LLM row (default: model name + adapter)")
-    p.add_argument("--batch-size", type=int, default=32, help="LLM: candidates per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="LLM: candidates per forward pass")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return p.parse_args(argv)
 
@@ -106,7 +106,10 @@ def main(args) -> dict:
     from recsft import ranking as R
     from recsft.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
+    from recsft.validate import writable_dir
+
     names = check_args(args)
+    writable_dir(args.output_dir, "--output_dir")
     use_llm = args.llm or args.adapter is not None
     if use_llm:
         from recsft.config import load_config

@@ -69,7 +69,9 @@ def test_broken_flash_attn_falls_back_to_sdpa_with_the_reason(gpu, monkeypatch, 
     with caplog.at_level(logging.INFO, logger="recsft"):
         assert modeling.resolve_attn_implementation("auto", "cuda") == "sdpa"
     assert "flash-attn fails to import (ImportError: flash_attn_2_cuda.so: undefined symbol" in caplog.text
-    with pytest.raises(RuntimeError, match="flash_attention_2 requested but flash-attn fails to import"):
+    from recsft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="flash_attention_2 requested but flash-attn fails to import"):
         modeling.resolve_attn_implementation("flash_attention_2", "cuda")
 
 

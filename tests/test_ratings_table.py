@@ -73,7 +73,7 @@ def test_movielens_exported_as_csv_gives_identical_outputs(tmp_path):
     csv = prepare_data.main(args)
     for name in ("train.json", "eval.json", "test_raw.jsonl"):
         assert (tmp_path / "ml" / name).read_bytes() == (tmp_path / "csv" / name).read_bytes(), name
-    assert {**ml, "source": None} == {**csv, "source": None}
+    assert {**ml, "source": None, "build_id": None} == {**csv, "source": None, "build_id": None}
     for name in ("interactions.parquet", "items.parquet"):
         assert pd.read_parquet(tmp_path / "ml" / name).equals(pd.read_parquet(tmp_path / "csv" / name)), name
 
@@ -83,6 +83,7 @@ def test_movielens_exported_as_csv_gives_identical_outputs(tmp_path):
     (["--title-col", "title"], "--title-col 'title': no such column"),
     (["--rating-scale", "6,10", "--like-threshold", "8"], "no valid rating rows left"),
     (["--rating-scale", "5,1"], "--rating-scale 5,1"),
+    (["--rating-scale", "1,10", "--like-threshold", "1"], "--like-threshold must be on the rating scale"),
 ])
 def test_bad_tables_fail_before_writing(tmp_path, flags, message):
     _tables(tmp_path / "in")

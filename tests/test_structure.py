@@ -11,10 +11,10 @@ PACKAGE = ROOT / "scripts" / "recsft"
 # config, io, runtime (threads, dtype), cli and metrics (the one extractor and metrics function) are shared
 # foundations used by every stage.
 STAGES = {
-    "foundation": ["config", "io", "runtime", "cli", "metrics"],
+    "foundation": ["config", "errors", "io", "runtime", "cli", "metrics"],
     "prompt": ["formatting", "movielens", "ratings_table"],  # movielens writes records in the prompt format
     "tokens": ["preprocess"],
-    "model": ["modeling", "inference"],
+    "model": ["modeling", "validate", "inference"],  # validate: settings checked against the model, up front
     "train": ["training"],
     "score": ["evaluation", "baselines", "ranking"],
     "report": ["report"],

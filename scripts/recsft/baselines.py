@@ -35,7 +35,8 @@ LABELS = {"item-rate": "item like-rate (hand-written)", "user-rate": "user like-
           "mostpop": "MostPop (Cornac)", "biases": "BaselineOnly: user+item biases (Cornac)",
           "mf": "MF, biased matrix factorisation (Cornac)", "bpr": "BPR on liked (Cornac)",
           "sasrec": "SASRec, sequential (Cornac)"}
-PER_USER_CONSTANT = ("user-rate",)  # same score for every item of a user: chance when ranking
+PER_USER_CONSTANT = ("user-rate",)
+TEST_KEYS = {"user_id": (int, str), "candidate_movie_id": (int, str), "label": str, "candidate_timestamp": int}  # same score for every item of a user: chance when ranking
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -56,19 +57,26 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     stats' parameters and must give the same test candidates as ``test_raw.jsonl``.
     """
     from . import movielens
-    from .io import load_data, load_json
+    from .io import check_file_set, load_data, load_json, require_keys
 
     data = Path(data_dir)
+    if not data.is_dir():
+        raise DataError(f"--data_dir {str(data)!r}: folder does not exist; run `python scripts/prepare_data.py` "
+                        f"or pass the folder it wrote")
     for name in ("stats.json", "test_raw.jsonl"):
         if not (data / name).is_file():
             raise DataError(f"{data / name} not found; run `python scripts/prepare_data.py --out-dir {data}` first")
-    stats = load_json(data / "stats.json")
+    check_file_set(data)
+    stats = movielens.check_stats(load_json(data / "stats.json"), data / "stats.json")
     p, source = stats["params"], stats["source"]
     if (data / "interactions.parquet").is_file() and (data / "items.parquet").is_file():
         ratings = pd.read_parquet(data / "interactions.parquet")
         items = pd.read_parquet(data / "items.parquet")
         titles = dict(zip(items.movie_id.tolist(), items.title.tolist()))
-    else:
+    else:  # a folder written before the parquet files existed: reload its MovieLens source
+        if source not in ("bundled", "download") and not Path(source).is_dir():
+            raise DataError(f"{data / 'stats.json'}: the data was prepared from {source!r}, which no longer exists; "
+                            f"restore that folder or re-run prepare_data.py")
         ratings, titles = movielens.load_ratings("bundled" if source == "bundled" else "download",
                                                  None if source in ("bundled", "download") else source)
         if p.get("max_users"):
@@ -76,6 +84,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     splits = movielens.build_examples(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"],
                                       p["test_ratio"], p["seed"])
     test = load_data(data / "test_raw.jsonl")
+    require_keys(test, TEST_KEYS, data / "test_raw.jsonl", "re-run `python scripts/prepare_data.py`")
     if [e["candidate_movie_id"] for e in splits["test"]] != [e["candidate_movie_id"] for e in test]:
         raise DataError(f"{data}: test_raw.jsonl does not match the split rebuilt from stats.json; "
                         f"re-run prepare_data.py")

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .formatting import chat_texts, format_prompt, render_records, resolve_dataset
-from .io import DataError, load_data
+from .io import DataError, check_in_set, load_data, sha256_file
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -202,11 +202,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def cache_key(data_path: str, tokenizer_fp: str, **settings: Any) -> str:
@@ -263,9 +259,13 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))  # unique per builder
-        ds.save_to_disk(str(tmp))
-        meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
-        (tmp / "recsft_cache.json").write_text(json.dumps(meta))
+        try:
+            ds.save_to_disk(str(tmp))
+            meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
+            (tmp / "recsft_cache.json").write_text(json.dumps(meta))
+        except BaseException:  # also on Ctrl-C: no half-written folder is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         # Publish by one rename, never removing a published folder: if another process (a DDP rank that built
         # the same cache at the same time) got there first, the rename fails and its identical copy is used.
         # (A stale or corrupt folder was already removed by _read_cache above.)
@@ -307,6 +307,8 @@ def resolve_data(data) -> tuple[str, str | None]:
         if path and not Path(path).is_file():
             raise DataError(f"{path}: data file does not exist; run `python scripts/prepare_data.py` "
                             f"or fix dataset/eval_dataset in the config")
+        if path:
+            check_in_set(path)  # both from the same prepare_data build (a cached dataset skips reading them)
     return train, evals
 
 

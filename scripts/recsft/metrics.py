@@ -51,12 +51,13 @@ def normalize_label(value: Any) -> str | None:
     return LABELS.get(str(value).strip().lower())
 
 
-def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
-                    p_yes: Sequence[float] | None = None) -> dict[str, float]:
+def compute_metrics(labels: Sequence[Any], preds: Sequence[Any], p_yes: Sequence[float] | None = None,
+                    user_ids: Sequence[Any] | None = None) -> dict[str, float]:
     """Accuracy, precision, recall, F1 (positive class = Yes) and the unparseable count.
 
     ``labels``/``preds``: "Yes"/"No" (or 1/0); a pred of None is unparseable and counts as wrong.
-    ``p_yes``: optional P(Yes) per example -> adds ``auc`` (ROC-AUC) and ``log_loss``.
+    ``p_yes``: optional P(Yes) per example -> adds ``auc`` (ROC-AUC) and ``log_loss``; with ``user_ids``
+    too, ``uauc`` (:func:`uauc`).
     """
     if len(labels) != len(preds):
         raise ValueError(f"labels ({len(labels)}) and preds ({len(preds)}) differ in length")
@@ -79,7 +80,21 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
            "yes_rate_label": sum(g == "Yes" for g in gold) / n if n else 0.0}
     if p_yes is not None:
         out.update(score_metrics([g == "Yes" for g in gold], p_yes))
+        if user_ids is not None:
+            out["uauc"] = uauc([g == "Yes" for g in gold], p_yes, user_ids)
     return out
+
+
+def uauc(y_true: Sequence[bool], scores: Sequence[float], user_ids: Sequence[Any]) -> float:
+    """User-averaged AUC: the mean of per-user ROC-AUCs over users with both classes (NaN when none)."""
+    from sklearn.metrics import roc_auc_score
+
+    groups: dict[Any, tuple[list, list]] = {}
+    for y, s, u in zip(y_true, scores, user_ids):
+        groups.setdefault(u, ([], []))[0].append(int(bool(y)))
+        groups[u][1].append(float(s))
+    aucs = [roc_auc_score(y, s) for y, s in groups.values() if 0 < sum(y) < len(y)]
+    return float(sum(aucs) / len(aucs)) if aucs else math.nan
 
 
 def score_metrics(y_true: Sequence[bool], p_yes: Sequence[float]) -> dict[str, float]:

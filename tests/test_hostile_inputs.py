@@ -465,7 +465,9 @@ BASELINE_CASES = {
     "stats_not_an_object": (lambda f: (f / "stats.json").write_text("[1, 2]"), ["stats.json", "object"]),
     "stats_bad_threshold": (lambda f: _edit_stats(f, lambda s: {**s, "params": {**s["params"], "like_threshold": 9}}),
                             ["stats.json", "like-threshold"]),
-    "stats_source_gone": (lambda f: _edit_stats(f, lambda s: {**s, "source": "/no/raw/ml-100k"}),
+    # a folder from before the parquet files (the split is rebuilt from the source named in stats.json)
+    "stats_source_gone": (lambda f: ([p.unlink() for p in f.glob("*.parquet")],
+                                     _edit_stats(f, lambda s: {**s, "source": "/no/raw/ml-100k"})),
                           ["stats.json", "/no/raw/ml-100k"]),
     "test_record_missing_key": (lambda f: _drop_key(f / "test_raw.jsonl", "candidate_movie_id"),
                                 ["test_raw.jsonl", "record 2", "candidate_movie_id"]),

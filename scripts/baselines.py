@@ -35,12 +35,15 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--epochs", type=positive_int, default=5, help="epochs of SASRec")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--predictions", action="store_true",
+                   help="also write <output_dir>/<model>/predictions.jsonl + metrics_summary.json per model "
+                        "(calibrated P(Yes) per test example; scripts/compare_runs.py reads them)")
     return p.parse_args(argv)
 
 
 def main(args) -> dict:
     from recsft import baselines as B
-    from recsft.io import write_json_atomic
+    from recsft.io import write_json_atomic, write_jsonl_atomic
     from recsft.validate import writable_dir
 
     writable_dir(args.output_dir, "--output_dir")
@@ -54,15 +57,22 @@ def main(args) -> dict:
     scorers = B.fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
     eval_y = [e["label"] == "Yes" for e in data.splits["eval"]]
     test_y = [e["label"] == "Yes" for e in test]
-    results = {"always Yes": B.evaluate_scores([1.0] * len(eval_y), eval_y, [1.0] * len(test), test_y,
-                                               [e["user_id"] for e in test])}
+    users = [e["user_id"] for e in test]
+    results = {"always Yes": B.evaluate_scores([1.0] * len(eval_y), eval_y, [1.0] * len(test), test_y, users)}
+    files = {}
     for name, fn in scorers.items():
         ev = B.pointwise_scores(fn, data.splits["eval"], f"{name} eval", progress=True)
         te = B.pointwise_scores(fn, test, f"{name} test", progress=True)
-        results[B.LABELS[name]] = B.evaluate_scores(ev, eval_y, te, test_y, [e["user_id"] for e in test])
+        m = B.evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True)
+        files[name] = B.prediction_files(test, m.pop("p_yes"), m)
+        results[B.LABELS[name]] = m
     print(f"{'model':42s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'UAUC':>6s} {'logloss':>7s}  (n={len(test)})")
     for name, m in results.items():
         print(f"{name:42s} {m['accuracy']:8.4f} {m['f1']:6.4f} {m['auc']:6.4f} {m['uauc']:6.4f} {m['log_loss']:7.4f}")
+    if args.predictions:
+        for name, (rows, summary) in files.items():
+            write_jsonl_atomic(Path(args.output_dir) / name / "predictions.jsonl", rows)
+            write_json_atomic(Path(args.output_dir) / name / "metrics_summary.json", summary)
     write_json_atomic(Path(args.output_dir) / "baselines.json",
                       {"test_examples": len(test), "train_ratings": len(train), "results": results})
     return results

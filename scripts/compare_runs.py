@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", action="append", required=True, metavar="LABEL=EVAL_DIR[@TRAIN_DIR]")
     p.add_argument("--out", type=output_dir, default="output/compare_runs")
+    p.add_argument("--users", default=None, help="JSON list of user ids: keep only these users' test rows in "
+                                                 "every row (a fixed subset when some rows are too slow for all)")
     return p.parse_args(argv)
 
 
@@ -56,14 +58,16 @@ def predictions_file(eval_dir: Path) -> Path:
     return preferred[0]
 
 
-def load_run(label: str, eval_dir: Path, train_dir: Path | None):
-    """(row, curve, test keys) of one run."""
+def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None):
+    """(row, curve, test keys) of one run (only the test rows of ``keep_users`` when given)."""
     from recsft.io import load_data, load_json, require_keys
     from recsft.metrics import compute_metrics, normalize_label
     from recsft.report import auc_curve, result_row
 
     path = predictions_file(eval_dir)
     rows = load_data(path)
+    if keep_users is not None:
+        rows = [r for r in rows if r.get("user_id") in keep_users]
     if any(r.get("p_yes") is None for r in rows):
         raise DataError(f"{eval_dir}: predictions without p_yes; evaluate with --eval_mode score")
     require_keys(rows, PREDICTION_KEYS, path, "re-run infer_lora.py --eval_mode score")
@@ -103,16 +107,17 @@ def last_log_history(train_dir: Path) -> list[dict]:
 
 
 def main(args) -> dict:
-    from recsft.io import write_json_atomic, write_text_atomic
+    from recsft.io import load_json, write_json_atomic, write_text_atomic
     from recsft.report import plot_auc_curves, results_table
     from recsft.validate import writable_dir
 
     writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]
     out = Path(args.out)
+    users = set(load_json(args.users)) if args.users else None
     results, curves, first_keys = [], {}, None
     for label, eval_dir, train_dir in specs:
-        row, curve, keys = load_run(label, eval_dir, train_dir)
+        row, curve, keys = load_run(label, eval_dir, train_dir, users)
         if first_keys is not None and keys != first_keys:
             raise DataError(f"--row {label!r}: its test rows differ from the first row's; compare runs evaluated "
                             "on the same test file")

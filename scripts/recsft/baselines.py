@@ -242,8 +242,10 @@ def pointwise_scores(scorer: Scorer, examples: list[dict], desc: str = "", progr
                      for e in tqdm(examples, desc=desc, disable=not progress, leave=False)])
 
 
-def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None) -> dict:
-    """Platt-calibrate on eval, threshold on eval, metrics on test (the shared compute_metrics)."""
+def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None, keep_probs: bool = False) -> dict:
+    """Platt-calibrate on eval, threshold on eval, metrics on test (the shared compute_metrics).
+
+    ``keep_probs``: also return the calibrated test P(Yes) under ``p_yes`` (for a predictions file)."""
     from sklearn.linear_model import LogisticRegression
 
     from .metrics import best_threshold, compute_metrics
@@ -259,4 +261,14 @@ def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None) -
     m = compute_metrics(labels, ["Yes" if p >= t else "No" for p in p_test], p_test.tolist(), user_ids=test_users)
     m["accuracy_at_0.5"] = compute_metrics(labels, ["Yes" if p >= 0.5 else "No" for p in p_test])["accuracy"]
     m["threshold"] = float(t)
+    if keep_probs:
+        m["p_yes"] = p_test.tolist()
     return m
+
+
+def prediction_files(test: list[dict], p_yes: list[float], metrics: dict) -> tuple[list[dict], dict]:
+    """Per-example rows (``user_id``, ``candidate_movie_id``, ``label``, calibrated ``p_yes``) and a metrics
+    summary whose ``at_eval_threshold`` holds the threshold chosen on eval, as ``infer_lora.py`` writes them."""
+    rows = [{"user_id": e["user_id"], "candidate_movie_id": e["candidate_movie_id"], "label": e["label"],
+             "p_yes": p} for e, p in zip(test, p_yes)]
+    return rows, {**metrics, "at_eval_threshold": {"threshold": metrics["threshold"]}}

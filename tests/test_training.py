@@ -159,3 +159,21 @@ def test_time_budget_stops_with_eval_and_checkpoint(tmp_path, tiny_qwen3):
     assert summary["budget_minutes_used"] > 0 and summary["budget_clock"] == "cpu"
     assert summary["final_eval"].get("eval_auc") is not None  # the stop evaluated
     assert Path(cfg.train.output_dir, "checkpoint-1").is_dir()  # ... and saved
+
+
+def test_time_budget_survives_resume(tmp_path, tiny_qwen3):
+    """A resumed run counts the training time its checkpoint already used against the budget."""
+    first = tiny_config(tmp_path / "a", tiny_qwen3, max_steps=2, save_steps=1, eval_steps=1,
+                        max_train_minutes=1000, budget_clock="cpu", load_best_model_at_end="false")
+    used = finetune_lora.main(first)["budget_minutes_used"]
+    state = json.loads(Path(first.train.output_dir, "checkpoint-2", "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["TimeBudgetCallback"]
+    saved = saved[0] if isinstance(saved, list) else saved
+    assert saved["attributes"]["used_s"] == pytest.approx(used * 60) and used > 0
+    # the same budget, already spent: the resumed run stops after its first step, not at max_steps
+    resumed = tiny_config(tmp_path / "b", tiny_qwen3, max_steps=6, save_steps=1, eval_steps=1,
+                          max_train_minutes=used, budget_clock="cpu", load_best_model_at_end="false")
+    Path(resumed.train.output_dir).mkdir(parents=True)
+    shutil.copytree(Path(first.train.output_dir) / "checkpoint-2", Path(resumed.train.output_dir) / "checkpoint-2")
+    summary = finetune_lora.main(resumed, resume=True)
+    assert summary["global_step"] == 3 and summary["budget_minutes_used"] > used

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 
 from .inference import AnswerLogits
@@ -241,18 +242,24 @@ class GracefulStopCallback(TrainerCallback):
         return control
 
 
-class TimeBudgetCallback(TrainerCallback):
+class TimeBudgetCallback(TrainerCallback, ExportableState):
     """Stops training (with a final eval and checkpoint) once the optimizer steps used ``minutes``.
 
     Only the time between step begin and step end counts, so evaluation and checkpoint saving do not eat the
     budget; ``clock="cpu"`` counts this process's CPU time, a fair budget on a machine shared with other jobs.
+    The time used is saved in every checkpoint (``trainer_state.json``, ``stateful_callbacks``) and
+    :func:`restore_budget` reads it back on resume, so a resumed run spends only what is left.
     """
 
     def __init__(self, minutes: float, clock: str = "wall"):
         self.limit_s = minutes * 60.0
+        self.clock = clock
         self.now = time.process_time if clock == "cpu" else time.perf_counter
         self.used_s = 0.0
         self._t0: float | None = None
+
+    def state(self) -> dict:
+        return {"args": {"minutes": self.limit_s / 60, "clock": self.clock}, "attributes": {"used_s": self.used_s}}
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = self.now()
@@ -271,6 +278,25 @@ class TimeBudgetCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------- resume
+def restore_budget(budget: TimeBudgetCallback | None, checkpoint: str | None) -> None:
+    """On resume, count the training time the checkpoint already used against the (current) budget."""
+    if budget is None or not checkpoint:
+        return
+    state_file = Path(checkpoint) / "trainer_state.json"
+    saved = json.loads(state_file.read_text()).get("stateful_callbacks", {}).get("TimeBudgetCallback")
+    saved = saved[0] if isinstance(saved, list) and saved else saved
+    if not isinstance(saved, dict):
+        logger.info("%s holds no training-time record: the time budget starts from zero", checkpoint)
+        return
+    if saved.get("args", {}).get("clock", budget.clock) != budget.clock:
+        logger.info("%s counted %s time, this run counts %s time: the time budget starts from zero",
+                    checkpoint, saved["args"]["clock"], budget.clock)
+        return
+    budget.used_s = float(saved.get("attributes", {}).get("used_s", 0.0))
+    logger.info("Time budget: %.1f of %.1f min already used by %s", budget.used_s / 60, budget.limit_s / 60,
+                Path(checkpoint).name)
+
+
 def checkpoint_info(checkpoint: str) -> dict[str, Any]:
     """Step and epoch of a checkpoint, from its ``trainer_state.json``."""
     from .io import DataError

@@ -6,12 +6,17 @@ Copy-paste:
     python scripts/prepare_data.py --raw-dir ~/Downloads/ml-1m       # an extracted ml-100k / ml-1m / ml-latest-small
     python scripts/prepare_data.py --source download                 # ml-100k from grouplens.org (online)
     python scripts/prepare_data.py --history-len 10 --like-threshold 4 --seed 1 --out-dir data/ml_h10
+    python scripts/prepare_data.py --format session --session-len 16     # multi-turn runs of 16 candidates
+    python scripts/prepare_data.py --features item_stats user_stats genres --out-dir data/movielens_feat
 
 Each example: the user's last ``history_len`` rated movies (title with year, rating) before the candidate;
 label Yes when the candidate's rating >= ``like_threshold``. Split per user by time (last 10% of each
 user's candidates -> test, the 10% before -> eval), so no eval/test candidate precedes a training one.
 Invalid raw rows (bad line, rating outside 0.5..5, unknown movie id) are dropped with one counted warning.
 Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json}``; errors exit with code 2.
+``--format session`` writes ``<out-dir>/{session_train.json, session_eval.json, session_test.jsonl,
+session_stats.json}`` instead: one example per run of up to ``--session-len`` consecutive candidates of a
+user, as a multi-turn chat (docs/data.md). ``--features`` adds prompt lines computed from earlier ratings only.
 """
 
 from __future__ import annotations
@@ -33,19 +38,27 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--test-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-users", type=int, default=None, help="only the first N users (quick runs)")
+    p.add_argument("--format", choices=["single", "session"], default="single",
+                   help="single: one question per example (default); session: multi-turn runs of candidates")
+    p.add_argument("--session-len", type=int, default=16, help="--format session: candidates per example (max)")
+    p.add_argument("--features", nargs="+", default=[], metavar="NAME",
+                   help="prompt lines from earlier ratings: item_stats, user_stats, genres (space or comma list)")
     return p.parse_args(argv)
 
 
 def main(args) -> dict:
     from recsft.movielens import prepare
 
+    features = [f for item in args.features for f in item.split(",") if f]
     start = time.perf_counter()
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
-                    args.eval_ratio, args.test_ratio, args.seed, args.max_users)
+                    args.eval_ratio, args.test_ratio, args.seed, args.max_users, args.format,
+                    args.session_len, features)
     print(f"MovieLens from {stats['source']}: {stats['ratings']:,} ratings, {stats['users']} users, "
           f"{stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     for name, s in stats["splits"].items():
-        print(f"  {name:5s}: {s['examples']:6,d} examples, Yes share {s['yes_share']:.1%}")
+        answers = f" ({s['answers']:,d} answers)" if "answers" in s else ""
+        print(f"  {name:5s}: {s['examples']:6,d} examples{answers}, Yes share {s['yes_share']:.1%}")
     return stats
 
 

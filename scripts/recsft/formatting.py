@@ -30,19 +30,38 @@ TEST_FIELDS = ("history_titles", "history_ratings", "candidate_title", "label")
 LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
 
 
-def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str) -> str:
-    """The user-history block of the prompt: numbered past movies with their ratings, then the candidate."""
+def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str,
+                     candidate_features: list[str] | None = None) -> str:
+    """The user-history block of the prompt: numbered past movies with their ratings, then the candidate.
+
+    ``candidate_features``: optional extra lines (genres, earlier like-rates) placed under the candidate line.
+    """
     lines = [f"User's last {len(history_titles)} watched movies:"]
     for i, (title, rating) in enumerate(zip(history_titles, history_ratings), 1):
         lines.append(f"{i}. {title} (rating ≈ {float(rating):.1f})")
     lines.append("")
     lines.append(f"Candidate movie: {candidate_title}")
+    lines.extend(candidate_features or [])
     lines.append("Will the user like the candidate movie? Answer Yes or No.")
     return "\n".join(lines)
 
 
+def session_next_text(previous_rating: float, candidate_title: str, candidate_features: list[str] | None = None) -> str:
+    """A later user turn of a session: the true rating of the previous candidate, then the next candidate.
+
+    Kept short on purpose (the question and answer format are set by the first turn and the system prompt):
+    later turns are what makes a session cheaper per label than single questions.
+    """
+    lines = [f"Rated {float(previous_rating):.1f}. Next candidate: {candidate_title}"]
+    lines.extend(candidate_features or [])
+    return "\n".join(lines)
+
+
 def record_format(record: dict[str, Any]) -> str:
-    """``"train"`` (instruction/input/output) or ``"test"`` (history_titles/candidate_title/label)."""
+    """``"train"`` (instruction/input/output), ``"test"`` (history_titles/candidate_title/label) or
+    ``"session"`` (a multi-turn run of candidates under ``turns``)."""
+    if "turns" in record:
+        return "session"
     if "instruction" in record or "input" in record or "output" in record:
         return "train"
     if "history_titles" in record or "candidate_title" in record:
@@ -66,6 +85,9 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
     Raises :class:`DataError` naming the missing or wrong key.
     """
     kind = record_format(record)
+    if kind == "session":
+        raise DataError("session record (field 'turns'): holds several questions; train on it with the session "
+                        "dataset entries (movielens_session_*), score it with infer_lora --eval_mode score")
     if kind == "train":
         missing = [k for k in ("instruction", "input") if not isinstance(record.get(k), str)]
         if missing:
@@ -79,7 +101,8 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
         titles, ratings = record["history_titles"], record["history_ratings"]
         if not isinstance(titles, list) or not isinstance(ratings, list) or len(titles) != len(ratings):
             raise DataError("test record: history_titles and history_ratings must be lists of the same length")
-        user = f"{INSTRUCTION}\n\n{build_input_text(titles, ratings, str(record['candidate_title']))}"
+        text = build_input_text(titles, ratings, str(record["candidate_title"]), record.get("candidate_features"))
+        user = f"{INSTRUCTION}\n\n{text}"
         raw_label = record.get("label")
     answer = normalize_label(raw_label)
     if raw_label is not None and answer is None:

@@ -216,6 +216,16 @@ def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, syste
                      "labels": pa.LargeListArray.from_arrays(row_offsets, pa.array(labels))})
 
 
+def tokenize_any(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
+                 enable_thinking: bool = False, source: str = "data"):
+    """:func:`tokenize_sessions_to_arrow` for session records (field ``turns``), else :func:`tokenize_to_arrow`."""
+    sessions = sum(isinstance(r, dict) and "turns" in r for r in records)
+    if sessions and sessions != len(records):
+        raise DataError(f"{source}: mixes session records (field 'turns') with single-question records")
+    fn = tokenize_sessions_to_arrow if sessions else tokenize_to_arrow
+    return fn(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=source)
+
+
 def _answer_ids(ids: list[int], eos_id: int | None, cutoff_len: int) -> list[int]:
     if eos_id is not None and eos_id not in ids:
         ids = ids + [eos_id]
@@ -230,6 +240,133 @@ def tokenize_records(records: Sequence[dict], tokenizer, cutoff_len: int, system
     """Batched equivalent of ``tokenize_func`` as Python lists: ``{"input_ids": [...], "labels": [...]}``."""
     table = tokenize_to_arrow(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source, batch_size)
     return table.to_pydict()
+
+
+# -------------------------------------------------------------------------------------- session format
+_USER2 = "\u2063RECSFT_USER2\u2063"
+
+
+def session_pieces(tokenizer, system: str, enable_thinking: bool = False) -> tuple[str, str, str, str, str]:
+    """Template pieces ``(p0, p1, a0, a1, h)`` of a multi-turn session.
+
+    The first question renders as ``p0 + user + p1`` (exactly the single format's prompt), every answer as
+    ``a0 + answer + a1`` (the single format's answer), every later question as ``h + user + p1``, so each
+    answer follows the same generation prompt as in the single format.
+    """
+    pieces = _TemplateCache(tokenizer, enable_thinking).get(system)
+    if pieces is None:
+        raise DataError("the chat template cannot be split into turns; the session format needs a ChatML-like "
+                        "template (Qwen3, SmolLM2)")
+    p0, p1, a0, a1 = pieces
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": _USER},
+                {"role": "assistant", "content": _ANSWER}, {"role": "user", "content": _USER2}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+    between = text[text.index(_ANSWER) + len(_ANSWER):text.index(_USER2)]
+    if not between.startswith(a1) or not text.endswith(_USER2 + p1):
+        raise DataError("the chat template renders later turns differently from the first; "
+                        "the session format cannot be used with it")
+    return p0, p1, a0, a1, between[len(a1):]
+
+
+def check_session_record(rec: Any, where: str) -> None:
+    """One line naming the record and key when a session record is malformed."""
+    from .formatting import normalize_label
+
+    turns = rec.get("turns") if isinstance(rec, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'turns' must be a non-empty list")
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("start"), str):
+            raise DataError(f"{where}: turns[{j}] needs a string 'start'")
+        if j and not isinstance(t.get("next"), str):
+            raise DataError(f"{where}: turns[{j}] needs a string 'next'")
+        if normalize_label(t.get("answer")) is None:
+            raise DataError(f"{where}: turns[{j}].answer {t.get('answer')!r} is not Yes/No")
+
+
+def session_texts(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
+                  enable_thinking: bool = False, source: str = "data") -> list[list[tuple[str, str, str]]]:
+    """Per record, per turn: ``(prompt if the turn opens an example, prompt if it continues one, answer)``."""
+    from .formatting import DEFAULT_SYSTEM_PROMPT, normalize_label
+
+    pieces: dict[str, tuple[str, ...]] = {}
+    out = []
+    for i, rec in enumerate(records):
+        check_session_record(rec, f"{source}: record {i + 1}")
+        system = system_prompt or rec.get("system") or DEFAULT_SYSTEM_PROMPT
+        if system not in pieces:
+            pieces[system] = session_pieces(tokenizer, system, enable_thinking)
+        p0, p1, a0, a1, h = pieces[system]
+        turns = [(p0 + t["start"] + p1, (h + t["next"] + p1) if j else "", a0 + normalize_label(t["answer"]) + a1)
+                 for j, t in enumerate(rec["turns"])]
+        if i < _VERIFY_FIRST:
+            first = chat_texts(tokenizer, system, rec["turns"][0]["start"], normalize_label(rec["turns"][0]["answer"]),
+                               enable_thinking)
+            if first != (turns[0][0], turns[0][2]):
+                raise DataError("the chat template's first turn differs from its pieces; the session format "
+                                "cannot be used with it")
+        out.append(turns)
+    return out
+
+
+def plan_sessions(turn_lens: list[list[tuple[int, int, int]]], cutoff_len: int) -> list[list[tuple[int, int]]]:
+    """Cut every session into examples that fit ``cutoff_len`` without cutting through an answer.
+
+    ``turn_lens[r][j]`` = (tokens of the turn as an opening question, as a continuation, of its answer).
+    Returns per example a list of ``(record, turn)``; an example's first turn is an opening question (its
+    prompt is cut from the left when even one question does not fit, as in the single format).
+    """
+    examples: list[list[tuple[int, int]]] = []
+    for r, turns in enumerate(turn_lens):
+        used = cutoff_len + 1
+        for j, (opening, cont, answer) in enumerate(turns):
+            if j and used + cont + answer <= cutoff_len:
+                examples[-1].append((r, j))
+                used += cont + answer
+            else:
+                examples.append([(r, j)])
+                used = min(opening + answer, cutoff_len)
+    return examples
+
+
+def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
+                               enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
+    """Session records -> a pyarrow Table (``input_ids``, ``labels``): labels on every answer's tokens.
+
+    A session longer than ``cutoff_len`` becomes several examples, split between turns; the split-off part
+    opens with its turn's full question (15-movie history), so no answer is ever truncated.
+    """
+    import pyarrow as pa
+
+    texts = session_texts(records, tokenizer, system_prompt, enable_thinking, source)
+    flat = [t for turns in texts for t in turns]
+    kinds = sorted({a for _, _, a in flat})
+    ans_ids = {a: _answer_ids(tokenizer(a, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id, cutoff_len)
+               for a in kinds}
+    cont_vals, cont_off = encode_texts([c for _, c, _ in flat], tokenizer, batch_size)
+    open_vals, open_off = encode_texts([o for o, _, _ in flat], tokenizer, batch_size)
+    starts = np.cumsum([0] + [len(t) for t in texts])
+    lens = [[(int(open_off[k + 1] - open_off[k]), int(cont_off[k + 1] - cont_off[k]), len(ans_ids[flat[k][2]]))
+             for k in range(starts[r], starts[r + 1])] for r in range(len(texts))]
+    input_ids, labels = [], []
+    for example in plan_sessions(lens, cutoff_len):
+        ids: list[int] = []
+        lab: list[int] = []
+        for n, (r, j) in enumerate(example):
+            k = starts[r] + j
+            answer = ans_ids[flat[k][2]]
+            if n == 0:
+                prompt = open_vals[open_off[k]:open_off[k + 1]].tolist()
+                prompt = prompt[max(0, len(prompt) - (cutoff_len - len(answer))):]  # left truncation
+            else:
+                prompt = cont_vals[cont_off[k]:cont_off[k + 1]].tolist()
+            ids += prompt + answer
+            lab += [IGNORE_INDEX] * len(prompt) + answer
+        input_ids.append(ids)
+        labels.append(lab)
+    return pa.table({"input_ids": pa.array(input_ids, pa.large_list(pa.int32())),
+                     "labels": pa.array(labels, pa.large_list(pa.int32()))})
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -298,7 +435,7 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     records = load_data(data_path)
     if max_samples:
         records = records[:max_samples]
-    table = tokenize_to_arrow(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=data_path)
+    table = tokenize_any(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=data_path)
     ds = Dataset(table)
     logger.info("Tokenized %s: %d examples in %.1fs (%.0f examples/s)", split, len(ds),
                 time.perf_counter() - t0, len(ds) / max(time.perf_counter() - t0, 1e-9))

@@ -46,6 +46,7 @@ class RecSFTTrainer(SFTTrainer):
 
     yes_id: int = -1
     no_id: int = -1
+    loss_type: str = "nll"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
@@ -57,6 +58,8 @@ class RecSFTTrainer(SFTTrainer):
         projection (transformers' ``logits_to_keep`` with a boolean mask), which gives the same loss.
         """
         mode = "train" if model.training else "eval"
+        if self.loss_type == "yes_no":
+            return self._yes_no_loss(model, inputs, mode, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         keep, _ = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
@@ -69,6 +72,37 @@ class RecSFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         self._log_token_metrics(mode, inputs, logits, targets)
+        return (loss, outputs) if return_outputs else loss
+
+    def _yes_no_loss(self, model, inputs, mode: str, return_outputs: bool, num_items_in_batch=None):
+        """Binary cross-entropy on logit(Yes) - logit(No) at the first position of every answer.
+
+        The two logits are computed in float32 from the final (normed) hidden state and the two LM-head
+        rows, so bf16 rounding of the full-vocabulary logits does not blur the margin.
+        """
+        labels = inputs["labels"]
+        keep, starts = answer_positions(labels)
+        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        captured: dict[str, torch.Tensor] = {}
+        norm = self.accelerator.unwrap_model(model).get_decoder().norm
+        hook = norm.register_forward_hook(lambda mod, args, out: captured.__setitem__("h", out))
+        try:
+            outputs = model(**fwd, use_cache=False, logits_to_keep=starts)
+        finally:
+            hook.remove()
+        hidden = captured["h"][starts].float()  # (N_answers, d)
+        diff = yes_no_margin(self.accelerator.unwrap_model(model), hidden, self.yes_id, self.no_id)
+        gold = labels[:, 1:][starts[:, :-1]]
+        target = (gold == self.yes_id).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, target, reduction="sum")
+        count = torch.as_tensor(float(target.numel()), device=loss.device)
+        if num_items_in_batch is not None:  # answers in the whole accumulated batch (same tokens per answer)
+            count = num_items_in_batch * target.numel() / max(int(keep.sum()), 1)
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        pair = torch.stack([diff, torch.zeros_like(diff)], -1)
+        self._log_token_metrics(mode, inputs, pair, (gold != self.yes_id).long())
         return (loss, outputs) if return_outputs else loss
 
     def _log_token_metrics(self, mode: str, inputs, logits, targets) -> None:
@@ -90,13 +124,27 @@ class RecSFTTrainer(SFTTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits.float()  # (N_label, V)
         targets = labels[:, 1:][labels[:, 1:] != -100]
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
-        if prediction_loss_only:
-            return loss.detach(), None, None
         first = starts[keep]  # which kept rows are the first token of an answer
         at = logits[first]
+        if self.loss_type == "yes_no":
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                at[:, self.yes_id] - at[:, self.no_id], (targets[first] == self.yes_id).float())
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
+        if prediction_loss_only:
+            return loss.detach(), None, None
         preds = torch.stack([at.argmax(-1).float(), at[:, self.yes_id], at[:, self.no_id]], dim=-1)
         return loss.detach(), preds, targets[first]
+
+
+def yes_no_margin(model, hidden: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """logit(Yes) - logit(No) in float32 from final hidden states ``(N, d)`` and the LM head's two rows."""
+    head = model.get_output_embeddings()
+    rows = head.weight[[yes_id, no_id]].float()
+    logits = hidden.float() @ rows.T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[[yes_id, no_id]].float()
+    return logits[:, 0] - logits[:, 1]
 
 
 def make_compute_metrics(tokenizer):
@@ -422,6 +470,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
+    trainer.loss_type = train.loss_type
     trainer.time_budget = budget
     if args.world_size > 1:
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,

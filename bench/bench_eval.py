@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import (QWEN3_TOKENIZER, SMOLLM2_GGUF, default_data, device_info, isolated, load_records,
-                     median, print_table, quiet_logs, versions, write_json)
+from _common import (QWEN3_TOKENIZER, SMOLLM2_GGUF, bench_main, default_data, device_info, load_records, median,
+                     print_table, quiet_logs, random_qwen3_dir, versions, write_json)
 
 
 def load(model: str, device: str):
@@ -30,10 +30,8 @@ def load(model: str, device: str):
     from recsft.modeling import load_model, load_tokenizer
 
     if model.endswith("-random"):
-        from bench_train import build_model_dir
-
         tok = load_tokenizer(QWEN3_TOKENIZER)
-        path = build_model_dir(model.removesuffix("-random"), tok, device)
+        path = random_qwen3_dir(model.removesuffix("-random"), tok, device)
         m = load_model(path, device, "auto", "sdpa")
         m.generation_config.pad_token_id, m.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
         return m.eval(), tok, path
@@ -50,9 +48,6 @@ def run(args) -> dict:
     from recsft.inference import generate, max_prompt_tokens, prompts_for, score
     from recsft.metrics import extract_answer
 
-    if args.quick:
-        args.model, args.n, args.batch, args.repeats = "tiny-random", 8, "4", 1
-        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in str(args.batch).split(",")]
@@ -138,7 +133,7 @@ def run(args) -> dict:
 def summarize(gen, sc, gold, gen_s, score_s, new_tokens, batch, max_new, extract_answer) -> dict:
     n = len(gen)
     gen_ans = [extract_answer(g) for g in gen]
-    score_ans = ["Yes" if s["p_yes"] >= 0.5 else "No" for s in sc]
+    score_ans = [s["answer"] for s in sc]  # greedy's pick between Yes and No (ties: lower token id)
     parsed = [i for i, a in enumerate(gen_ans) if a in ("Yes", "No")]
     labelled = [i for i, g in enumerate(gold) if g in ("Yes", "No")]
     return {"batch": batch, "max_new_tokens": max_new, "generate_s": median(gen_s), "score_s": median(score_s),
@@ -165,14 +160,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 on a busy shared CPU)")
     p.add_argument("--quick", action="store_true", help="tiny random Qwen3, 8 prompts: a few seconds")
     p.add_argument("--json-out", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.n, args.batch, args.repeats = "tiny-random", 8, "4", 1
+        args.threads = args.threads or 1
+    return args
 
 
 def main(argv=None) -> dict:
     """Run with command-line ``argv`` (a list, or None for sys.argv) or an already parsed Namespace."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    with isolated():
-        return run(args)
+    return bench_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ What is compared (every pipeline produces ``input_ids`` + ``labels`` with -100 o
 * ``ours``  -- ``recsft.preprocess.tokenize_to_arrow`` (chat template rendered once per system prompt, each
   distinct text piece tokenized once, verified exact, vectorized masking/truncation into Arrow), and
   ``tokenize_records`` (the same, returned as Python lists).
-* ``pipeline`` -- ``preprocess_datasets_parallel`` on the whole file: cold (read JSON, tokenize, write the
+* ``pipeline`` -- ``load_tokenized_datasets`` on the whole file: cold (read JSON, tokenize, write the
   hash-keyed cache) and cached reload (hash the file + tokenizer, memory-map the cached Arrow dataset).
 
 The per-example baselines are slow, so they run on ``--n`` examples (after a 32-example warm-up that
@@ -32,8 +32,8 @@ import tempfile
 import types
 from pathlib import Path
 
-from _common import (QWEN3_TOKENIZER, Timer, as_json_file, default_data, device_info, isolated,
-                     load_records, median, print_table, quiet_logs, versions, write_json)
+from _common import (QWEN3_TOKENIZER, Timer, as_json_file, bench_main, default_data, device_info, load_records,
+                     median, print_table, quiet_logs, versions, write_json)
 
 WARMUP = 32
 
@@ -103,15 +103,15 @@ def same_output(ds, table, n: int) -> bool:
 def run(args) -> dict:
     quiet_logs()
     from recsft.modeling import load_tokenizer
-    from recsft.preprocess import preprocess_datasets_parallel, tokenize_records, tokenize_to_arrow
+    from recsft.preprocess import load_tokenized_datasets, tokenize_records, tokenize_to_arrow
 
     data = default_data(args.data)
     tok = load_tokenizer(QWEN3_TOKENIZER)
     records = load_records(data)
     if args.quick:
-        records, args.skip_trl = records[:1000], True
+        records = records[:1000]
     n_all = len(records)
-    n_base = min(args.n if not args.quick else 64, n_all)
+    n_base = min(args.n, n_all)
     print(f"data: {data} ({n_all} examples); baselines on {n_base}; cutoff_len {args.cutoff_len}")
     print(f"device: {device_info()}")
 
@@ -163,11 +163,11 @@ def run(args) -> dict:
         Path(path).write_text(json.dumps(records))
     try:
         with Timer() as cold:
-            preprocess_datasets_parallel(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
+            load_tokenized_datasets(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
         warm = []
         for _ in range(3):
             with Timer() as t:
-                ds, _ = preprocess_datasets_parallel(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
+                ds, _ = load_tokenized_datasets(path, None, tok, args.cutoff_len, cache_dir=str(cache / "c"))
             warm.append(t.s)
         assert len(ds) == n_all
     finally:
@@ -204,14 +204,15 @@ def parse_args(argv=None):
     p.add_argument("--skip-trl", action="store_true", help="leave out the stock TRL baseline")
     p.add_argument("--quick", action="store_true", help="1000 examples, per-example baseline on 64, no TRL baseline")
     p.add_argument("--json-out", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.skip_trl = 64, True
+    return args
 
 
 def main(argv=None) -> dict:
     """Run with command-line ``argv`` (a list, or None for sys.argv) or an already parsed Namespace."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    with isolated():
-        return run(args)
+    return bench_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -46,15 +46,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from _common import (QWEN3_TOKENIZER, default_data, device_info, isolated, load_records, median,
-                     print_table, quiet_logs, versions, write_json)
-
-QWEN3_VOCAB = 151936
-SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head_dim
-    "tiny": (32, 64, 2, 4, 2, 8),
-    "small": (256, 768, 4, 4, 2, 64),
-    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128),
-}
+from _common import (QWEN3_SHAPES, QWEN3_TOKENIZER, QWEN3_VOCAB, bench_main, default_data, device_info,
+                     load_records, median, print_table, quiet_logs, random_qwen3_dir, versions, write_json)
 PEAK_TFLOPS = {"cuda": 989.0}  # H100 SXM dense bf16
 
 
@@ -111,30 +104,6 @@ def build_variants(args) -> list[Variant]:
 
 
 # ------------------------------------------------------------------------------------------ model/data
-def build_model_dir(shape: str, tok, device: str, seed: int = 0) -> str:
-    """Random weights in the given Qwen3 shape (the real vocabulary), saved so every variant loads the same."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    h, inter, layers, heads, kv, hd = SHAPES[shape]
-    config = Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
-                         max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None)
-    torch.manual_seed(seed)
-    init_device = "cuda" if device == "cuda" else "cpu"
-    with torch.device(init_device):
-        model = Qwen3ForCausalLM(config)
-    if device == "cuda":
-        model = model.to(torch.bfloat16)
-    path = tempfile.mkdtemp(prefix=f"bench_{shape}_")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    del model
-    return path
-
-
 def body_params(config) -> int:
     h, L = config.hidden_size, config.num_hidden_layers
     hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
@@ -233,37 +202,13 @@ def dispose(trainer) -> None:
             torch.cuda.empty_cache()
 
 
-class StepTimer:
-    """Wall time and trained tokens at the end of every optimizer step (CUDA synchronized)."""
-
-    def __new__(cls, *a, **k):
-        from transformers import TrainerCallback
-
-        class _Timer(TrainerCallback):
-            def __init__(self, device):
-                self.device, self.trainer, self.marks = device, None, []
-
-            def _mark(self):
-                import torch
-
-                if self.device == "cuda":
-                    torch.cuda.synchronize()
-                self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens)))
-
-            def on_train_begin(self, args, state, control, **kwargs):
-                self._mark()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                self._mark()
-
-        return _Timer(*a, **k)
-
-
 def train_once(v: Variant, model_dir, tok, train_ds, args) -> dict:
     import torch
 
     gc.collect()
     resident = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None  # leak check
+    from _step_timer import StepTimer
+
     timer = StepTimer(args.device)
     trainer = make_trainer(v, model_dir, tok, train_ds, args, args.warmup + args.steps, callbacks=[timer])
     timer.trainer = trainer
@@ -324,39 +269,41 @@ def loss_check(model_dir, tok, train_ds, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(args) -> dict:
-    quiet_logs()
-    import torch
+@dataclass
+class Setup:
+    """What every variant shares: tokenizer, data, the random model folder, and the run description."""
+
+    tok: object
+    train_ds: object
+    model_dir: str
+    flops: dict
+    info: dict
+    variants: list
+
+
+def prepare(args) -> Setup:
+    """Tokenized data, the random model, FLOPs per token and the header of the results."""
     from transformers import AutoConfig
 
     from recsft.modeling import load_tokenizer
 
-    if args.quick:
-        args.shape, args.batch, args.accum, args.warmup, args.steps = "tiny", 2, 1, 1, 2
-        args.cutoff_len, args.threads = min(args.cutoff_len, 128), args.threads or 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
-    started = time.perf_counter()
     tok = load_tokenizer(QWEN3_TOKENIZER)
     data = default_data(args.data)
-    per_step = args.batch * args.accum
-    need = per_step * (args.warmup + args.steps) * 3  # packing puts ~2 examples in a row
+    need = args.batch * args.accum * (args.warmup + args.steps) * 3  # packing puts ~2 examples in a row
     records = load_records(data)[:need]
     train_ds = tokenized_dataset(records, tok, args.cutoff_len)
     lens = [len(x) for x in train_ds["input_ids"]]
     labels = sum(sum(1 for t in lab if t != -100) for lab in train_ds["labels"])
     ctx = sum(n * n for n in lens) / (2 * sum(lens))
     label_frac = labels / sum(lens)
-    model_dir = build_model_dir(args.shape, tok, args.device)
+    model_dir = random_qwen3_dir(args.shape, tok, args.device)
     gc.freeze()  # tokenizer, data, modules: out of every later gc.collect (0.3 s each on this heap)
     config = AutoConfig.from_pretrained(model_dir)
     flops = flops_per_token(config, args.lora_rank, ctx, label_frac)
     variants = build_variants(args)
     info = {"device": device_info(args.device), "versions": versions(), "shape": args.shape,
             "shape_dims": dict(zip(["hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim"],
-                                   SHAPES[args.shape])), "vocab": QWEN3_VOCAB,
+                                   QWEN3_SHAPES[args.shape])), "vocab": QWEN3_VOCAB,
             "batch": args.batch, "grad_accum": args.accum, "warmup_steps": args.warmup, "timed_steps": args.steps,
             "repeats": args.repeats, "cutoff_len": args.cutoff_len, "data": data, "examples": len(records),
             "mean_len": sum(lens) / len(lens), "label_frac": label_frac, "ctx_mean": ctx,
@@ -366,37 +313,43 @@ def run(args) -> dict:
     print(f"shape {args.shape} {info['shape_dims']} vocab {QWEN3_VOCAB}; batch {args.batch} x accum {args.accum}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; mean example {info['mean_len']:.0f} tokens, "
           f"{100 * label_frac:.2f}% label tokens")
-    try:
-        if not args.skip_check:
-            info["loss_check"] = check = loss_check(model_dir, tok, train_ds, args)
-            print(f"loss check (same batch, dropout off): stock {check['stock_loss']:.6f} | "
-                  + " | ".join(f"{n} {check[n]['loss']:.6f} (loss rel diff {check[n]['loss_rel_diff']:.1e}, "
-                               f"grad max rel diff {check[n]['grad_max_rel_diff']:.1e})"
-                               for n in ("ours", "ours_padfree")) + f" -> {'OK' if check['ok'] else 'MISMATCH'}")
-        for r in range(args.repeats):  # interleaved rounds: the shared machine's noise hits every variant
-            for v in variants:
-                if time.perf_counter() - started > args.time_budget:
-                    print(f"time budget {args.time_budget}s spent: {v.name} round {r + 1} skipped")
-                    continue
-                try:
-                    res = train_once(v, model_dir, tok, train_ds, args)
-                    v.results.append(res)
-                    peak = args.peak_tflops or PEAK_TFLOPS.get(args.device)
-                    print(f"  round {r + 1} {v.name:>20}: {res['tokens_per_s']:9.1f} tokens/s, "
-                          f"{res['s_per_step']:.3f} s/step"
-                          + (f", peak {res['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in res else "")
-                          + (f", MFU {res['tokens_per_s'] * flops['total'] / 1e12 / peak:.1%}" if peak else ""),
-                          flush=True)
-                except Exception as e:  # noqa: BLE001 - one failing option must not lose the others' numbers
-                    v.results.append({"error": f"{type(e).__name__}: {e}"})
-                    print(f"  round {r + 1} {v.name:>20}: FAILED {type(e).__name__}: {e}", flush=True)
-                    if args.verbose:
-                        traceback.print_exc()
-                info["variants"][v.name] = summarize(v, flops["total"], args)
-                write_json(args.json_out, info, quiet=True)  # after every variant: a timeout keeps the rest
-    finally:
-        shutil.rmtree(model_dir, ignore_errors=True)
+    return Setup(tok, train_ds, model_dir, flops, info, variants)
 
+
+def measure(setup: Setup, args, started: float) -> None:
+    """The loss check, then interleaved rounds over the variants; results go into ``setup.info``."""
+    info, flops = setup.info, setup.flops
+    if not args.skip_check:
+        info["loss_check"] = check = loss_check(setup.model_dir, setup.tok, setup.train_ds, args)
+        print(f"loss check (same batch, dropout off): stock {check['stock_loss']:.6f} | "
+              + " | ".join(f"{n} {check[n]['loss']:.6f} (loss rel diff {check[n]['loss_rel_diff']:.1e}, "
+                           f"grad max rel diff {check[n]['grad_max_rel_diff']:.1e})"
+                           for n in ("ours", "ours_padfree")) + f" -> {'OK' if check['ok'] else 'MISMATCH'}")
+    peak = args.peak_tflops or PEAK_TFLOPS.get(args.device)
+    for r in range(args.repeats):  # interleaved rounds: the shared machine's noise hits every variant
+        for v in setup.variants:
+            if time.perf_counter() - started > args.time_budget:
+                print(f"time budget {args.time_budget}s spent: {v.name} round {r + 1} skipped")
+                continue
+            try:
+                res = train_once(v, setup.model_dir, setup.tok, setup.train_ds, args)
+                v.results.append(res)
+                print(f"  round {r + 1} {v.name:>20}: {res['tokens_per_s']:9.1f} tokens/s, "
+                      f"{res['s_per_step']:.3f} s/step"
+                      + (f", peak {res['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in res else "")
+                      + (f", MFU {res['tokens_per_s'] * flops['total'] / 1e12 / peak:.1%}" if peak else ""),
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - one failing option must not lose the others' numbers
+                v.results.append({"error": f"{type(e).__name__}: {e}"})
+                print(f"  round {r + 1} {v.name:>20}: FAILED {type(e).__name__}: {e}", flush=True)
+                if args.verbose:
+                    traceback.print_exc()
+            info["variants"][v.name] = summarize(v, flops["total"], args)
+            write_json(args.json_out, info, quiet=True)  # after every variant: a timeout keeps the rest
+
+
+def report(info: dict, flops: dict, args) -> dict:
+    """The table, the RATIO lines (against stock, measured in the same run) and the JSON file."""
     rows = [dict(name=n, **s) for n, s in info["variants"].items()]
     ref = "stock" if "stock" in info["variants"] else next(iter(info["variants"]), None)
     ref_tps = info["variants"].get(ref, {}).get("tokens_per_s")
@@ -428,6 +381,23 @@ def run(args) -> dict:
     return info
 
 
+def run(args) -> dict:
+    quiet_logs()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    started = time.perf_counter()
+    setup = prepare(args)
+    try:
+        measure(setup, args, started)
+    finally:
+        shutil.rmtree(setup.model_dir, ignore_errors=True)
+    return report(setup.info, setup.flops, args)
+
+
 def summarize(v: Variant, flops_total: float, args) -> dict:
     ok = [r for r in v.results if "error" not in r]
     s = {"note": v.note, "runs": v.results}
@@ -448,7 +418,7 @@ def summarize(v: Variant, flops_total: float, args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--shape", choices=list(SHAPES), default=None, help="default: small on CPU, qwen3-0.6b on CUDA")
+    p.add_argument("--shape", choices=list(QWEN3_SHAPES), default=None, help="default: small on CPU, qwen3-0.6b on CUDA")
     p.add_argument("--data", default=None)
     p.add_argument("--batch", type=int, default=2, help="per-device train batch size (the configs' 2)")
     p.add_argument("--accum", type=int, default=None, help="gradient accumulation (default: 2 on CPU, 8 on CUDA)")
@@ -479,14 +449,15 @@ def parse_args(argv=None):
     args.accum = args.accum or (8 if cuda else 2)
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     args.steps = args.steps or (8 if cuda else 3)
+    if args.quick:
+        args.shape, args.batch, args.accum, args.warmup, args.steps = "tiny", 2, 1, 1, 2
+        args.cutoff_len, args.threads = min(args.cutoff_len, 128), args.threads or 1
     return args
 
 
 def main(argv=None) -> dict:
     """Run with command-line ``argv`` (a list, or None for sys.argv) or an already parsed Namespace."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    with isolated():
-        return run(args)
+    return bench_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

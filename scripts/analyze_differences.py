@@ -16,9 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from recsft.cli import run
+from recsft.evaluation import CATEGORIES, category
 from recsft.io import DataError
-
-CATEGORIES = ("lora_right_base_wrong", "base_right_lora_wrong", "both_wrong", "both_right")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -29,17 +28,9 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_args(argv)
 
 
-def category(row: dict) -> str:
-    if row["lora_correct"] and not row["base_correct"]:
-        return "lora_right_base_wrong"
-    if row["base_correct"] and not row["lora_correct"]:
-        return "base_right_lora_wrong"
-    return "both_right" if row["lora_correct"] else "both_wrong"
-
-
 def display_example(row: dict) -> str:
     """Format-specific view of one example and both answers."""
-    from recsft.evaluation import display_example as show
+    from recsft.report import display_example as show
 
     return (f"{show(row)}\n  label: {row['label']} | base: {row['base_prediction']} ({row['base_response']!r})"
             f" | lora: {row['lora_prediction']} ({row['lora_response']!r})")

@@ -47,8 +47,8 @@ def short(text: str, width: int = 70) -> str:
 
 
 def show_example(k: int, record: dict, tok, cutoff: int, system_prompt, enable_thinking: bool) -> None:
-    from recsft.formatting import to_chat_messages
-    from recsft.preprocess import chat_texts, tokenize_func
+    from recsft.formatting import chat_texts, to_chat_messages
+    from recsft.preprocess import tokenize_func
 
     print(f"\n{RULE}\nEXAMPLE {k}\n{RULE}\n\n[STEP 1] Original JSON Record:")
     for key, value in record.items():
@@ -115,38 +115,14 @@ def report(lengths: np.ndarray, cutoff: int, percentiles: list[float], unit: str
     return stats
 
 
-def plot_histogram(lengths: np.ndarray, cutoff: int, unit: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(lengths, bins=60, color="tab:blue", alpha=0.8)
-    if unit == "tokens":
-        ax.axvline(cutoff, color="tab:red", linestyle="--", label=f"cutoff_len = {cutoff}")
-    ax.axvline(np.percentile(lengths, 95), color="tab:orange", linestyle=":", label="p95")
-    ax.set(xlabel=f"sequence length ({unit})", ylabel="examples", title=f"Length distribution ({len(lengths)} examples)")
-    ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def main(args) -> dict:
-    from recsft.formatting import resolve_dataset, validate_records
-    from recsft.io import load_data
+    from recsft.formatting import load_records
     from recsft.modeling import load_tokenizer
+    from recsft.report import plot_length_histogram
 
     cfg = load_config(args.config, args.overrides)
     cutoff = args.cutoff_len or cfg.data.cutoff_len
-    path = resolve_dataset(args.dataset or cfg.data.dataset, cfg.data.dataset_dir)
-    records = load_data(path)
-    validate_records(records, path)
-    records = records[: args.max_samples] if args.max_samples else records
+    records, path = load_records(args.dataset or cfg.data.dataset, cfg.data.dataset_dir, args.max_samples)
     sp, think = cfg.data.system_prompt, cfg.model.enable_thinking
     tok = None if args.char_only else load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path)
     if tok is not None and args.show_examples:
@@ -157,7 +133,7 @@ def main(args) -> dict:
     lengths = lengths_of(records, tok, sp, think)
     stats = report(lengths, cutoff, [float(p) for p in args.percentiles.split(",")], unit, path)
     png = Path(args.output_dir) / f"seq_len_{Path(path).stem}_{unit}.png"
-    plot_histogram(lengths, cutoff, unit, png)
+    plot_length_histogram(lengths, cutoff, unit, png)
     print(f"\nHistogram saved to {png}")
     return stats
 

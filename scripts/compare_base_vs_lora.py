@@ -34,59 +34,33 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_args(argv)
 
 
-def pair_rows(base_rows: list[dict], lora_rows: list[dict]) -> list[dict]:
-    """One row per example with both predictions and which model was right."""
-    rows = []
-    for b, lo in zip(base_rows, lora_rows):
-        row = {k: v for k, v in lo.items() if k not in ("response", "prediction", "p_yes")}
-        row.update({"base_response": b["response"], "base_prediction": b["prediction"],
-                    "lora_response": lo["response"], "lora_prediction": lo["prediction"],
-                    "agree": b["prediction"] == lo["prediction"],
-                    "base_correct": b["prediction"] == b["label"], "lora_correct": lo["prediction"] == lo["label"]})
-        if "p_yes" in lo:
-            row.update(base_p_yes=b["p_yes"], lora_p_yes=lo["p_yes"])
-        rows.append(row)
-    return rows
-
-
-def agreement(rows: list[dict]) -> dict[str, int]:
-    return {"examples": len(rows), "agree": sum(r["agree"] for r in rows),
-            "disagree": sum(not r["agree"] for r in rows),
-            "lora_right_base_wrong": sum(r["lora_correct"] and not r["base_correct"] for r in rows),
-            "base_right_lora_wrong": sum(r["base_correct"] and not r["lora_correct"] for r in rows),
-            "both_right": sum(r["lora_correct"] and r["base_correct"] for r in rows),
-            "both_wrong": sum(not r["lora_correct"] and not r["base_correct"] for r in rows)}
-
-
 def main(args) -> dict:
-    from infer_lora import load_records
     from recsft import evaluation as E
+    from recsft.formatting import load_records
     from recsft.io import write_json_atomic, write_jsonl_atomic
+    from recsft.report import display_example, format_metrics
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter_dir or cfg.train.output_dir
     mode = args.eval_mode or cfg.infer.eval_mode
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
                                    args.max_samples or cfg.data.max_test_samples)
+    settings = E.EvalSettings.from_config(cfg)
     model, tok = E.load_for_eval(cfg.model, adapter)
-    kw = dict(batch_size=cfg.infer.infer_batch_size, system_prompt=cfg.data.system_prompt,
-              enable_thinking=cfg.model.enable_thinking, source=source, cutoff_len=cfg.data.cutoff_len)
-    if mode == "generate":
-        kw.update(max_new_tokens=cfg.infer.max_new_tokens, temperature=cfg.infer.temperature, top_p=cfg.infer.top_p)
-    lora_rows, lora_m = E.evaluate(model, tok, records, mode, desc="LoRA", **kw)
+    lora_rows, lora_m = E.evaluate(model, tok, records, mode, settings, source, desc="LoRA")
     with model.disable_adapter():
-        base_rows, base_m = E.evaluate(model, tok, records, mode, desc="Base", **kw)
-    rows = pair_rows(base_rows, lora_rows)
+        base_rows, base_m = E.evaluate(model, tok, records, mode, settings, source, desc="Base")
+    rows = E.pair_rows(base_rows, lora_rows)
     summary = {"test_file": source, "mode": mode, "adapter_dir": adapter, "model": cfg.model.model_name_or_path,
-               "base": base_m, "lora": lora_m, "agreement": agreement(rows)}
+               "base": base_m, "lora": lora_m, "agreement": E.agreement(rows)}
     out = Path(args.output_dir)
     write_jsonl_atomic(out / "comparisons.jsonl", rows)
     write_jsonl_atomic(out / "disagreements.jsonl", [r for r in rows if not r["agree"]])
     write_json_atomic(out / "comparison.json", summary)
-    print(f"[base] {E.format_metrics(base_m)}\n[lora] {E.format_metrics(lora_m)}")
+    print(f"[base] {format_metrics(base_m)}\n[lora] {format_metrics(lora_m)}")
     print("Agreement: " + " | ".join(f"{k} {v}" for k, v in summary["agreement"].items()))
     for r in [r for r in rows if not r["agree"]][: args.show]:
-        print(f"---\n{E.display_example(r)}\nlabel {r['label']} | base {r['base_prediction']} "
+        print(f"---\n{display_example(r)}\nlabel {r['label']} | base {r['base_prediction']} "
               f"({r['base_response']!r}) | lora {r['lora_prediction']} ({r['lora_response']!r})")
     print(f"Saved to {out}/comparison.json, comparisons.jsonl, disagreements.jsonl", flush=True)
     return summary

@@ -13,6 +13,8 @@ Copy-paste:
     python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml \\
         --resume_from_checkpoint output/qwen3-movielens-qlora/checkpoint-4000
     # several GPUs (DDP): accelerate launch --num_processes 2 scripts/finetune_lora.py --config ...
+    # every effective setting (code defaults + YAML + overrides), without training
+    python scripts/finetune_lora.py --config configs/smollm2_movielens_lora.yaml --print-config
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import time
 
 from recsft.cli import run
-from recsft.config import DEFAULT_CONFIG, Config, load_config
+from recsft.config import DEFAULT_CONFIG, Config, dump_config, load_config
 
 logger = logging.getLogger("finetune_lora")
 
@@ -35,6 +37,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--extra-epochs", type=float, default=0.0, help="train this many epochs beyond the config")
     parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
                         help="resume from this checkpoint folder")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (defaults + YAML + overrides) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return parser.parse_args(argv)
 
@@ -43,23 +47,35 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
          resume_from_checkpoint: str | None = None) -> dict:
     """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
     from recsft import training as T
+    from recsft.modeling import get_device, model_for, tokenizer_for
+    from recsft.preprocess import datasets_for, resolve_data
+    from recsft.report import finish_training
 
     start = time.perf_counter()
+    T.check_launch(cfg.model.quantization_bit)
     ckpt = T.find_resume_checkpoint(cfg.train.output_dir, resume, resume_from_checkpoint)
-    train_path, eval_path = T.resolve_data(cfg.data)
-    tokenizer = T.tokenizer_for(cfg.model)
-    train_ds, eval_ds = T.datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
-                                       clear_cache)
-    model, device = T.model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
+    train_path, eval_path = resolve_data(cfg.data)
+    tokenizer = tokenizer_for(cfg.model)
+    train_ds, eval_ds = datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
+                                     clear_cache, cpu=get_device() == "cpu")
+    model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
     trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
     with T.signals_installed(stopper):
         result = trainer.train(resume_from_checkpoint=ckpt)
     if stopper.requested:
         return T.stopped_early(trainer, stopper.requested)
-    return T.finish(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
+    return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
+
+
+def cli(args) -> dict:
+    """The command line: ``--print-config`` prints the effective config; otherwise train."""
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="", flush=True)
+        return cfg.to_dict()
+    return main(cfg, clear_cache=args.clear_cache, resume=args.resume, extra_epochs=args.extra_epochs,
+                resume_from_checkpoint=args.resume_from_checkpoint)
 
 
 if __name__ == "__main__":
-    run(lambda a: main(load_config(a.config, a.overrides), clear_cache=a.clear_cache, resume=a.resume,
-                           extra_epochs=a.extra_epochs, resume_from_checkpoint=a.resume_from_checkpoint),
-        parse_args)
+    run(cli, parse_args)

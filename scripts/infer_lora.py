@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(args) -> dict:
     from recsft import evaluation as E
+    from recsft.formatting import load_records
+    from recsft.report import save_eval
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter_dir or cfg.train.output_dir
@@ -66,77 +68,30 @@ def main(args) -> dict:
         return demo(cfg, adapter)
     mode = args.eval_mode or cfg.infer.eval_mode
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
-                             args.max_samples or cfg.data.max_test_samples)
+                                   args.max_samples or cfg.data.max_test_samples)
+    calibration = None
+    if mode == "score" and args.calibration_samples:
+        calibration, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
     out = Path(args.output_dir or "output/infer")
+    settings = E.EvalSettings.from_config(cfg)
     model, tok = E.load_for_eval(cfg.model, adapter, merge=not args.compare_base)
-    kw = dict(batch_size=cfg.infer.infer_batch_size, system_prompt=cfg.data.system_prompt,
-              enable_thinking=cfg.model.enable_thinking, source=source, max_new_tokens=cfg.infer.max_new_tokens,
-              temperature=cfg.infer.temperature, top_p=cfg.infer.top_p, cutoff_len=cfg.data.cutoff_len)
+
+    def run_one(name: str, primary: bool = False):
+        rows, metrics = E.evaluate_with_thresholds(model, tok, records, mode, settings, source,
+                                                   f"{name} ({mode})", calibration)
+        metrics.update({"model": cfg.model.model_name_or_path,
+                        "adapter": args.adapter_dir if name == "lora" else None, "test_file": source})
+        save_eval(out, name, rows, metrics, primary)
+        return rows, metrics
+
     primary = "lora" if adapter else "base"
-    results = {primary: run_one(model, tok, records, mode, out, primary, args, cfg, kw, primary=True)}
+    results = {primary: run_one(primary, primary=True)}
     if args.compare_modes:
-        results["modes"] = compare_modes(model, tok, records, mode, results[next(iter(results))], kw)
+        results["modes"] = E.compare_modes(model, tok, records, mode, results[primary], settings, source)
     if args.compare_base and adapter:
         with model.disable_adapter():
-            results["base"] = run_one(model, tok, records, mode, out, "base", args, cfg, kw)
-    summary = {name: r[1] if isinstance(r, tuple) else r for name, r in results.items()}
-    return summary
-
-
-def load_records(name: str, dataset_dir: str, max_samples: int | None):
-    from recsft.formatting import resolve_dataset, validate_records
-    from recsft.io import load_data
-
-    path = resolve_dataset(name, dataset_dir)
-    records = load_data(path)
-    validate_records(records, path)
-    return records[:max_samples] if max_samples else records, path
-
-
-def run_one(model, tok, records, mode, out: Path, name: str, args, cfg, kw, primary: bool = False):
-    from recsft import evaluation as E
-
-    gen_kw = {k: kw[k] for k in ("max_new_tokens", "temperature", "top_p")} if mode == "generate" else {}
-    gen_kw["cutoff_len"] = kw["cutoff_len"]
-    rows, metrics = E.evaluate(model, tok, records, mode, kw["batch_size"], kw["system_prompt"],
-                               kw["enable_thinking"], kw["source"], desc=f"{name} ({mode})", **gen_kw)
-    if mode == "score":
-        labels, p_yes = [r["label"] for r in rows], [r["p_yes"] for r in rows]
-        metrics["at_0.5"] = E.threshold_metrics(labels, p_yes, 0.5)
-        if args.calibration_samples:
-            eval_records, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
-            t = E.choose_threshold(model, tok, eval_records, kw["batch_size"], kw["system_prompt"],
-                                   kw["enable_thinking"], kw["cutoff_len"])
-            metrics["at_eval_threshold"] = E.threshold_metrics(labels, p_yes, t)
-        E.plot_roc(labels, p_yes, out / ("roc_curve.png" if primary else f"{name}_roc_curve.png"),
-                   title=f"{name} ROC ({len(rows)} examples)")
-    metrics.update({"model": cfg.model.model_name_or_path, "adapter": args.adapter_dir if name == "lora" else None,
-                    "test_file": kw["source"]})
-    E.save(out, name, rows, metrics, primary)
-    print(f"[{name}] {E.format_metrics(metrics)}", flush=True)
-    return rows, metrics
-
-
-def compare_modes(model, tok, records, first_mode, first, kw) -> dict:
-    """Run the other mode on the same examples: label agreement where generation said Yes/No, and speed."""
-    from recsft import evaluation as E
-
-    first_rows, first_metrics = first
-    other = "generate" if first_mode == "score" else "score"
-    gen_kw = {k: kw[k] for k in ("max_new_tokens", "temperature", "top_p")} if other == "generate" else {}
-    gen_kw["cutoff_len"] = kw["cutoff_len"]
-    rows, metrics = E.evaluate(model, tok, records, other, kw["batch_size"], kw["system_prompt"],
-                               kw["enable_thinking"], kw["source"], desc=other, **gen_kw)
-    by_mode = {first_mode: (first_rows, first_metrics), other: (rows, metrics)}
-    gen_rows, score_rows = by_mode["generate"][0], by_mode["score"][0]
-    parsed = [(g, s) for g, s in zip(gen_rows, score_rows) if g["prediction"] in ("Yes", "No")]
-    agree = sum(g["prediction"] == s["prediction"] for g, s in parsed)
-    speedup = by_mode["generate"][1]["seconds"] / max(by_mode["score"][1]["seconds"], 1e-9)
-    print(f"[modes] score agrees with generate on {agree}/{len(parsed)} examples where generation gave Yes/No; "
-          f"score is {speedup:.1f}x faster ({by_mode['score'][1]['examples_per_s']:.2f} vs "
-          f"{by_mode['generate'][1]['examples_per_s']:.2f} examples/s)", flush=True)
-    return {"generation_parsed": len(parsed), "agreement": agree / len(parsed) if parsed else float("nan"),
-            "score_speedup": speedup, f"{other}_metrics": metrics}
+            results["base"] = run_one("base")
+    return {name: r[1] if isinstance(r, tuple) else r for name, r in results.items()}
 
 
 def demo(cfg, adapter: str | None) -> dict:

@@ -58,7 +58,7 @@ def tiny_config(tmp_path: Path, model: str, **overrides):
 
 def write_config_yaml(cfg, path: Path, **extra) -> Path:
     """``cfg`` (plus ``extra`` keys) as a flat YAML config file that the scripts' ``--config`` reads."""
-    values = {k: v for k, v in cfg.to_dict().items() if v is not None} | extra
+    values = cfg.to_dict() | extra  # None -> null (e.g. quantization_bit: null, not the default 4)
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
     return path
 
@@ -70,8 +70,10 @@ def qwen3_tokenizer():
     return load_tokenizer(QWEN3_TOKENIZER)
 
 
-def build_tiny_qwen3(path: Path, tokenizer, seed: int = 0, yes_no_head: bool = False) -> str:
-    """A 2-layer random Qwen3 with the real tokenizer's vocabulary, saved to ``path``.
+def build_tiny_qwen3(path: Path, tokenizer, seed: int = 0, yes_no_head: bool = False, shape: str = "tiny") -> str:
+    """A random Qwen3 in the tiny shape (2 layers, hidden 32) with the real tokenizer's vocabulary, saved to ``path``.
+
+    ``shape="tiny64"`` (hidden 64) suits bitsandbytes' 4-bit CPU kernels, which work in blocks of 64 inputs.
 
     ``yes_no_head``: an untied LM head whose only non-zero rows are +v for "Yes" and -v for "No", so the
     model's first answer token is always Yes or No (which one depends on the input), like a chat model's.
@@ -79,9 +81,10 @@ def build_tiny_qwen3(path: Path, tokenizer, seed: int = 0, yes_no_head: bool = F
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from _common import qwen3_shape  # bench/_common.py: the one definition of the tiny shape
+
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+    config = Qwen3Config(vocab_size=len(tokenizer), **qwen3_shape(shape), max_position_embeddings=2048,
                          tie_word_embeddings=not yes_no_head, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = Qwen3ForCausalLM(config)

@@ -117,3 +117,38 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_then_resumes(tmp_
     assert f"Last completed step: {step}" in r.stdout
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["global_step"] == 40
+
+
+def test_sigterm_to_the_launcher_saves_one_checkpoint_then_resume_continues(tmp_path, tiny_qwen3):
+    """`kill <launcher>` (or Ctrl-C): the elastic agent forwards SIGTERM to every worker and SIGKILLs them 30 s
+    later; the workers agree on the step, save one checkpoint within that time and exit."""
+    config_file, cfg = write_config(tmp_path, "term.yaml", tiny_qwen3, max_steps=40, eval_strategy="no",
+                                    save_steps=1000, load_best_model_at_end="false",
+                                    per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    proc = subprocess.Popen(launch_cmd(config_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV, start_new_session=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Step 2/40" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines.append(proc.stdout.read())
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(lines)
+    out = Path(cfg.train.output_dir)
+    ckpts = list(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1, log[-3000:]
+    step = int(ckpts[0].name.split("-")[1])
+    assert 2 <= step < 40 and (ckpts[0] / "adapter_model.safetensors").is_file(), log[-3000:]
+    assert log.count(f"Training stopped by SIGTERM") == 2, log[-3000:]  # both ranks, the same step
+    assert f"at step {step}; checkpoint saved" in log
+
+    r = subprocess.run(launch_cmd(config_file, "--resume"), capture_output=True, text=True, timeout=400, env=ENV)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"Last completed step: {step}" in r.stdout
+    assert json.loads((out / "training_summary.json").read_text())["global_step"] == 40

@@ -88,20 +88,20 @@ def test_config_errors_are_collected_and_cli_exits_2(tmp_path):
 
 
 def test_corrupt_or_partial_cache_is_rebuilt(tmp_path, qwen3_tokenizer, caplog):
-    from recsft.preprocess import preprocess_datasets_parallel
+    from recsft.preprocess import load_tokenized_datasets
 
     train, _ = write_data(tmp_path / "d")
     kw = dict(cache_dir=str(tmp_path / "cache"))
-    first, _ = preprocess_datasets_parallel(train, None, qwen3_tokenizer, 160, **kw)
+    first, _ = load_tokenized_datasets(train, None, qwen3_tokenizer, 160, **kw)
     first = first.to_dict()  # copy out of the memory-mapped file before corrupting it
     cache = next((tmp_path / "cache").glob("train_preprocessed-*"))
     for arrow in cache.glob("*.arrow"):
         arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # a killed writer
     with caplog.at_level("WARNING"):
-        again, _ = preprocess_datasets_parallel(train, None, qwen3_tokenizer, 160, **kw)
+        again, _ = load_tokenized_datasets(train, None, qwen3_tokenizer, 160, **kw)
     assert "corrupt or partial" in caplog.text and again["input_ids"] == first["input_ids"]
     (cache / "recsft_cache.json").unlink()  # partial: never finished
-    third, _ = preprocess_datasets_parallel(train, None, qwen3_tokenizer, 160, **kw)
+    third, _ = load_tokenized_datasets(train, None, qwen3_tokenizer, 160, **kw)
     assert third["labels"] == first["labels"] and (cache / "recsft_cache.json").is_file()
 
 
@@ -144,3 +144,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_reaches_the_same_state(tmp_path, 
     assert subprocess.run(cmd + [str(full_cfg)], capture_output=True, timeout=300).returncode == 0
     a, b = load_file(str(killed_out / "adapter_model.safetensors")), load_file(str(full_out / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_tokenizer_fingerprint_ignores_the_last_calls_truncation(qwen3_tokenizer):
+    """An encode with truncation leaves it set in the fast backend; the cache key must not change with it."""
+    from recsft.preprocess import tokenizer_fingerprint
+
+    before = tokenizer_fingerprint(qwen3_tokenizer)
+    qwen3_tokenizer(["a b c d e f"], truncation=True, max_length=3)
+    assert tokenizer_fingerprint(qwen3_tokenizer) == before
+    qwen3_tokenizer(["a b c"], truncation=False)

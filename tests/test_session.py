@@ -198,14 +198,16 @@ def test_session_training_evaluates_every_answer(tmp_path, tiny_qwen3, data):
 @pytest.mark.slow
 def test_yes_no_loss_trains_and_matches_a_float32_reference(tmp_path, tiny_qwen3):
     from recsft import training as T
+    from recsft.modeling import model_for, tokenizer_for
+    from recsft.preprocess import datasets_for, resolve_data
 
     cfg = tiny_config(tmp_path, tiny_qwen3, loss_type="yes_no", max_steps=24, max_samples=8, learning_rate=3e-2,
                       gradient_accumulation_steps=1, eval_strategy="no", load_best_model_at_end="false",
                       save_strategy="no", dtype="float32")
-    train_path, _ = T.resolve_data(cfg.data)
-    tok = T.tokenizer_for(cfg.model)
-    train_ds, _ = T.datasets_for(cfg.data, False, tok, train_path, None, False)
-    model, device = T.model_for(cfg.model, cfg.lora, False)
+    train_path, _ = resolve_data(cfg.data)
+    tok = tokenizer_for(cfg.model)
+    train_ds, _ = datasets_for(cfg.data, False, tok, train_path, None, False, cpu=True)
+    model, device = model_for(cfg.model, cfg.lora, False)
     trainer, _ = T.build_trainer(model, tok, train_ds, train_ds, cfg, device)
     batch = trainer.data_collator([train_ds[i] for i in range(8)])
 

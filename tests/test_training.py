@@ -82,14 +82,16 @@ def test_eval_metrics_match_an_independent_forward(tmp_path, tiny_qwen3):
     """The answer-position metrics equal a plain full-logits forward decoded by the shared extractor."""
     from recsft import training as T
     from recsft.inference import answer_token_ids, prompts_for
+    from recsft.modeling import model_for, tokenizer_for
+    from recsft.preprocess import datasets_for, resolve_data
     from recsft.io import load_data
     from recsft.metrics import compute_metrics, extract_answer
 
     cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=1)
-    train_path, eval_path = T.resolve_data(cfg.data)
-    tok = T.tokenizer_for(cfg.model)
-    train_ds, eval_ds = T.datasets_for(cfg.data, False, tok, train_path, eval_path, False)
-    model, device = T.model_for(cfg.model, cfg.lora, False)
+    train_path, eval_path = resolve_data(cfg.data)
+    tok = tokenizer_for(cfg.model)
+    train_ds, eval_ds = datasets_for(cfg.data, False, tok, train_path, eval_path, False, cpu=True)
+    model, device = model_for(cfg.model, cfg.lora, False)
     trainer, _ = T.build_trainer(model, tok, train_ds, eval_ds, cfg, device)
     metrics = trainer.evaluate()
     records = load_data(eval_path)

@@ -8,8 +8,8 @@ import pytest
 
 import utils
 from recsft import config as C
-from recsft.formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, build_input_text
-from recsft.preprocess import chat_texts, tokenize_records
+from recsft.formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, build_input_text, chat_texts
+from recsft.preprocess import tokenize_records
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Fargo (1996)"]
 RATINGS = [5.0, 3.0, 4.0]
@@ -98,14 +98,14 @@ def test_cache_reused_when_valid_and_rebuilt_when_settings_change(qwen3_tokenize
     data = tmp_path / "train.json"
     data.write_text(json.dumps([train_record("Yes"), train_record("No")] * 4))
     kw = dict(cache_dir=str(tmp_path / "cache"))
-    a, _ = utils.preprocess_datasets_parallel(str(data), None, qwen3_tokenizer, 1024, **kw)
+    a, _ = utils.load_tokenized_datasets(str(data), None, qwen3_tokenizer, 1024, **kw)
     with caplog.at_level("INFO"):
-        b, _ = utils.preprocess_datasets_parallel(str(data), None, qwen3_tokenizer, 1024, **kw)
+        b, _ = utils.load_tokenized_datasets(str(data), None, qwen3_tokenizer, 1024, **kw)
     assert "from cache" in caplog.text and b["input_ids"] == a["input_ids"]
-    c, _ = utils.preprocess_datasets_parallel(str(data), None, qwen3_tokenizer, 40, **kw)  # new cutoff_len
+    c, _ = utils.load_tokenized_datasets(str(data), None, qwen3_tokenizer, 40, **kw)  # new cutoff_len
     assert max(len(x) for x in c["input_ids"]) == 40
     data.write_text(json.dumps([train_record("No")] * 3))  # data file changed
-    d, _ = utils.preprocess_datasets_parallel(str(data), None, qwen3_tokenizer, 1024, **kw)
+    d, _ = utils.load_tokenized_datasets(str(data), None, qwen3_tokenizer, 1024, **kw)
     assert len(d) == 3
     assert len(list((tmp_path / "cache").glob("train_preprocessed-*"))) == 3
 

@@ -6,8 +6,12 @@ import logging
 import sys
 from typing import Any, Callable
 
-from .config import ConfigError
-from .io import DataError
+from .runtime import omp_defaults
+
+omp_defaults()  # before anything imports torch: OpenMP reads its environment once, when torch loads it
+
+from .config import ConfigError  # noqa: E402
+from .io import DataError  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
 

@@ -66,7 +66,8 @@ class ModelArgs(_Section):
     tokenizer_name_or_path: str | None = None  # defaults to the model path
     flash_attn: str = "auto"  # auto | flash_attention_2 | sdpa | eager | false
     quantization_bit: int | None = 4  # 4 = QLoRA (NF4, CUDA only); None = plain LoRA
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: see recsft.modeling.choose_dtype)
+    num_threads: str = "auto"  # CPU threads for torch: auto (OMP_NUM_THREADS if set, else physical cores) or N
     enable_thinking: bool = False  # Qwen3: keep False so training text == inference text
     trust_remote_code: bool = False
 
@@ -77,6 +78,8 @@ class ModelArgs(_Section):
         self._check(self.quantization_bit in (None, 4, 8), "quantization_bit: must be 4, 8 or null")
         self._check(self.dtype in ("auto", "bfloat16", "float16", "float32"),
                     f"dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        self._check(self.num_threads == "auto" or (self.num_threads.isdigit() and int(self.num_threads) > 0),
+                    f"num_threads: {self.num_threads!r} must be auto or a positive integer")
         self._raise_if_problems()
 
 
@@ -86,11 +89,11 @@ class DataArgs(_Section):
     eval_dataset: str = "movielens_eval"
     test_file: str = "movielens_test"
     dataset_dir: str = "."  # folder holding dataset_info.json; file_name entries are relative to it
-    cutoff_len: int = 1024  # max tokens per example; longer prompts are cut from the left
+    cutoff_len: int = 1024  # max tokens per example (Qwen3: p95 of the data ~470); prompts cut from the left
     max_samples: int | None = None  # cap on training examples (None = all)
-    max_eval_samples: int | None = 1000  # cap on eval examples used during training
+    max_eval_samples: int | None = 1000  # cap on eval examples used during training (quick, reliable checks)
     max_test_samples: int | None = None  # cap on test examples for inference scripts
-    preprocessing_cache_dir: str = ".cache/preprocessed"
+    preprocessing_cache_dir: str = ".cache/preprocessed"  # tokenized data, keyed by data+tokenizer+settings
     system_prompt: str | None = None  # None = DEFAULT_SYSTEM_PROMPT (or the record's own "system")
 
     def __post_init__(self):
@@ -104,8 +107,8 @@ class DataArgs(_Section):
 @dataclass
 class LoraArgs(_Section):
     lora_rank: int = 16
-    lora_alpha: int = 64
-    lora_dropout: float = 0.05
+    lora_alpha: int = 64  # scaling = alpha / rank = 4
+    lora_dropout: float = 0.05  # light regularization
     lora_target: str = "all"  # all = every linear layer; qv = q_proj,v_proj; or a comma list
 
     def __post_init__(self):
@@ -118,30 +121,32 @@ class LoraArgs(_Section):
 
 @dataclass
 class TrainArgs(_Section):
-    output_dir: str = ADAPTER_DIR
-    per_device_train_batch_size: int = 2
+    output_dir: str = ADAPTER_DIR  # adapter, checkpoints, logs/ (TensorBoard), training_summary.json
+    per_device_train_batch_size: int = 2  # raise to 4+ if memory allows
     per_device_eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 8
-    num_train_epochs: float = 3.0
+    gradient_accumulation_steps: int = 8  # effective batch = 2 x 8 = 16 per device
+    num_train_epochs: float = 3.0  # --extra-epochs N adds to this when resuming
     max_steps: int = -1  # > 0 overrides num_train_epochs
     learning_rate: float = 1.5e-4
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps (see sft_config)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    logging_steps: int = 10
+    logging_steps: int = 10  # train loss/lr every N optimizer steps
     eval_strategy: str = "steps"
     eval_steps: int = 2000
     save_strategy: str = "steps"
-    save_steps: int = 4000
-    save_total_limit: int | None = 2
-    load_best_model_at_end: bool = True
-    metric_for_best_model: str = "f1"
+    save_steps: int = 4000  # a multiple of eval_steps (best-model selection)
+    save_total_limit: int | None = 2  # keep the last 2 checkpoints (plus the best)
+    load_best_model_at_end: bool = True  # the best checkpoint becomes the final adapter
+    metric_for_best_model: str = "f1"  # f1 | accuracy | auc | loss
     early_stopping_patience: int | None = 3  # None/0 disables early stopping
-    gradient_checkpointing: bool = False
-    packing: bool = False  # padding-free packing (no cross-example attention)
-    seed: int = 42
+    gradient_checkpointing: bool = False  # true saves memory at ~25% more compute
+    # padding-free packing (no cross-example attention); pays off with flash-attn: with SDPA (CPU) a packed
+    # batch needs a dense block mask and is slower
+    packing: bool = False
+    seed: int = 42  # data order, LoRA init, dropout
     gen_eval_samples: int = 0  # >0: greedy generation eval on N eval examples after training
     report_to: str = "tensorboard"
     bf16: str = "auto"  # auto = bf16 on GPUs that support it
@@ -347,6 +352,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     return build_config(values, source=str(path) if path else None)
 
 
-def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw YAML mapping, not validated (the scripts read configs through :func:`load_config`)."""
-    return read_yaml(path)
+def dump_config(cfg: Config) -> str:
+    """The effective config as flat YAML (loadable with ``--config``), one ``# --- section ---`` block each."""
+    blocks = []
+    for name in SECTIONS:
+        values = dataclasses.asdict(getattr(cfg, name))
+        blocks.append(f"# --- {name} ---\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120))
+    return f"# effective config ({cfg.source or 'defaults only'} over the defaults in recsft/config.py)\n" + \
+        "\n".join(blocks)

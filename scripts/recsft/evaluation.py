@@ -1,19 +1,39 @@
-"""Evaluation shared by infer_lora, compare_base_vs_lora and the benchmarks: load, predict, score, save."""
+"""Evaluation shared by the inference scripts and training's generation eval: load, predict, score."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from pathlib import Path
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
 from .inference import generate, max_prompt_tokens, prompts_for, score
-from .io import write_json_atomic, write_jsonl_atomic
 from .metrics import best_threshold, compute_metrics, extract_answer
 
 logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How prompts are rendered and answered; the same for every model and mode compared in one run."""
+
+    batch_size: int = 16
+    system_prompt: str | None = None
+    enable_thinking: bool = False
+    cutoff_len: int | None = None
+    max_new_tokens: int = MAX_NEW_TOKENS  # the decoding knobs matter in generate mode only
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
+
+    @classmethod
+    def from_config(cls, cfg) -> "EvalSettings":
+        """The one place the inference settings are read from a :class:`~recsft.config.Config`."""
+        return cls(batch_size=cfg.infer.infer_batch_size, system_prompt=cfg.data.system_prompt,
+                   enable_thinking=cfg.model.enable_thinking, cutoff_len=cfg.data.cutoff_len,
+                   max_new_tokens=cfg.infer.max_new_tokens, temperature=cfg.infer.temperature, top_p=cfg.infer.top_p)
 
 
 def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None, merge: bool = False):
@@ -23,9 +43,13 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
     ``merge`` folds the adapter into the weights (faster; not for quantized models, and it removes the
     ability to switch the adapter off for a base-model comparison).
     """
-    from .modeling import check_adapter, get_device, load_adapter, load_model, load_tokenizer
+    from .modeling import check_adapter, get_device, is_kbit, load_adapter, load_model, load_tokenizer
 
     device = device or get_device()
+    if device == "cpu":
+        from .runtime import set_threads
+
+        set_threads(model_args.num_threads)
     if adapter_dir:
         check_adapter(adapter_dir, model_args.model_name_or_path)
     tok = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -34,7 +58,10 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
                        model_args.quantization_bit, model_args.trust_remote_code)
     if adapter_dir:
         model = load_adapter(model, adapter_dir, model_args.model_name_or_path)
-        if merge and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        if merge and is_kbit(model):
+            logger.info("Adapter not merged: the base is %d-bit and merging would re-quantize the LoRA update; "
+                        "running it unmerged (same outputs, slightly slower)", 4 if model.is_loaded_in_4bit else 8)
+        elif merge:
             model = model.merge_and_unload()
     return model.eval(), tok
 
@@ -49,20 +76,19 @@ def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16,
     budget = max_prompt_tokens(tok, cutoff_len)
     if mode == "score":
         rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
-        return [{"response": r["top_token"], "prediction": "Yes" if r["p_yes"] >= 0.5 else "No",
-                 "p_yes": r["p_yes"]} for r in rows]
+        return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"]} for r in rows]
     responses = generate(model, tok, prompts, max_new_tokens, temperature, top_p, batch_size,
                          desc=desc or "Generating", max_prompt_tokens=budget)
     return [{"response": r, "prediction": extract_answer(r)} for r in responses]
 
 
-def evaluate(model, tok, records: Sequence[dict], mode: str, batch_size: int = 16, system_prompt: str | None = None,
-             enable_thinking: bool = False, source: str = "data", desc: str = "",
-             **gen_kwargs) -> tuple[list[dict], dict[str, float]]:
+def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str = "data",
+             desc: str = "") -> tuple[list[dict], dict[str, float]]:
     """Predictions (one row per record, with its ids and label) and metrics on labelled records."""
-    prompts, labels = prompts_for(records, tok, system_prompt, enable_thinking, source)
+    prompts, labels = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
     start = time.perf_counter()
-    preds = predict(model, tok, prompts, mode, batch_size, desc=desc, **gen_kwargs)
+    preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,
+                    settings.top_p, desc=desc, cutoff_len=settings.cutoff_len)
     seconds = time.perf_counter() - start
     rows = []
     for rec, label, pred in zip(records, labels, preds):
@@ -80,60 +106,85 @@ def threshold_metrics(labels: Sequence[str], p_yes: Sequence[float], threshold: 
     return {"threshold": threshold, "accuracy": m["accuracy"], "f1": m["f1"]}
 
 
-def choose_threshold(model, tok, eval_records: Sequence[dict], batch_size: int, system_prompt: str | None,
-                     enable_thinking: bool, cutoff_len: int | None = None) -> float:
+def choose_threshold(model, tok, eval_records: Sequence[dict], settings: EvalSettings) -> float:
     """P(Yes) threshold maximising accuracy on eval records (never on the test records)."""
-    rows, _ = evaluate(model, tok, eval_records, "score", batch_size, system_prompt, enable_thinking,
-                       desc="Scoring eval (threshold)", cutoff_len=cutoff_len)
+    rows, _ = evaluate(model, tok, eval_records, "score", settings, desc="Scoring eval (threshold)")
     return best_threshold([r["label"] == "Yes" for r in rows], [r["p_yes"] for r in rows])
 
 
-def plot_roc(labels: Sequence[str], p_yes: Sequence[float], path: str | Path, title: str = "ROC") -> None:
-    """ROC curve PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y = [int(lab == "Yes") for lab in labels]
-    if len(set(y)) < 2:
-        logger.warning("ROC curve needs both classes; skipped")
-        return
-    fpr, tpr, _ = roc_curve(y, p_yes)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(fpr, tpr, label=f"AUC = {roc_auc_score(y, p_yes):.3f}")
-    ax.plot([0, 1], [0, 1], "k--", alpha=0.4, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+def evaluate_with_thresholds(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings,
+                             source: str = "data", desc: str = "",
+                             calibration_records: Sequence[dict] | None = None) -> tuple[list[dict], dict]:
+    """:func:`evaluate`; in score mode also accuracy/F1 at P(Yes) >= 0.5 (``at_0.5``) and, with
+    ``calibration_records`` (eval data), at the threshold chosen on them (``at_eval_threshold``)."""
+    rows, metrics = evaluate(model, tok, records, mode, settings, source, desc)
+    if mode == "score":
+        labels, p_yes = [r["label"] for r in rows], [r["p_yes"] for r in rows]
+        metrics["at_0.5"] = threshold_metrics(labels, p_yes, 0.5)
+        if calibration_records is not None:
+            t = choose_threshold(model, tok, calibration_records, settings)
+            metrics["at_eval_threshold"] = threshold_metrics(labels, p_yes, t)
+    return rows, metrics
 
 
-def save(out_dir: str | Path, name: str, rows: list[dict], metrics: dict, primary: bool = True) -> None:
-    """``<name>_predictions.jsonl`` and ``metrics_summary.json`` (primary run) or ``<name>_metrics.json``."""
-    out = Path(out_dir)
-    write_jsonl_atomic(out / f"{name}_predictions.jsonl", rows)
-    write_json_atomic(out / ("metrics_summary.json" if primary else f"{name}_metrics.json"), metrics)
+def compare_modes(model, tok, records: Sequence[dict], first_mode: str, first: tuple[list[dict], dict],
+                  settings: EvalSettings, source: str = "data") -> dict:
+    """Run the other mode on the same examples: label agreement where generation said Yes/No, and speed."""
+    first_rows, first_metrics = first
+    other = "generate" if first_mode == "score" else "score"
+    rows, metrics = evaluate(model, tok, records, other, settings, source, desc=other)
+    by_mode = {first_mode: (first_rows, first_metrics), other: (rows, metrics)}
+    gen_rows, score_rows = by_mode["generate"][0], by_mode["score"][0]
+    parsed = [(g, s) for g, s in zip(gen_rows, score_rows) if g["prediction"] in ("Yes", "No")]
+    agree = sum(g["prediction"] == s["prediction"] for g, s in parsed)
+    speedup = by_mode["generate"][1]["seconds"] / max(by_mode["score"][1]["seconds"], 1e-9)
+    print(f"[modes] score agrees with generate on {agree}/{len(parsed)} examples where generation gave Yes/No; "
+          f"score is {speedup:.1f}x faster ({by_mode['score'][1]['examples_per_s']:.2f} vs "
+          f"{by_mode['generate'][1]['examples_per_s']:.2f} examples/s)", flush=True)
+    return {"generation_parsed": len(parsed), "agreement": agree / len(parsed) if parsed else float("nan"),
+            "score_speedup": speedup, f"{other}_metrics": metrics}
 
 
-def format_metrics(metrics: dict) -> str:
-    keys = ("accuracy", "f1", "precision", "recall", "auc", "log_loss", "unparseable", "n", "examples_per_s")
-    return " | ".join(f"{k} {metrics[k]:.4g}" for k in keys
-                      if k in metrics and not (isinstance(metrics[k], float) and math.isnan(metrics[k])))
+def generation_eval(model, tokenizer, eval_path: str, n: int, settings: EvalSettings) -> dict:
+    """Generation (greedy, max_new_tokens=8 by default) on the first ``n`` eval records: the metrics only."""
+    from .io import load_data
+
+    _, metrics = evaluate(model, tokenizer, load_data(eval_path)[:n], "generate", settings, eval_path, "Gen eval")
+    return {k: v for k, v in metrics.items() if k not in ("mode", "seconds", "examples_per_s")}
 
 
-def display_example(row: dict, width: int = 300) -> str:
-    """Readable lines for one prediction row, per data format."""
-    if "candidate_title" in row:
-        head = [f"user_id: {row.get('user_id')}", f"candidate: {row['candidate_title']}",
-                f"history: {'; '.join(row.get('history_titles', []))}"]
-    else:
-        text = row.get("input", "")
-        head = [f"input: {text[:width]}{'...' if len(text) > width else ''}"]
-    return "\n".join(head)
+# ------------------------------------------------------------------------------ base vs adapter
+CATEGORIES = ("lora_right_base_wrong", "base_right_lora_wrong", "both_wrong", "both_right")
+
+
+def pair_rows(base_rows: list[dict], lora_rows: list[dict]) -> list[dict]:
+    """One row per example with both predictions and which model was right."""
+    rows = []
+    for b, lo in zip(base_rows, lora_rows):
+        row = {k: v for k, v in lo.items() if k not in ("response", "prediction", "p_yes")}
+        row.update({"base_response": b["response"], "base_prediction": b["prediction"],
+                    "lora_response": lo["response"], "lora_prediction": lo["prediction"],
+                    "agree": b["prediction"] == lo["prediction"],
+                    "base_correct": b["prediction"] == b["label"], "lora_correct": lo["prediction"] == lo["label"]})
+        if "p_yes" in lo:
+            row.update(base_p_yes=b["p_yes"], lora_p_yes=lo["p_yes"])
+        rows.append(row)
+    return rows
+
+
+def category(row: dict) -> str:
+    """Which of :data:`CATEGORIES` a paired row falls in (who was right)."""
+    if row["lora_correct"] and not row["base_correct"]:
+        return "lora_right_base_wrong"
+    if row["base_correct"] and not row["lora_correct"]:
+        return "base_right_lora_wrong"
+    return "both_right" if row["lora_correct"] else "both_wrong"
+
+
+def agreement(rows: list[dict]) -> dict[str, int]:
+    """Examples, (dis)agreements and the count of every right/wrong category."""
+    counts = Counter(category(r) for r in rows)
+    agree = sum(r["agree"] for r in rows)
+    return {"examples": len(rows), "agree": agree, "disagree": len(rows) - agree,
+            **{c: counts.get(c, 0) for c in ("lora_right_base_wrong", "base_right_lora_wrong", "both_right",
+                                              "both_wrong")}}

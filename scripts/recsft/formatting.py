@@ -1,4 +1,4 @@
-"""The two record formats, prompt text, chat messages, and dataset name resolution.
+"""The two record formats, prompt text, chat messages and their chat-template rendering, dataset loading.
 
 Training format (``train.json`` / ``eval.json``)::
 
@@ -14,11 +14,15 @@ Both formats render to the same user message, so a model sees identical text in 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from .io import DataError, load_json, resolve_asset
+from .io import DataError, load_data, load_json, resolve_asset
+from .metrics import normalize_label
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a movie recommendation assistant. Given a user's recent viewing history with ratings, "
@@ -27,7 +31,8 @@ DEFAULT_SYSTEM_PROMPT = (
 INSTRUCTION = "Predict whether the user will like the candidate movie. Answer only Yes or No."
 TRAIN_FIELDS = ("instruction", "input", "output")
 TEST_FIELDS = ("history_titles", "history_ratings", "candidate_title", "label")
-LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
+_USER, _ANSWER = "\u2063RECSFT_USER\u2063", "\u2063RECSFT_ANSWER\u2063"  # chat-template sentinels
+_VERIFY_FIRST = 16  # records whose fast rendering is checked against the real template
 
 
 def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str,
@@ -68,13 +73,6 @@ def record_format(record: dict[str, Any]) -> str:
         return "test"
     raise DataError(f"record has neither training fields {TRAIN_FIELDS} nor test fields {TEST_FIELDS}; "
                     f"got keys {sorted(record)}")
-
-
-def normalize_label(value: Any) -> str | None:
-    """``"Yes"``/``"No"`` from a label value (Yes/No in any case, 1/0, true/false), else None."""
-    if value is None:
-        return None
-    return LABELS.get(str(value).strip().lower())
 
 
 def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
@@ -166,3 +164,145 @@ def resolve_dataset(name: str, dataset_dir: str | os.PathLike = ".") -> str:
     if not file_name:
         raise DataError(f"{info_path}: entry {name!r} has no 'file_name'")
     return str(Path(dataset_dir) / file_name)
+
+
+def load_records(name: str, dataset_dir: str | os.PathLike = ".",
+                 max_samples: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """``(records, path)``: resolve a dataset name or path, load it, check every record, keep the first N."""
+    path = resolve_dataset(name, dataset_dir)
+    records = load_data(path)
+    validate_records(records, path)
+    return (records[:max_samples] if max_samples else records), path
+
+
+# ------------------------------------------------------------------------------ chat-template rendering
+def chat_texts(tokenizer, system: str, user: str, answer: str | None,
+               enable_thinking: bool = False) -> tuple[str, str]:
+    """``(prompt_text, answer_text)`` rendered by the tokenizer's chat template (thinking disabled)."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=enable_thinking)
+    if answer is None:
+        return prompt, ""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False,
+                                         enable_thinking=enable_thinking)
+    if not full.startswith(prompt):
+        raise ValueError("chat template: the full conversation does not start with the generation prompt; "
+                         "this template cannot be used for prompt/answer label masking")
+    return prompt, full[len(prompt):]
+
+
+class _TemplateCache:
+    """Chat template pieces per system prompt, rendered once with sentinels."""
+
+    def __init__(self, tokenizer, enable_thinking: bool):
+        self.tokenizer, self.enable_thinking = tokenizer, enable_thinking
+        self.pieces: dict[str, tuple[str, str, str, str] | None] = {}
+
+    def get(self, system: str):
+        if system not in self.pieces:
+            try:
+                prompt, answer = chat_texts(self.tokenizer, system, _USER, _ANSWER, self.enable_thinking)
+                ok = prompt.count(_USER) == 1 and answer.count(_ANSWER) == 1 and _ANSWER not in prompt
+                p0, _, p1 = prompt.partition(_USER)
+                a0, _, a1 = answer.partition(_ANSWER)
+                self.pieces[system] = (p0, p1, a0, a1) if ok else None
+            except Exception:  # templates that inspect content: use the slow path
+                self.pieces[system] = None
+        return self.pieces[system]
+
+    def render(self, system: str, user: str, answer: str | None) -> tuple[str, str]:
+        pieces = self.get(system)
+        if pieces is None:
+            return chat_texts(self.tokenizer, system, user, answer, self.enable_thinking)
+        p0, p1, a0, a1 = pieces
+        return p0 + user + p1, ("" if answer is None else a0 + answer + a1)
+
+
+def render_records(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
+                   enable_thinking: bool = False, source: str = "data") -> tuple[list[str], list[str | None]]:
+    """Prompt texts and answer texts (None when unlabelled) for every record.
+
+    The fast path is checked against the real template on the first records; any difference turns it off.
+    """
+    cache = _TemplateCache(tokenizer, enable_thinking)
+    prompts, answers = [], []
+    for i, rec in enumerate(records):
+        try:
+            p = format_prompt(rec, system_prompt)
+        except DataError as e:
+            raise DataError(f"{source}: record {i + 1}: {e}") from None
+        prompt, answer_text = cache.render(p["system"], p["user"], p["answer"])
+        if i < _VERIFY_FIRST:
+            slow = chat_texts(tokenizer, p["system"], p["user"], p["answer"], enable_thinking)
+            if (prompt, answer_text) != slow:
+                logger.warning("chat template fast path differs from the real template; rendering every record")
+                cache.get = lambda system: None  # type: ignore[method-assign]
+                prompt, answer_text = slow
+        prompts.append(prompt)
+        answers.append(answer_text if p["answer"] is not None else None)
+    return prompts, answers
+
+
+# -------------------------------------------------------------------------------------- session format
+_USER2 = "\u2063RECSFT_USER2\u2063"
+
+
+def session_pieces(tokenizer, system: str, enable_thinking: bool = False) -> tuple[str, str, str, str, str]:
+    """Template pieces ``(p0, p1, a0, a1, h)`` of a multi-turn session.
+
+    The first question renders as ``p0 + user + p1`` (exactly the single format's prompt), every answer as
+    ``a0 + answer + a1`` (the single format's answer), every later question as ``h + user + p1``, so each
+    answer follows the same generation prompt as in the single format.
+    """
+    pieces = _TemplateCache(tokenizer, enable_thinking).get(system)
+    if pieces is None:
+        raise DataError("the chat template cannot be split into turns; the session format needs a ChatML-like "
+                        "template (Qwen3, SmolLM2)")
+    p0, p1, a0, a1 = pieces
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": _USER},
+                {"role": "assistant", "content": _ANSWER}, {"role": "user", "content": _USER2}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+    between = text[text.index(_ANSWER) + len(_ANSWER):text.index(_USER2)]
+    if not between.startswith(a1) or not text.endswith(_USER2 + p1):
+        raise DataError("the chat template renders later turns differently from the first; "
+                        "the session format cannot be used with it")
+    return p0, p1, a0, a1, between[len(a1):]
+
+
+def check_session_record(rec: Any, where: str) -> None:
+    """One line naming the record and key when a session record is malformed."""
+    turns = rec.get("turns") if isinstance(rec, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'turns' must be a non-empty list")
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("start"), str):
+            raise DataError(f"{where}: turns[{j}] needs a string 'start'")
+        if j and not isinstance(t.get("next"), str):
+            raise DataError(f"{where}: turns[{j}] needs a string 'next'")
+        if normalize_label(t.get("answer")) is None:
+            raise DataError(f"{where}: turns[{j}].answer {t.get('answer')!r} is not Yes/No")
+
+
+def session_texts(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
+                  enable_thinking: bool = False, source: str = "data") -> list[list[tuple[str, str, str]]]:
+    """Per record, per turn: ``(prompt if the turn opens an example, prompt if it continues one, answer)``."""
+    pieces: dict[str, tuple[str, ...]] = {}
+    out = []
+    for i, rec in enumerate(records):
+        check_session_record(rec, f"{source}: record {i + 1}")
+        system = system_prompt or rec.get("system") or DEFAULT_SYSTEM_PROMPT
+        if system not in pieces:
+            pieces[system] = session_pieces(tokenizer, system, enable_thinking)
+        p0, p1, a0, a1, h = pieces[system]
+        turns = [(p0 + t["start"] + p1, (h + t["next"] + p1) if j else "", a0 + normalize_label(t["answer"]) + a1)
+                 for j, t in enumerate(rec["turns"])]
+        if i < _VERIFY_FIRST:
+            first = chat_texts(tokenizer, system, rec["turns"][0]["start"], normalize_label(rec["turns"][0]["answer"]),
+                               enable_thinking)
+            if first != (turns[0][0], turns[0][2]):
+                raise DataError("the chat template's first turn differs from its pieces; the session format "
+                                "cannot be used with it")
+        out.append(turns)
+    return out

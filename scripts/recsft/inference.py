@@ -8,7 +8,8 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
-from .preprocess import render_records
+from .formatting import render_records
+from .preprocess import prompt_budget
 
 
 @contextlib.contextmanager
@@ -69,12 +70,94 @@ def answer_token_ids(tokenizer) -> tuple[int, int]:
     return yes, no
 
 
+def greedy_says_yes(logit_yes, logit_no, yes_id: int, no_id: int):
+    """What greedy decoding picks between the two answer tokens (bool tensor, True = Yes).
+
+    The larger logit wins; on an exact tie the lower token id wins, as ``torch.argmax`` (first maximum) does in
+    ``generate``. Give it the logits generation sees (the model's own dtype), not re-projected ones.
+    """
+    return (logit_yes > logit_no) | ((logit_yes == logit_no) & (yes_id < no_id))
+
+
+class AnswerLogits:
+    """Context manager: float32 logits of the Yes and No tokens, projected from the hidden state the LM head gets.
+
+    A bf16 model's logits (≈ 30) are rounded to steps of 0.125, so P(Yes) computed from them takes a handful of
+    distinct values. A forward hook on the output embedding re-projects the head's input onto the two rows in
+    float32 (autocast off, bias included). ``pair(model_pair)`` returns those ``(N, 2)`` logits, or, when the head
+    cannot be re-projected exactly (a LoRA/quantized/sharded head) or the model rescales its logits after the head
+    (they disagree with ``model_pair`` beyond rounding), ``model_pair`` in float32, with one warning.
+    """
+
+    _warned = False
+
+    def __init__(self, model, yes_id: int, no_id: int):
+        self.model, self.ids = model, [yes_id, no_id]
+        self._handle, self._pair = None, None
+
+    def __enter__(self):
+        model = getattr(self.model, "module", self.model)  # DDP wrapper
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None:
+            self._handle = head.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = self._pair = None
+
+    def _hook(self, module, args, output):
+        import torch
+
+        self._pair = None
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        exact = (type(module) in (torch.nn.Linear,) and isinstance(weight, torch.Tensor)
+                 and type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.is_floating_point())
+        if not exact or not args:
+            return
+        hidden = args[0]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight[self.ids].float()
+            b = bias[self.ids].float() if bias is not None else None
+            self._pair = torch.nn.functional.linear(hidden.float(), w, b).reshape(-1, 2)
+
+    def pair(self, model_pair):
+        """Float32 ``(N, 2)`` [Yes, No] logits for the rows of ``model_pair`` (the model's own logits)."""
+        import torch
+
+        model_pair = model_pair.reshape(-1, 2)
+        exact = self._pair
+        if exact is not None and exact.shape == model_pair.shape:
+            ref = model_pair.float()
+            ulp = torch.finfo(model_pair.dtype).eps * ref.abs().clamp(min=1.0)
+            if bool(((exact - ref).abs() <= 4 * ulp + 1e-4).all()):
+                return exact
+        if not AnswerLogits._warned:
+            AnswerLogits._warned = True
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "P(Yes) from the model's own %s logits: its LM head cannot be re-projected in float32",
+                str(model_pair.dtype).replace("torch.", ""))
+        return model_pair.float()
+
+
+def p_yes_from_pair(pair):
+    """P(Yes) = softmax over the two answer logits, in float64 (float32 saturates at 1.0 past a gap of ~17)."""
+    import torch
+
+    return torch.sigmoid((pair[:, 0].double() - pair[:, 1].double()))
+
+
 def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = True,
           desc: str = "Scoring", max_prompt_tokens: int | None = None) -> list[dict]:
-    """One forward pass per prompt: P(Yes) vs P(No) at the answer position, and the argmax token.
+    """One forward pass per prompt: P(Yes) vs P(No) at the answer position, greedy's answer, and the argmax token.
 
-    Returns per prompt ``{"p_yes", "logit_yes", "logit_no", "top_token"}``; ``p_yes`` is the softmax of
-    the two answer logits, so it is defined even when the model prefers some other token.
+    Returns per prompt ``{"p_yes", "logit_yes", "logit_no", "answer", "top_token"}``. The two logits are projected
+    in float32 (see :class:`AnswerLogits`) and ``p_yes`` is their softmax, defined even when the model prefers
+    some other token. ``answer`` is what greedy generation would pick between Yes and No: the model's own
+    logits, the lower token id on a tie (so it can differ from ``p_yes >= 0.5`` only on a tie in that dtype).
     """
     import torch
 
@@ -82,26 +165,25 @@ def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progre
     device = next(model.parameters()).device
     out: list[dict] = []
     model.eval()
-    with _left_padding(tokenizer), torch.inference_mode():
+    with _left_padding(tokenizer), torch.inference_mode(), AnswerLogits(model, yes_id, no_id) as head:
         for batch in _batches(list(prompts), batch_size, desc, progress):
             enc = _encode(tokenizer, batch, device, max_prompt_tokens)
             position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :].float()
-            pair = logits[:, [yes_id, no_id]]
-            p_yes = torch.softmax(pair, dim=-1)[:, 0]
+            logits = model(**enc, position_ids=position_ids, logits_to_keep=1, use_cache=False).logits[:, -1, :]
+            model_pair = logits[:, [yes_id, no_id]]
+            pair = head.pair(model_pair)
+            p_yes = p_yes_from_pair(pair)
+            says_yes = greedy_says_yes(model_pair[:, 0], model_pair[:, 1], yes_id, no_id)
             top = logits.argmax(dim=-1)
             for i in range(len(batch)):
-                out.append({"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]),
-                            "logit_no": float(pair[i, 1]), "top_token": tokenizer.decode([int(top[i])])})
+                out.append({"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]), "logit_no": float(pair[i, 1]),
+                            "answer": "Yes" if bool(says_yes[i]) else "No",
+                            "top_token": tokenizer.decode([int(top[i])])})
     return out
 
 
-def max_prompt_tokens(tokenizer, cutoff_len: int | None) -> int | None:
-    """Prompt budget under ``cutoff_len``: what training keeps in front of the answer "Yes<eos>"."""
-    if not cutoff_len:
-        return None
-    answer = tokenizer("Yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return cutoff_len - len(answer)
+# The one prompt budget: training truncates to it (preprocess), inference cuts prompts to it here.
+max_prompt_tokens = prompt_budget
 
 
 def prompts_for(records: Sequence[dict], tokenizer, system_prompt: str | None = None,

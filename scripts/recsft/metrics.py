@@ -1,8 +1,9 @@
-"""The one Yes/No extractor and the one metrics function, shared by training, inference and comparison."""
+"""The one Yes/No extractor, label normaliser and metrics function, shared by training, inference and comparison."""
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Sequence
 
@@ -38,15 +39,16 @@ def extract_answer(text: str | None) -> str | None:
     return None
 
 
-def _as_label(value: Any) -> str | None:
-    if value in (1, True, "1"):
-        return "Yes"
-    if value in (0, False, "0"):
-        return "No"
-    if isinstance(value, str):
-        low = value.strip().lower()
-        return {"yes": "Yes", "no": "No"}.get(low)
-    return None
+LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
+
+
+def normalize_label(value: Any) -> str | None:
+    """``"Yes"``/``"No"`` from a label value, else None: Yes/No in any case, true/false, 1/0 (as text or number)."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool) and value in (0, 1):
+        return "Yes" if value == 1 else "No"
+    if value is None:
+        return None
+    return LABELS.get(str(value).strip().lower())
 
 
 def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
@@ -58,11 +60,11 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
     """
     if len(labels) != len(preds):
         raise ValueError(f"labels ({len(labels)}) and preds ({len(preds)}) differ in length")
-    gold = [_as_label(x) for x in labels]
+    gold = [normalize_label(x) for x in labels]
     if any(g is None for g in gold):
         bad = next(x for x, g in zip(labels, gold) if g is None)
         raise ValueError(f"label {bad!r} is not Yes/No")
-    pred = [_as_label(x) for x in preds]
+    pred = [normalize_label(x) for x in preds]
     n = len(gold)
     tp = sum(g == "Yes" and p == "Yes" for g, p in zip(gold, pred))
     fp = sum(g == "No" and p == "Yes" for g, p in zip(gold, pred))
@@ -81,28 +83,44 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
 
 
 def score_metrics(y_true: Sequence[bool], p_yes: Sequence[float]) -> dict[str, float]:
-    """ROC-AUC and log-loss of P(Yes) scores (NaN AUC when only one class is present)."""
+    """ROC-AUC and log-loss of P(Yes) scores (NaN AUC when only one class is present).
+
+    AUC ranks the scores as given; only the log-loss clips them to [1e-7, 1 - 1e-7] (clipping first would tie
+    every saturated score and change the AUC).
+    """
     from sklearn.metrics import log_loss, roc_auc_score
 
     y = [int(v) for v in y_true]
-    p = [min(max(float(v), 1e-7), 1 - 1e-7) for v in p_yes]
-    auc = roc_auc_score(y, p) if 0 < sum(y) < len(y) else math.nan
+    raw = [float(v) for v in p_yes]
+    p = [min(max(v, 1e-7), 1 - 1e-7) for v in raw]
+    auc = roc_auc_score(y, raw) if 0 < sum(y) < len(y) else math.nan
     return {"auc": float(auc), "log_loss": float(log_loss(y, p, labels=[0, 1]))}
 
 
 def best_threshold(y_true: Sequence[bool], p_yes: Sequence[float]) -> float:
-    """The P(Yes) threshold maximising accuracy (chosen on eval data, applied to test data)."""
+    """The P(Yes) threshold maximising accuracy (chosen on eval data, applied to test data).
+
+    Predictions are ``Yes if p >= threshold``. Every cut is expressible: at most the lowest score (all Yes), between
+    two distinct scores, and strictly above the highest one (all No, even when that score is exactly 1.0).
+    Ties in accuracy keep the lowest threshold.
+    """
     pairs = sorted(zip((float(v) for v in p_yes), (bool(t) for t in y_true)))
     n, pos = len(pairs), sum(t for _, t in pairs)
-    best_acc, best_t = pos / n if n else 0.0, 0.0  # threshold below everything: all Yes
+    best_acc = pos / n if n else 0.0  # threshold at or below everything: all Yes
+    best_t = min(0.0, pairs[0][0]) if n else 0.0
     neg_below = pos_below = 0
     for i, (p, t) in enumerate(pairs):
         pos_below += t
         neg_below += not t
-        nxt = pairs[i + 1][0] if i + 1 < n else 1.0
-        if nxt == p and i + 1 < n:
+        if i + 1 < n and pairs[i + 1][0] == p:
             continue
         acc = (neg_below + (pos - pos_below)) / n
         if acc > best_acc:
-            best_acc, best_t = acc, (p + nxt) / 2
+            best_acc = acc
+            if i + 1 < n:
+                nxt = pairs[i + 1][0]
+                mid = p + (nxt - p) / 2
+                best_t = mid if p < mid <= nxt else nxt  # adjacent floats: the upper one still separates them
+            else:
+                best_t = math.nextafter(p, math.inf)  # above the highest score: all No
     return best_t

@@ -92,67 +92,208 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     return tok
 
 
+def flash_attn_problem() -> str | None:
+    """Why flash-attn cannot be used here (None when it imports and its kernel entry point exists).
+
+    ``find_spec`` only says a folder named flash_attn is on the path; a wheel built for another torch/CUDA
+    fails at import (undefined symbol), so the import is tried and the reason kept for the log line.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    try:
+        import flash_attn
+
+        if not hasattr(flash_attn, "flash_attn_varlen_func"):
+            return "flash_attn has no flash_attn_varlen_func (incomplete install)"
+    except Exception as e:  # noqa: BLE001 - any import failure (ImportError, OSError from a .so) means "unusable"
+        return f"flash-attn fails to import ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    return None
+
+
 def resolve_attn_implementation(flash_attn: str, device: str) -> str | None:
     """Map the ``flash_attn`` knob to ``attn_implementation``; ``auto`` falls back to SDPA with a log line."""
     if flash_attn == "false":
         return "sdpa"
     if flash_attn in ("sdpa", "eager"):
         return flash_attn
-    has_fa = importlib.util.find_spec("flash_attn") is not None
-    gpu_ok = False
-    if device == "cuda":
+    why = None
+    if device != "cuda":
+        why = f"device {device} does not support it (needs CUDA sm80+)"
+    else:
         import torch
 
-        gpu_ok = torch.cuda.get_device_capability()[0] >= 8
-    if has_fa and gpu_ok:
+        if torch.cuda.get_device_capability()[0] < 8:
+            why = f"GPU sm{''.join(map(str, torch.cuda.get_device_capability()))} does not support it (needs sm80+)"
+    why = why or flash_attn_problem()
+    if why is None:
         logger.info("Attention: flash_attention_2")
         return "flash_attention_2"
-    why = "flash-attn is not installed" if not has_fa else f"device {device} does not support it (needs CUDA sm80+)"
     if flash_attn == "flash_attention_2":
         raise RuntimeError(f"flash_attn: flash_attention_2 requested but {why}; set flash_attn: auto or sdpa")
     logger.info("Flash Attention 2 unavailable (%s); falling back to PyTorch SDPA", why)
     return "sdpa"
 
 
+def cuda_auto_dtype() -> tuple[str, str]:
+    """``(dtype name, reason)`` for ``dtype: auto`` on a CUDA GPU."""
+    import torch
+
+    # is_bf16_supported() alone also says True on pre-Ampere GPUs (T4, V100), where bf16 is only emulated at a
+    # fraction of the speed; including_emulation=False asks about the hardware
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16", "the GPU has bf16 hardware"
+    return "float16", "the GPU has no bf16 hardware (fp16 autocast with a GradScaler)"
+
+
+def cuda_half_dtype():
+    """bf16 where the GPU has bf16 tensor cores (sm80+), else fp16 (trained with fp16 autocast + GradScaler)."""
+    import torch
+
+    return getattr(torch, cuda_auto_dtype()[0])
+
+
+def choose_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """``(dtype name, reason)``: the configured dtype, or for ``auto`` the device's fastest well-supported one.
+
+    CPU: bfloat16 only where the CPU computes it natively (:func:`recsft.runtime.cpu_bf16_native`), else float32.
+    """
+    if dtype != "auto":
+        return dtype, "dtype in the config"
+    if device == "cuda":
+        return cuda_auto_dtype()
+    if device == "cpu":
+        from .runtime import cpu_auto_dtype
+
+        return cpu_auto_dtype()
+    return "float32", f"auto on {device}"
+
+
 def resolve_dtype(dtype: str, device: str):
     import torch
 
-    if dtype != "auto":
-        return getattr(torch, dtype)
+    return getattr(torch, choose_dtype(dtype, device)[0])
+
+
+def sharded_launch() -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when accelerate launched this process with sharded parameters."""
+    import torch
+
+    # without CUDA accelerate runs an FSDP config as plain multi-process DDP (nothing is sharded)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and torch.cuda.is_available():
+        return "FSDP"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def kbit_problem(bits: int, device: str) -> str | None:
+    """Why the base cannot be loaded in ``bits``-bit with bitsandbytes on ``device`` (None = it can).
+
+    bitsandbytes >= 0.49 quantizes to 4-bit NF4 on CPU too; 8-bit on CPU and MPS are not offered here.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
     if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        return None
+    if device == "cpu" and bits == 4:
+        return None
+    return f"{bits}-bit bitsandbytes is not supported on {device} here (4-bit works on CUDA and CPU, 8-bit on CUDA)"
+
+
+def bnb_config(bits: int, compute_dtype, quant_storage=None):
+    """NF4 with double quantization (QLoRA); ``quant_storage`` set for FSDP/ZeRO-3, which shard by dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=quant_storage or torch.uint8)
 
 
 def load_model(name_or_path: str, device: str, dtype: str = "auto", flash_attn: str = "auto",
                quantization_bit: int | None = None, trust_remote_code: bool = False):
-    """Causal LM on ``device``; 4/8-bit (bitsandbytes) only on CUDA, plain weights elsewhere with a log line."""
+    """Causal LM on ``device``; 4/8-bit (bitsandbytes) where supported, plain weights elsewhere with a log line.
+
+    Under FSDP / ZeRO-3 the plain model stays on the CPU: the trainer shards it onto the GPUs (a full copy per
+    GPU first would need the memory sharding is meant to save).
+    """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype, device)
+    import torch
+
+    from .runtime import describe
+
+    name, why = choose_dtype(dtype, device)
+    torch_dtype = getattr(torch, name)
+    logger.info("%s", describe(device, name, why))
     kwargs = dict(dtype=torch_dtype, attn_implementation=resolve_attn_implementation(flash_attn, device),
                   trust_remote_code=trust_remote_code)
+    sharded = sharded_launch()
     if quantization_bit:
-        if device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=quantization_bit == 4, load_in_8bit=quantization_bit == 8,
-                bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype)
-            kwargs["device_map"] = {"": _local_cuda_index()}
-            logger.info("QLoRA: loading the base model in %d-bit (NF4) with bitsandbytes", quantization_bit)
+        why = kbit_problem(quantization_bit, device)
+        if why is None:
+            # FSDP/ZeRO-3 flatten parameters of one dtype: the 4-bit weights must be stored in the compute dtype
+            storage = torch_dtype if sharded and quantization_bit == 4 else None
+            kwargs["quantization_config"] = bnb_config(quantization_bit, torch_dtype, storage)
+            kwargs["device_map"] = {"": _local_cuda_index() if device == "cuda" else device}
+            logger.info("QLoRA: loading the base model in %d-bit (NF4) with bitsandbytes on %s, compute dtype %s%s",
+                        quantization_bit, device, str(torch_dtype).replace("torch.", ""),
+                        f", stored as {str(storage).replace('torch.', '')} for {sharded}" if storage else "")
         else:
-            why = "bitsandbytes is not installed" if device == "cuda" else f"device is {device}"
-            logger.info("QLoRA needs CUDA and bitsandbytes (%s): training plain LoRA in %s", why,
+            logger.info("QLoRA unavailable (%s): training plain LoRA in %s", why,
                         str(torch_dtype).replace("torch.", ""))
     model = AutoModelForCausalLM.from_pretrained(local_model_path(name_or_path), **kwargs)
-    if "quantization_config" not in kwargs:
+    if device == "cpu" and is_kbit(model):
+        _keep_unpackable_4bit_layers_plain(model)
+    if "quantization_config" not in kwargs and not sharded:
         model.to(f"cuda:{_local_cuda_index()}" if device == "cuda" else device)
     return model
 
 
 def _local_cuda_index() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_kbit(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def keep_trainable_fp32(model) -> int:
+    """Cast trainable (LoRA) parameters back to float32; returns how many were not.
+
+    TRL's SFTTrainer casts every trainable parameter of a quantized model to bf16 when it is built; AdamW then
+    updates bf16 weights, and updates below bf16's resolution (~0.4% of the weight) are lost. Called after
+    the trainer is built, before its optimizer exists, so the optimizer holds the float32 tensors.
+    """
+    import torch
+
+    changed = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            changed += 1
+    return changed
+
+
+def _keep_unpackable_4bit_layers_plain(model) -> None:
+    """bitsandbytes' fast CPU inference layout needs in_features % 64 == 0 and out_features % 32 == 0 (every real
+    chat model's layers do); other layers keep the standard layout instead of failing at the first eval forward."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and (module.in_features % 64 or module.out_features % 32):
+            module.support_avx512bf16_for_cpu = False
+
+
+def disable_cpu_4bit_inference_packing(model) -> None:
+    """Keep bitsandbytes' 4-bit CPU weights in the trainable layout.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` in eval mode repacks its weight for a faster inference kernel
+    that has no backward; after an in-training evaluation the next training steps would then backpropagate
+    through it silently wrong. Training models therefore keep the standard layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_target_modules(target: str) -> list[str] | str:
@@ -166,11 +307,21 @@ def lora_target_modules(target: str) -> list[str] | str:
 
 
 def apply_lora(model, rank: int, alpha: int, dropout: float, target: str, gradient_checkpointing: bool = False):
-    """Wrap ``model`` with fresh LoRA adapters (k-bit models are prepared for training first)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap ``model`` with fresh LoRA adapters; on a k-bit base, peft freezes every base weight.
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    peft's ``prepare_model_for_kbit_training`` is not used: it upcasts the embeddings, norms and the (tied) LM
+    head to float32, which puts the whole residual stream in fp32 under QLoRA. What it does that training
+    needs happens elsewhere: ``get_peft_model`` freezes the base, the trainer enables checkpointing and the
+    input gradients checkpointing needs (``activation_checkpointing``), and LoRA weights stay float32.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if is_kbit(model):
+        disable_cpu_4bit_inference_packing(model)
+        for param in model.parameters():
+            param.requires_grad = False
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(target),
                         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -212,3 +363,30 @@ def load_adapter(model, adapter_dir: str, base_model: str | None = None):
 
     check_adapter(adapter_dir, base_model)
     return PeftModel.from_pretrained(model, adapter_dir)
+
+
+# -------------------------------------------------------------------------------------- for training
+def tokenizer_for(model_args):
+    """The tokenizer named by the ``model`` config section (its own path, else the model's)."""
+    return load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                          model_args.trust_remote_code)
+
+
+def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
+    """Base model + fresh LoRA adapters; the seed is set first so the adapter init is reproducible."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    device = get_device()
+    if device == "cpu":
+        from .runtime import set_threads
+
+        set_threads(model_args.num_threads)
+    model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
+                       model_args.quantization_bit, model_args.trust_remote_code)
+    model = apply_lora(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target,
+                       gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %s trainable of %s parameters (%.2f%%) on %s", f"{trainable:,}", f"{total:,}",
+                100 * trainable / total, device)
+    return model, device

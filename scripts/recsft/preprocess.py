@@ -5,10 +5,11 @@
 full conversation, labels ``-100`` over the prompt; over-long examples lose tokens from the LEFT of
 the prompt so the answer and its labels always survive.
 
-``tokenize_records`` is the fast path used for training: it renders the chat template once per system
-prompt with sentinel strings, fills in each record by string substitution (verified against the real
-template on the first records, falling back to per-record rendering if they ever differ), and tokenizes
-whole batches in the Rust tokenizer. Its output is identical to ``tokenize_func``, which a test checks.
+``tokenize_to_arrow`` is the batched path that training uses (through ``load_tokenized_datasets`` and its
+cache): prompts come from ``formatting.render_records`` (the chat template rendered once per system prompt
+with sentinel strings and filled in by substitution, checked against the real template), each distinct
+text piece is tokenized once in the Rust tokenizer, and the result is assembled with numpy into a pyarrow
+table. ``tokenize_records`` returns the same as Python lists. Both equal ``tokenize_func``, which a test checks.
 """
 
 from __future__ import annotations
@@ -26,35 +27,35 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .formatting import format_prompt
+from .formatting import chat_texts, format_prompt, render_records, resolve_dataset, session_texts
 from .io import DataError, load_data
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-PREPROCESS_VERSION = "1"  # bump when the preprocessing logic changes: invalidates every cache
-_USER, _ANSWER = "\u2063RECSFT_USER\u2063", "\u2063RECSFT_ANSWER\u2063"
-_VERIFY_FIRST = 16
+PREPROCESS_VERSION = "2"  # bump when the preprocessing logic changes: invalidates every cache
 
 
-def chat_texts(tokenizer, system: str, user: str, answer: str | None,
-               enable_thinking: bool = False) -> tuple[str, str]:
-    """``(prompt_text, answer_text)`` rendered by the tokenizer's chat template (thinking disabled)."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=enable_thinking)
-    if answer is None:
-        return prompt, ""
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False,
-                                         enable_thinking=enable_thinking)
-    if not full.startswith(prompt):
-        raise ValueError("chat template: the full conversation does not start with the generation prompt; "
-                         "this template cannot be used for prompt/answer label masking")
-    return prompt, full[len(prompt):]
+def prompt_budget(tokenizer, cutoff_len: int | None, enable_thinking: bool = False) -> int | None:
+    """Prompt tokens kept in front of the answer under ``cutoff_len``: one budget for training and inference.
+
+    ``cutoff_len`` minus the longer of the two templated answers (with ChatML ``Yes<|im_end|>\n`` = 3 tokens),
+    so a prompt is cut to the same tokens whether it is trained on with either label or answered at inference.
+    None when ``cutoff_len`` is unset (no truncation).
+    """
+    if not cutoff_len:
+        return None
+    lengths = []
+    for answer in ("Yes", "No"):
+        _, text = chat_texts(tokenizer, "system", "user", answer, enable_thinking)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        lengths.append(len(_answer_ids(ids, tokenizer.eos_token_id, cutoff_len)))
+    return cutoff_len - max(lengths)
 
 
-def _assemble(prompt_ids: list[int], answer_ids: list[int], cutoff_len: int, eos_id: int | None) -> dict:
+def _assemble(prompt_ids: list[int], answer_ids: list[int], cutoff_len: int, eos_id: int | None,
+              budget: int | None = None) -> dict:
     answer_ids = _answer_ids(answer_ids, eos_id, cutoff_len)
-    keep = cutoff_len - len(answer_ids)
+    keep = min(cutoff_len - len(answer_ids), budget if budget is not None else cutoff_len)
     if len(prompt_ids) > keep:
         prompt_ids = prompt_ids[len(prompt_ids) - keep:]  # cut from the left: the answer survives
     return {"input_ids": prompt_ids + answer_ids,
@@ -69,61 +70,10 @@ def tokenize_func(record: dict[str, Any], tokenizer, cutoff_len: int, system_pro
         raise DataError("record has no Yes/No label to train on")
     prompt, answer = chat_texts(tokenizer, p["system"], p["user"], p["answer"], enable_thinking)
     out = _assemble(tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                    tokenizer(answer, add_special_tokens=False)["input_ids"], cutoff_len, tokenizer.eos_token_id)
+                    tokenizer(answer, add_special_tokens=False)["input_ids"], cutoff_len, tokenizer.eos_token_id,
+                    prompt_budget(tokenizer, cutoff_len, enable_thinking))
     out["attention_mask"] = [1] * len(out["input_ids"])
     return out
-
-
-class _TemplateCache:
-    """Chat template pieces per system prompt, rendered once with sentinels."""
-
-    def __init__(self, tokenizer, enable_thinking: bool):
-        self.tokenizer, self.enable_thinking = tokenizer, enable_thinking
-        self.pieces: dict[str, tuple[str, str, str, str] | None] = {}
-
-    def get(self, system: str):
-        if system not in self.pieces:
-            try:
-                prompt, answer = chat_texts(self.tokenizer, system, _USER, _ANSWER, self.enable_thinking)
-                ok = prompt.count(_USER) == 1 and answer.count(_ANSWER) == 1 and _ANSWER not in prompt
-                p0, _, p1 = prompt.partition(_USER)
-                a0, _, a1 = answer.partition(_ANSWER)
-                self.pieces[system] = (p0, p1, a0, a1) if ok else None
-            except Exception:  # templates that inspect content: use the slow path
-                self.pieces[system] = None
-        return self.pieces[system]
-
-    def render(self, system: str, user: str, answer: str | None) -> tuple[str, str]:
-        pieces = self.get(system)
-        if pieces is None:
-            return chat_texts(self.tokenizer, system, user, answer, self.enable_thinking)
-        p0, p1, a0, a1 = pieces
-        return p0 + user + p1, ("" if answer is None else a0 + answer + a1)
-
-
-def render_records(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
-                   enable_thinking: bool = False, source: str = "data") -> tuple[list[str], list[str | None]]:
-    """Prompt texts and answer texts (None when unlabelled) for every record.
-
-    The fast path is checked against the real template on the first records; any difference turns it off.
-    """
-    cache = _TemplateCache(tokenizer, enable_thinking)
-    prompts, answers = [], []
-    for i, rec in enumerate(records):
-        try:
-            p = format_prompt(rec, system_prompt)
-        except DataError as e:
-            raise DataError(f"{source}: record {i + 1}: {e}") from None
-        prompt, answer_text = cache.render(p["system"], p["user"], p["answer"])
-        if i < _VERIFY_FIRST:
-            slow = chat_texts(tokenizer, p["system"], p["user"], p["answer"], enable_thinking)
-            if (prompt, answer_text) != slow:
-                logger.warning("chat template fast path differs from the real template; rendering every record")
-                cache.get = lambda system: None  # type: ignore[method-assign]
-                prompt, answer_text = slow
-        prompts.append(prompt)
-        answers.append(answer_text if p["answer"] is not None else None)
-    return prompts, answers
 
 
 # Pre-token boundaries of byte-level BPE (Qwen, GPT-2/SmolLM2): a lone newline between two non-spaces, and
@@ -205,7 +155,8 @@ def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, syste
     ans_len = np.asarray([len(a) for a in ans_ids], dtype=np.int64)[which]
     ans_start = len(values) + (np.cumsum([len(a) for a in ans_ids]) - [len(a) for a in ans_ids])[which]
     prompt_end = offsets[1:]
-    prompt_start = np.maximum(offsets[:-1], prompt_end - (cutoff_len - ans_len))  # left truncation
+    keep = np.minimum(cutoff_len - ans_len, prompt_budget(tokenizer, cutoff_len, enable_thinking))
+    prompt_start = np.maximum(offsets[:-1], prompt_end - keep)  # left truncation, as at inference
     starts = np.stack([prompt_start, ans_start], 1).reshape(-1)
     lens = np.stack([prompt_end - prompt_start, ans_len], 1).reshape(-1)
     flat_answers = np.asarray([i for a in ans_ids for i in a], dtype=np.int32)
@@ -243,73 +194,6 @@ def tokenize_records(records: Sequence[dict], tokenizer, cutoff_len: int, system
 
 
 # -------------------------------------------------------------------------------------- session format
-_USER2 = "\u2063RECSFT_USER2\u2063"
-
-
-def session_pieces(tokenizer, system: str, enable_thinking: bool = False) -> tuple[str, str, str, str, str]:
-    """Template pieces ``(p0, p1, a0, a1, h)`` of a multi-turn session.
-
-    The first question renders as ``p0 + user + p1`` (exactly the single format's prompt), every answer as
-    ``a0 + answer + a1`` (the single format's answer), every later question as ``h + user + p1``, so each
-    answer follows the same generation prompt as in the single format.
-    """
-    pieces = _TemplateCache(tokenizer, enable_thinking).get(system)
-    if pieces is None:
-        raise DataError("the chat template cannot be split into turns; the session format needs a ChatML-like "
-                        "template (Qwen3, SmolLM2)")
-    p0, p1, a0, a1 = pieces
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": _USER},
-                {"role": "assistant", "content": _ANSWER}, {"role": "user", "content": _USER2}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=enable_thinking)
-    between = text[text.index(_ANSWER) + len(_ANSWER):text.index(_USER2)]
-    if not between.startswith(a1) or not text.endswith(_USER2 + p1):
-        raise DataError("the chat template renders later turns differently from the first; "
-                        "the session format cannot be used with it")
-    return p0, p1, a0, a1, between[len(a1):]
-
-
-def check_session_record(rec: Any, where: str) -> None:
-    """One line naming the record and key when a session record is malformed."""
-    from .formatting import normalize_label
-
-    turns = rec.get("turns") if isinstance(rec, dict) else None
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: 'turns' must be a non-empty list")
-    for j, t in enumerate(turns):
-        if not isinstance(t, dict) or not isinstance(t.get("start"), str):
-            raise DataError(f"{where}: turns[{j}] needs a string 'start'")
-        if j and not isinstance(t.get("next"), str):
-            raise DataError(f"{where}: turns[{j}] needs a string 'next'")
-        if normalize_label(t.get("answer")) is None:
-            raise DataError(f"{where}: turns[{j}].answer {t.get('answer')!r} is not Yes/No")
-
-
-def session_texts(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
-                  enable_thinking: bool = False, source: str = "data") -> list[list[tuple[str, str, str]]]:
-    """Per record, per turn: ``(prompt if the turn opens an example, prompt if it continues one, answer)``."""
-    from .formatting import DEFAULT_SYSTEM_PROMPT, normalize_label
-
-    pieces: dict[str, tuple[str, ...]] = {}
-    out = []
-    for i, rec in enumerate(records):
-        check_session_record(rec, f"{source}: record {i + 1}")
-        system = system_prompt or rec.get("system") or DEFAULT_SYSTEM_PROMPT
-        if system not in pieces:
-            pieces[system] = session_pieces(tokenizer, system, enable_thinking)
-        p0, p1, a0, a1, h = pieces[system]
-        turns = [(p0 + t["start"] + p1, (h + t["next"] + p1) if j else "", a0 + normalize_label(t["answer"]) + a1)
-                 for j, t in enumerate(rec["turns"])]
-        if i < _VERIFY_FIRST:
-            first = chat_texts(tokenizer, system, rec["turns"][0]["start"], normalize_label(rec["turns"][0]["answer"]),
-                               enable_thinking)
-            if first != (turns[0][0], turns[0][2]):
-                raise DataError("the chat template's first turn differs from its pieces; the session format "
-                                "cannot be used with it")
-        out.append(turns)
-    return out
-
-
 def plan_sessions(turn_lens: list[list[tuple[int, int, int]]], cutoff_len: int) -> list[list[tuple[int, int]]]:
     """Cut every session into examples that fit ``cutoff_len`` without cutting through an answer.
 
@@ -349,6 +233,7 @@ def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: i
     starts = np.cumsum([0] + [len(t) for t in texts])
     lens = [[(int(open_off[k + 1] - open_off[k]), int(cont_off[k + 1] - cont_off[k]), len(ans_ids[flat[k][2]]))
              for k in range(starts[r], starts[r + 1])] for r in range(len(texts))]
+    budget = prompt_budget(tokenizer, cutoff_len, enable_thinking)
     input_ids, labels = [], []
     for example in plan_sessions(lens, cutoff_len):
         ids: list[int] = []
@@ -358,7 +243,8 @@ def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: i
             answer = ans_ids[flat[k][2]]
             if n == 0:
                 prompt = open_vals[open_off[k]:open_off[k + 1]].tolist()
-                prompt = prompt[max(0, len(prompt) - (cutoff_len - len(answer))):]  # left truncation
+                keep = min(cutoff_len - len(answer), budget)
+                prompt = prompt[max(0, len(prompt) - keep):]  # left truncation, as in the single format
             else:
                 prompt = cont_vals[cont_off[k]:cont_off[k + 1]].tolist()
             ids += prompt + answer
@@ -374,7 +260,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything in the tokenizer that changes token ids or the chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    if backend is not None:
+        # truncation/padding in the backend are transient call settings (the last encode() leaves them set),
+        # not part of what produces token ids: leaving them in would make the key depend on the call history
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(repr(tokenizer.get_vocab()).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(json.dumps([tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token]).encode())
     return h.hexdigest()[:16]
@@ -454,11 +346,11 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     return ds
 
 
-def preprocess_datasets_parallel(train_path: str, eval_path: str | None, tokenizer, cutoff_len: int,
-                                 max_samples: int | None = None, max_eval_samples: int | None = None,
-                                 cache_dir: str | None = ".cache/preprocessed", system_prompt: str | None = None,
-                                 enable_thinking: bool = False, clear_cache: bool = False):
-    """Train and eval datasets, tokenized in batches (the Rust tokenizer uses every core) and cached.
+def load_tokenized_datasets(train_path: str, eval_path: str | None, tokenizer, cutoff_len: int,
+                            max_samples: int | None = None, max_eval_samples: int | None = None,
+                            cache_dir: str | None = ".cache/preprocessed", system_prompt: str | None = None,
+                            enable_thinking: bool = False, clear_cache: bool = False):
+    """Train and eval datasets (one after the other), tokenized in batches and cached.
 
     The cache is keyed by a hash of the data file, the tokenizer and chat template, and every
     preprocessing setting, so a changed ``cutoff_len`` or tokenizer rebuilds it; ``clear_cache`` forces it.
@@ -471,6 +363,30 @@ def preprocess_datasets_parallel(train_path: str, eval_path: str | None, tokeniz
     return train, evals
 
 
-def build_datasets(train_path: str, eval_path: str | None, tokenizer, cutoff_len: int, **kwargs):
-    """Another name for :func:`preprocess_datasets_parallel` (kept for code that imports it)."""
-    return preprocess_datasets_parallel(train_path, eval_path, tokenizer, cutoff_len, **kwargs)
+
+# ------------------------------------------------------------------------------------------ training data
+def resolve_data(data) -> tuple[str, str | None]:
+    """Train/eval file paths from dataset names (dataset_info.json) or paths; fail before any heavy work."""
+    train = resolve_dataset(data.dataset, data.dataset_dir)
+    evals = resolve_dataset(data.eval_dataset, data.dataset_dir) if data.eval_dataset else None
+    for path in (train, evals):
+        if path and not Path(path).is_file():
+            raise DataError(f"{path}: data file does not exist; run `python scripts/prepare_data.py` "
+                            f"or fix dataset/eval_dataset in the config")
+    return train, evals
+
+
+def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_path: str | None, clear_cache: bool,
+                 cpu: bool):
+    """Tokenized train/eval datasets; under DDP rank 0 builds the cache first and the others load it.
+
+    ``cpu``: training runs on the CPU (``get_device() == "cpu"``).
+    """
+    from accelerate import PartialState
+
+    # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
+    with PartialState(cpu=cpu).main_process_first():
+        return load_tokenized_datasets(
+            train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
+            max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
+            system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)

@@ -1,10 +1,9 @@
-"""Training on TRL's SFTTrainer: answer-position eval metrics, callbacks, resume, summary and plots."""
+"""Training on TRL's SFTTrainer: the trainer (answer-position loss and eval metrics), callbacks, resume."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -16,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from .io import write_json_atomic
+from .inference import AnswerLogits
 from .metrics import compute_metrics, extract_answer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +45,17 @@ class RecSFTTrainer(SFTTrainer):
 
     yes_id: int = -1
     no_id: int = -1
-    loss_type: str = "nll"
+    loss_type: str = "nll"  # nll | yes_no (see _yes_no_loss)
+    answer_width: int = 0  # label tokens per example (the longer templated answer); 0 = use the boolean mask
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .modeling import keep_trainable_fp32
+
+        # TRL casts a quantized model's LoRA weights to bf16 above; the optimizer (built in train()) must see fp32
+        cast = keep_trainable_fp32(self.model)
+        if cast:
+            logger.info("LoRA weights kept in float32 for the optimizer (%d tensors cast back)", cast)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
@@ -55,23 +64,36 @@ class RecSFTTrainer(SFTTrainer):
         ``<|im_end|>`` and a newline); the share is 3 / example length, whatever ``cutoff_len`` is above it.
         TRL's fused head projects every position on CPU (and checkpoints tiles on GPU); here the hidden
         states are sliced to the positions whose next token is a label *before* the vocabulary
-        projection (transformers' ``logits_to_keep`` with a boolean mask), which gives the same loss.
+        projection (transformers' ``logits_to_keep``), which gives the same loss.
+
+        Nothing here waits for the device: with one example per row (no packing) each row has at most
+        ``answer_width`` label positions, so they are picked with a fixed-size sort instead of a boolean mask
+        (whose size the host would have to read), and the logged counters stay on the device until a log step.
         """
         mode = "train" if model.training else "eval"
         if self.loss_type == "yes_no":
             return self._yes_no_loss(model, inputs, mode, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        keep, _ = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**fwd, use_cache=False, logits_to_keep=keep)
-        logits = outputs.logits.float()
-        targets = labels[:, 1:][labels[:, 1:] != -100]
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        keep, _ = answer_positions(labels)
+        next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        if self.answer_width and not (self.args.packing or self.args.padding_free):
+            width = min(self.answer_width, labels.shape[1])
+            rows = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # label positions first
+            outputs = model(**fwd, use_cache=False, logits_to_keep=rows)
+            logits = outputs.logits.flatten(0, 1).float()
+            targets = next_labels.gather(1, rows).flatten()  # -100 where a row has fewer labels
+        else:  # packed rows hold several answers: a boolean mask (its size is read on the host)
+            outputs = model(**fwd, use_cache=False, logits_to_keep=keep)
+            logits = outputs.logits.float()
+            targets = next_labels[keep]
+        loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        valid = targets != -100
+        count = num_items_in_batch if num_items_in_batch is not None else valid.sum()
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        self._log_token_metrics(mode, inputs, logits, targets)
+        self._count_tokens(mode, inputs, logits, targets, valid)
         return (loss, outputs) if return_outputs else loss
 
     def _yes_no_loss(self, model, inputs, mode: str, return_outputs: bool, num_items_in_batch=None):
@@ -83,15 +105,10 @@ class RecSFTTrainer(SFTTrainer):
         labels = inputs["labels"]
         keep, starts = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        captured: dict[str, torch.Tensor] = {}
-        norm = self.accelerator.unwrap_model(model).get_decoder().norm
-        hook = norm.register_forward_hook(lambda mod, args, out: captured.__setitem__("h", out))
-        try:
-            outputs = model(**fwd, use_cache=False, logits_to_keep=starts)
-        finally:
-            hook.remove()
-        hidden = captured["h"][starts].float()  # (N_answers, d)
-        diff = yes_no_margin(self.accelerator.unwrap_model(model), hidden, self.yes_id, self.no_id)
+        with AnswerLogits(model, self.yes_id, self.no_id) as head:
+            outputs = model(**fwd, use_cache=False, logits_to_keep=starts)  # the LM head only at answer starts
+            pair = head.pair(outputs.logits[:, [self.yes_id, self.no_id]])  # float32, with gradients
+        diff = pair[:, 0] - pair[:, 1]
         gold = labels[:, 1:][starts[:, :-1]]
         target = (gold == self.yes_id).float()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, target, reduction="sum")
@@ -101,50 +118,79 @@ class RecSFTTrainer(SFTTrainer):
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        pair = torch.stack([diff, torch.zeros_like(diff)], -1)
-        self._log_token_metrics(mode, inputs, pair, (gold != self.yes_id).long())
+        agree = torch.stack([diff, torch.zeros_like(diff)], -1)  # argmax 0 = Yes: accuracy of the answers
+        self._count_tokens(mode, inputs, agree, (gold != self.yes_id).long(), torch.ones_like(target, dtype=torch.bool))
         return (loss, outputs) if return_outputs else loss
 
-    def _log_token_metrics(self, mode: str, inputs, logits, targets) -> None:
+    def _count_tokens(self, mode: str, inputs, logits, targets, valid) -> None:
+        """Per micro-step counters, kept on the device; :meth:`log` gathers and averages them."""
         with torch.no_grad():
-            n = self.accelerator.gather_for_metrics(torch.tensor(targets.numel(), device=logits.device)).sum()
-            correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == targets).sum()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((correct / n.clamp(min=1)).item())
+            correct = ((logits.argmax(-1) == targets) & valid).sum()
+            pending = self.__dict__.setdefault("_pending", {"train": [], "eval": [], "tokens": []})
+            pending[mode].append(torch.stack([correct, valid.sum()]))
             if mode == "train":
                 mask = inputs.get("attention_mask")
                 local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-                self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.to(logits.device)).sum())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                pending["tokens"].append(local.to(logits.device))
+
+    def _flush_counters(self) -> None:
+        """Move the device counters into TRL's ``_metrics`` (one gather per kind, at a log step only).
+
+        Same numbers as gathering every micro-step: per micro-step accuracy = correct / label tokens summed over
+        ranks, averaged by TRL's ``log``; ``num_tokens`` = non-pad tokens trained on so far, over all ranks.
+        """
+        pending = self.__dict__.get("_pending")
+        if not pending:
+            return
+        for mode in ("train", "eval"):
+            if pending[mode]:
+                counts = self.accelerator.gather(torch.stack(pending[mode])[None]).sum(0).cpu()  # (steps, 2)
+                accuracy = counts[:, 0] / counts[:, 1].clamp(min=1)  # float32, as a per-step .item() gave
+                self._metrics[mode]["mean_token_accuracy"].extend(accuracy.tolist())
+                pending[mode].clear()
+        if pending["tokens"]:
+            self._total_train_tokens += int(self.accelerator.gather(torch.stack(pending["tokens"]).sum()[None]).sum())
+            pending["tokens"].clear()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_counters()  # every rank calls log at the same steps, so the gathers line up
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
         keep, starts = answer_positions(labels)
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad(), self.compute_loss_context_manager():
-            logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits.float()  # (N_label, V)
+        with torch.no_grad(), self.compute_loss_context_manager(), \
+                AnswerLogits(model, self.yes_id, self.no_id) as head:
+            model_logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits  # (N_label, V)
+            pair = head.pair(model_logits[:, [self.yes_id, self.no_id]])  # float32 re-projection
+        logits = model_logits.float()
         targets = labels[:, 1:][labels[:, 1:] != -100]
         first = starts[keep]  # which kept rows are the first token of an answer
-        at = logits[first]
         if self.loss_type == "yes_no":
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                at[:, self.yes_id] - at[:, self.no_id], (targets[first] == self.yes_id).float())
+            diff = pair[first, 0] - pair[first, 1]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, (targets[first] == self.yes_id).float())
         else:
             loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
         if prediction_loss_only:
             return loss.detach(), None, None
-        preds = torch.stack([at.argmax(-1).float(), at[:, self.yes_id], at[:, self.no_id]], dim=-1)
+        # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32
+        preds = torch.stack([logits[first].argmax(-1).float(), pair[first, 0], pair[first, 1]], dim=-1)
         return loss.detach(), preds, targets[first]
 
 
-def yes_no_margin(model, hidden: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
-    """logit(Yes) - logit(No) in float32 from final hidden states ``(N, d)`` and the LM head's two rows."""
-    head = model.get_output_embeddings()
-    rows = head.weight[[yes_id, no_id]].float()
-    logits = hidden.float() @ rows.T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[[yes_id, no_id]].float()
-    return logits[:, 0] - logits[:, 1]
+def max_label_tokens(dataset) -> int:
+    """The most label tokens in one row of a tokenized dataset (3 for a single question, ~48 for a session)."""
+    col = dataset.data.column("labels").combine_chunks() if dataset is not None and len(dataset) else None
+    if col is None:
+        return 0
+    values = np.asarray(col.flatten()) != -100
+    offsets = np.asarray(col.offsets)
+    counts = np.add.reduceat(np.concatenate([values, [False]]).astype(np.int64), offsets[:-1])
+    counts[offsets[:-1] == offsets[1:]] = 0
+    return int(counts.max())
 
 
 def make_compute_metrics(tokenizer):
@@ -158,7 +204,8 @@ def make_compute_metrics(tokenizer):
         preds, label_ids = preds[valid], label_ids[valid]
         pred_text = [extract_answer(tokenizer.decode([int(i)])) for i in preds[:, 0]]
         gold = [extract_answer(tokenizer.decode([int(i)])) for i in label_ids]
-        p_yes = 1.0 / (1.0 + np.exp(-(preds[:, 1] - preds[:, 2])))
+        gap = preds[:, 1].astype(np.float64) - preds[:, 2].astype(np.float64)
+        p_yes = 1.0 / (1.0 + np.exp(-gap))  # float64: float32 saturates at 1.0 past a gap of ~17
         m = compute_metrics(gold, pred_text, p_yes.tolist())
         return {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "auc", "unparseable", "n")}
 
@@ -183,11 +230,17 @@ class ReadableLogCallback(TrainerCallback):
 class GracefulStopCallback(TrainerCallback):
     """On SIGTERM/SIGINT: finish the current step, save a resumable checkpoint, stop.
 
-    ``pkill -f finetune_lora.py`` sends SIGTERM; a second signal falls through to the default handler.
+    ``pkill -f finetune_lora.py`` sends SIGTERM. Under torchrun / ``accelerate launch`` each worker gets a Ctrl-C
+    twice (from the terminal and forwarded by the launcher, which SIGKILLs it 30 s later): a repeat within
+    ``REPEAT_WINDOW_S`` is that copy and is ignored; a later one falls through to the default handler (stop now).
+    Under DDP the ranks agree at every step end (an all-reduce of the flag), so all save the same step.
     """
+
+    REPEAT_WINDOW_S = 5.0
 
     def __init__(self):
         self.requested: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self):
@@ -204,15 +257,16 @@ class GracefulStopCallback(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
-            if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun/accelerate forwards the signal it got (and
-                return  # SIGKILLs after 30 s): a repeat is that copy, not a second request
+            if now - self._first_at < self.REPEAT_WINDOW_S:
+                return  # the same request, delivered twice (terminal + launcher)
             self.uninstall()
             signal.raise_signal(signum)
             return
-        self.requested = signal.Signals(signum).name
+        self.requested, self._first_at = signal.Signals(signum).name, now
         print(f"Received {self.requested}: saving a checkpoint after this step, then stopping "
-              f"(send it again to stop at once)", flush=True)
+              f"(send it again after {self.REPEAT_WINDOW_S:.0f} s to stop at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.world_size > 1 and torch.distributed.is_initialized():
@@ -225,21 +279,6 @@ class GracefulStopCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-class TokenThroughputCallback(TrainerCallback):
-    """Counts trained (non-pad) tokens and wall time, for tokens/s in the summary."""
-
-    def __init__(self):
-        self.start = None
-        self.train_time = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.start is not None:
-            self.train_time = time.perf_counter() - self.start
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -299,52 +338,6 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
 
 
-# -------------------------------------------------------------------------------------- summary/plots
-def best_and_final(log_history: list[dict], metric: str) -> tuple[dict, dict]:
-    evals = [e for e in log_history if f"eval_{metric}" in e]
-    if not evals:
-        return {}, {}
-    greater = metric != "loss"
-    best = max(evals, key=lambda e: e[f"eval_{metric}"] * (1 if greater else -1))
-    return best, evals[-1]
-
-
-def plot_training_curves(log_history: list[dict], path: str) -> None:
-    """Train loss and eval loss/accuracy/F1/AUC against steps, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [e for e in log_history if "eval_loss" in e]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        ax1.plot(*zip(*train), label="train loss")
-    if evals:
-        ax1.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
-        for key in ("eval_accuracy", "eval_f1", "eval_auc"):
-            pts = [(e["step"], e[key]) for e in evals if key in e and not math.isnan(e[key])]
-            if pts:
-                ax2.plot(*zip(*pts), "o-", label=key.replace("eval_", ""))
-    ax1.set(xlabel="step", ylabel="loss", title="Loss")
-    ax2.set(xlabel="step", ylim=(0, 1), title="Eval metrics (answer token)")
-    for ax in (ax1, ax2):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = str(Path(path).with_suffix(".tmp.png"))
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    Path(tmp).replace(path)
-
-
-def write_summary(path: str, summary: dict[str, Any]) -> None:
-    write_json_atomic(path, summary)
-
-
-# ----------------------------------------------------------------------------------- pipeline stages
 def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) -> str | None:
     """The checkpoint to resume from (printing the RESUMING banner), or None to start fresh."""
     if explicit:
@@ -362,68 +355,61 @@ def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) 
     return ckpt
 
 
-def resolve_data(data) -> tuple[str, str | None]:
-    """Train/eval file paths from dataset names (dataset_info.json) or paths; fail before any heavy work."""
-    from .formatting import resolve_dataset
+# ---------------------------------------------------------------------------------------------- trainer
+def check_launch(quantization_bit: int | None, gpu_count: int | None = None) -> None:
+    """Fail before any loading on launch set-ups that cannot train (one line each, exit 2).
 
-    train = resolve_dataset(data.dataset, data.dataset_dir)
-    evals = resolve_dataset(data.eval_dataset, data.dataset_dir) if data.eval_dataset else None
-    for path in (train, evals):
-        if path and not Path(path).is_file():
-            from .io import DataError
+    * several GPUs visible to a plain ``python`` process: the Trainer would wrap the model in
+      ``nn.DataParallel``, which neither a 4-bit model nor the label-position loss supports;
+    * FSDP with a sharded state dict: the Trainer saves no adapter from it;
+    * 8-bit under FSDP / ZeRO-3 (4-bit works: its weights are then stored in the compute dtype).
+    """
+    from .config import ConfigError
+    from .modeling import sharded_launch
 
-            raise DataError(f"{path}: data file does not exist; run `python scripts/prepare_data.py` "
-                            f"or fix dataset/eval_dataset in the config")
-    return train, evals
-
-
-def tokenizer_for(model_args):
-    from .modeling import load_tokenizer
-
-    return load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                          model_args.trust_remote_code)
-
-
-def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_path: str | None, clear_cache: bool):
-    """Tokenized train/eval datasets; under DDP rank 0 builds the cache first and the others load it."""
-    from accelerate import PartialState
-
-    from .modeling import get_device
-    from .preprocess import preprocess_datasets_parallel
-
-    # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
-    with PartialState(cpu=get_device() == "cpu").main_process_first():
-        return preprocess_datasets_parallel(
-            train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
-            max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
-            system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise ConfigError([f"{gpus} GPUs are visible but no launcher started this process: train on one with "
+                           f"CUDA_VISIBLE_DEVICES=0 python scripts/finetune_lora.py ..., or on all with "
+                           f"accelerate launch --multi_gpu --num_processes {gpus} scripts/finetune_lora.py ..."])
+    sharded = sharded_launch()
+    state_dict = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    if sharded == "FSDP" and "FULL_STATE_DICT" not in state_dict:
+        raise ConfigError([f"FSDP with fsdp_state_dict_type {state_dict} saves no LoRA adapter; set "
+                           f"fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (configs/accelerate_fsdp.yaml)"])
+    if sharded and quantization_bit == 8:
+        raise ConfigError([f"quantization_bit: 8 is not supported under {sharded}; use quantization_bit=4 "
+                           f"(stored in the compute dtype for sharding) or null"])
 
 
-def model_for(model_args, lora, gradient_checkpointing: bool, seed: int = 42):
-    """Base model + fresh LoRA adapters; the seed is set first so the adapter init is reproducible."""
-    from transformers import set_seed
+def mixed_precision(bf16: str, device: str) -> dict[str, bool]:
+    """Trainer ``bf16``/``fp16`` flags: ``auto`` = bf16 on GPUs with bf16 hardware (sm80+), fp16 autocast with a
+    GradScaler on older GPUs (bf16 is only emulated there), neither on CPU/MPS."""
+    if bf16 == "true":
+        return {"bf16": True, "fp16": False}
+    if bf16 == "false" or device != "cuda":
+        return {"bf16": False, "fp16": False}
+    from .modeling import cuda_half_dtype
 
-    from .modeling import apply_lora, get_device, load_model
-
-    set_seed(seed)
-    device = get_device()
-    model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
-                       model_args.quantization_bit, model_args.trust_remote_code)
-    model = apply_lora(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_target,
-                       gradient_checkpointing)
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA: %s trainable of %s parameters (%.2f%%) on %s", f"{trainable:,}", f"{total:,}",
-                100 * trainable / total, device)
-    return model, device
+    hw_bf16 = cuda_half_dtype() == torch.bfloat16
+    if not hw_bf16:
+        logger.info("GPU without bf16 hardware: training in fp16 mixed precision (loss scaling)")
+    return {"bf16": hw_bf16, "fp16": not hw_bf16}
 
 
-def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0):
-    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours)."""
+def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs: float = 0.0, **extra):
+    """SFTConfig from the ``train`` section: every knob set explicitly (TRL defaults differ from ours).
+
+    ``extra``: further SFTConfig arguments (e.g. ``torch_compile=True``); they must be given here, at
+    construction, since SFTConfig derives settings from them (setting ``torch_compile`` afterwards compiles nothing).
+    """
     from trl import SFTConfig
 
-    bf16 = train.bf16 == "true" or (train.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    # warmup_steps=warmup_ratio: transformers reads a warmup_steps below 1 as a fraction of the total steps
+    # (TrainingArgs.get_warmup_steps); config.py keeps warmup_ratio in [0, 1) so it always is one.
+    precision = mixed_precision(train.bf16, device)
     eval_strategy = train.eval_strategy if has_eval else "no"
-    return SFTConfig(
+    kwargs = dict(
         output_dir=train.output_dir, per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -436,13 +422,17 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
         load_best_model_at_end=train.load_best_model_at_end and eval_strategy != "no",
         metric_for_best_model=train.metric_for_best_model,
         greater_is_better=train.metric_for_best_model != "loss",
+        # activation_checkpointing is the transformers-5 name; gradient_checkpointing is its deprecated alias
         activation_checkpointing=train.gradient_checkpointing, gradient_checkpointing=None,
         packing=train.packing, packing_strategy="bfd",
-        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, bf16=bf16,
+        eval_packing=False, max_length=cutoff_len, seed=train.seed, data_seed=train.seed, **precision,
+        # report_to="none": TensorBoard is added by build_trainer (rank 0 only, logs/ under output_dir)
         report_to="none", dataloader_num_workers=train.dataloader_num_workers,
+        # the datasets are already tokenized and cut (preprocess.py); TRL prepares them only to pack them
         dataset_kwargs={"skip_prepare_dataset": not train.packing}, use_cpu=device == "cpu",
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )
+    return SFTConfig(**(kwargs | extra))
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_epochs: float = 0.0):
@@ -451,6 +441,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
     from transformers.integrations import TensorBoardCallback
 
     from .inference import answer_token_ids
+    from .preprocess import prompt_budget
 
     train = cfg.train
     args = sft_config(train, cfg.data.cutoff_len, device, eval_ds is not None, extra_epochs)
@@ -471,6 +462,8 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
     trainer.loss_type = train.loss_type
+    width = cfg.data.cutoff_len - prompt_budget(tokenizer, cfg.data.cutoff_len, cfg.model.enable_thinking)
+    trainer.answer_width = max(width, max_label_tokens(train_ds))  # a session row holds many answers
     trainer.time_budget = budget
     if args.world_size > 1:
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,
@@ -497,52 +490,3 @@ def stopped_early(trainer, signal_name: str) -> dict:
     print(f"Training stopped by {signal_name} at step {trainer.state.global_step}; checkpoint saved: {ckpt}. "
           f"Continue with --resume.", flush=True)
     return {"stopped_by": signal_name, "global_step": trainer.state.global_step, "checkpoint": ckpt}
-
-
-def generation_eval(model, tokenizer, eval_path: str, n: int, system_prompt: str | None,
-                    enable_thinking: bool, batch_size: int, cutoff_len: int | None = None) -> dict:
-    """Greedy generation (max_new_tokens=8) on the first ``n`` eval records, scored like inference."""
-    from .config import MAX_NEW_TOKENS
-    from .inference import generate, max_prompt_tokens, prompts_for
-    from .io import load_data
-
-    records = load_data(eval_path)[:n]
-    prompts, labels = prompts_for(records, tokenizer, system_prompt, enable_thinking, eval_path)
-    responses = generate(model, tokenizer, prompts, MAX_NEW_TOKENS, 0.0, 1.0, batch_size, desc="Gen eval",
-                         max_prompt_tokens=max_prompt_tokens(tokenizer, cutoff_len))
-    return compute_metrics(labels, [extract_answer(r) for r in responses])
-
-
-def finish(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, device: str) -> dict:
-    """Save the final (best) adapter, run the optional generation eval, write summary and curves."""
-    out = cfg.train.output_dir
-    trainer.save_model(out)
-    summary: dict[str, Any] = {}
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        state = trainer.state
-        best, final = best_and_final(state.log_history, cfg.train.metric_for_best_model)
-        tokens = float(trainer._total_train_tokens)
-        runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
-        summary = {"model": cfg.model.model_name_or_path, "device": device, "global_step": state.global_step,
-                   "epoch": state.epoch, "train_loss": result.metrics.get("train_loss"),
-                   "train_runtime_s": runtime, "wall_time_s": wall, "train_tokens": tokens,
-                   "tokens_per_s": tokens / runtime,
-                   "train_examples_seen": state.global_step * cfg.train.per_device_train_batch_size
-                   * cfg.train.gradient_accumulation_steps * trainer.args.world_size,
-                   "budget_minutes_used": (trainer.time_budget.used_s / 60 if trainer.time_budget else None),
-                   "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
-                   "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
-                   "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
-        if cfg.train.gen_eval_samples and eval_path:
-            gen = generation_eval(trainer.model, tokenizer, eval_path, cfg.train.gen_eval_samples,
-                                  cfg.data.system_prompt, cfg.model.enable_thinking,
-                                  cfg.train.per_device_eval_batch_size, cfg.data.cutoff_len)
-            summary["gen_eval"] = gen
-            print("Generation eval (greedy, max_new_tokens=8): " +
-                  " | ".join(f"{k} {v:.4g}" for k, v in gen.items()), flush=True)
-        write_summary(str(Path(out) / "training_summary.json"), summary)
-        plot_training_curves(state.log_history, str(Path(out) / "training_curves.png"))
-        print(f"Training complete: {state.global_step} steps in {wall:.0f}s; adapter saved to {out}; "
-              f"best {cfg.train.metric_for_best_model} = {state.best_metric}", flush=True)
-    return summary

@@ -1,0 +1,116 @@
+"""Put evaluated runs side by side: one results table (markdown + JSON) and a PNG of eval AUC during training.
+
+Copy-paste:
+
+    # each --row is LABEL=EVAL_DIR (zero-shot, baselines) or LABEL=EVAL_DIR@TRAIN_DIR (a fine-tuned run)
+    python scripts/compare_runs.py --out output/compare_runs \
+        --row "SmolLM2-135M zero-shot=output/eval_base" \
+        --row "SmolLM2-135M + LoRA=output/eval_lora@output/smollm2-movielens-lora"
+
+EVAL_DIR is an ``infer_lora.py --output_dir`` (or a ``baselines.py`` per-model folder): its predictions file
+(``*predictions.jsonl`` with ``label``, ``p_yes`` and ``user_id``) is re-scored here with the toolkit's one
+metrics function, so every row is computed the same way; accuracy and F1 use the threshold the eval chose on
+eval data (``metrics_summary.json``), not one tuned on the test rows. TRAIN_DIR is a ``finetune_lora.py``
+output_dir: its ``training_summary.json`` gives the training budget columns (examples or answers seen, tokens,
+wall time, CPU minutes of steps, device) and its last checkpoint's log the AUC-vs-examples curve. Rows that
+are compared must be evaluated on the same test file: the script refuses rows whose test rows differ.
+
+Outputs in --out: results.md, results.json, auc_vs_examples.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from recsft.cli import run
+from recsft.io import DataError
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", action="append", required=True, metavar="LABEL=EVAL_DIR[@TRAIN_DIR]")
+    p.add_argument("--out", default="output/compare_runs")
+    return p.parse_args(argv)
+
+
+def parse_row(spec: str) -> tuple[str, Path, Path | None]:
+    label, sep, paths = spec.partition("=")
+    if not sep or not label.strip() or not paths:
+        raise DataError(f"--row {spec!r}: expected LABEL=EVAL_DIR or LABEL=EVAL_DIR@TRAIN_DIR")
+    eval_dir, _, train_dir = paths.partition("@")
+    return label.strip(), Path(eval_dir), Path(train_dir) if train_dir else None
+
+
+def predictions_file(eval_dir: Path) -> Path:
+    found = sorted(eval_dir.glob("*predictions.jsonl"))
+    preferred = [f for f in found if f.name.startswith("lora_")] or found
+    if not preferred:
+        raise DataError(f"{eval_dir}: no *predictions.jsonl; run infer_lora.py --eval_mode score "
+                        f"--output_dir {eval_dir} first")
+    return preferred[0]
+
+
+def load_run(label: str, eval_dir: Path, train_dir: Path | None):
+    """(row, curve, test keys) of one run."""
+    from recsft.io import load_data, load_json
+    from recsft.metrics import compute_metrics
+    from recsft.report import auc_curve, result_row
+
+    rows = load_data(predictions_file(eval_dir))
+    if any(r.get("p_yes") is None for r in rows):
+        raise DataError(f"{eval_dir}: predictions without p_yes; evaluate with --eval_mode score")
+    summary_file = eval_dir / "metrics_summary.json"
+    threshold = (load_json(summary_file).get("at_eval_threshold") or {}).get("threshold") \
+        if summary_file.is_file() else None
+    labels, p_yes = [r["label"] for r in rows], [float(r["p_yes"]) for r in rows]
+    users = [r.get("user_id") for r in rows]
+    metrics = compute_metrics(labels, ["Yes" if p >= (threshold or 0.5) else "No" for p in p_yes], p_yes,
+                              users=users if None not in users else None)
+    metrics["at_eval_threshold"] = {"accuracy": metrics["accuracy"], "f1": metrics["f1"]} if threshold else {}
+    training, data, curve = None, None, []
+    if train_dir is not None:
+        training = load_json(train_dir / "training_summary.json")
+        data = training.get("data_stats") or {}
+        cfg = training.get("config", {}).get("train", {})
+        per_step = cfg.get("per_device_train_batch_size", 1) * cfg.get("gradient_accumulation_steps", 1)
+        curve = auc_curve(training.get("log_history") or last_log_history(train_dir), per_step)
+    keys = sorted((r.get("user_id"), r.get("candidate_movie_id")) for r in rows)
+    return result_row(label, metrics, training, data), curve, keys
+
+
+def last_log_history(train_dir: Path) -> list[dict]:
+    from recsft.io import load_json
+
+    states = sorted(train_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return load_json(states[-1]).get("log_history", []) if states else []
+
+
+def main(args) -> dict:
+    from recsft.io import write_json_atomic
+    from recsft.report import plot_auc_curves, results_table
+
+    specs = [parse_row(s) for s in args.row]
+    out = Path(args.out)
+    results, curves, first_keys = [], {}, None
+    for label, eval_dir, train_dir in specs:
+        row, curve, keys = load_run(label, eval_dir, train_dir)
+        if first_keys is not None and keys != first_keys:
+            raise DataError(f"--row {label!r}: its test rows differ from the first row's; compare runs evaluated "
+                            "on the same test file")
+        first_keys = keys
+        results.append(row)
+        if curve:
+            curves[label] = curve
+    table = results_table(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n")
+    write_json_atomic(out / "results.json", {"rows": results, "curves": curves})
+    if curves:
+        plot_auc_curves(curves, out / "auc_vs_examples.png")
+    print(table)
+    return {"rows": results}
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

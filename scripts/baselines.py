@@ -99,7 +99,7 @@ def scorers(train: pd.DataFrame, threshold: float, rank: int) -> dict:
             f"matrix factorisation (TruncatedSVD r={rank})": mf}
 
 
-def evaluate_scores(eval_scores, eval_y, test_scores, test_y) -> dict:
+def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None) -> dict:
     """Platt-calibrate on eval, threshold on eval, metrics on test (shared compute_metrics)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -113,7 +113,7 @@ def evaluate_scores(eval_scores, eval_y, test_scores, test_y) -> dict:
         p_eval, p_test = lr.predict_proba(ev)[:, 1], lr.predict_proba(te)[:, 1]
     t = best_threshold([bool(y) for y in eval_y], p_eval) if np.ptp(ev) else 0.0
     labels = ["Yes" if y else "No" for y in test_y]
-    m = compute_metrics(labels, ["Yes" if p >= t else "No" for p in p_test], p_test.tolist())
+    m = compute_metrics(labels, ["Yes" if p >= t else "No" for p in p_test], p_test.tolist(), test_users)
     m["accuracy_at_0.5"] = compute_metrics(labels, ["Yes" if p >= 0.5 else "No" for p in p_test])["accuracy"]
     m["threshold"] = float(t)
     return m
@@ -143,10 +143,11 @@ def main(args) -> dict:
     eval_y = [e["label"] == "Yes" for e in splits["eval"]]
     test_y = [e["label"] == "Yes" for e in test]
     for name, fn in scorers(train, p["like_threshold"], args.svd_rank).items():
-        results[name] = evaluate_scores([fn(e) for e in splits["eval"]], eval_y, [fn(e) for e in test], test_y)
-    print(f"{'model':45s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'logloss':>7s}  (n={len(test)})")
+        results[name] = evaluate_scores([fn(e) for e in splits["eval"]], eval_y, [fn(e) for e in test], test_y,
+                                        [e["user_id"] for e in test])
+    print(f"{'model':45s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'UAUC':>6s} {'logloss':>7s}  (n={len(test)})")
     for name, m in results.items():
-        print(f"{name:45s} {m['accuracy']:8.4f} {m['f1']:6.4f} {m['auc']:6.4f} {m['log_loss']:7.4f}")
+        print(f"{name:45s} {m['accuracy']:8.4f} {m['f1']:6.4f} {m['auc']:6.4f} {m['uauc']:6.4f} {m['log_loss']:7.4f}")
     write_json_atomic(Path(args.output_dir) / "baselines.json",
                       {"test_examples": len(test), "train_ratings": len(train), "results": results})
     return results

@@ -8,6 +8,7 @@ Copy-paste:
     python scripts/prepare_data.py --history-len 10 --like-threshold 4 --seed 1 --out-dir data/ml_h10
     python scripts/prepare_data.py --format session --session-len 16     # multi-turn runs of 16 candidates
     python scripts/prepare_data.py --features item_stats user_stats genres --out-dir data/movielens_feat
+    python scripts/prepare_data.py --retrieval-history --out-dir data/movielens_retrieval
 
 Each example: the user's last ``history_len`` rated movies (title with year, rating) before the candidate;
 label Yes when the candidate's rating >= ``like_threshold``. Split per user by time (last 10% of each
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--session-len", type=int, default=16, help="--format session: candidates per example (max)")
     p.add_argument("--features", nargs="+", default=[], metavar="NAME",
                    help="prompt lines from earlier ratings: item_stats, user_stats, genres (space or comma list)")
+    p.add_argument("--retrieval-history", action="store_true",
+                   help="history = the earlier ratings most similar to the candidate (genres), not the most recent")
     return p.parse_args(argv)
 
 
@@ -53,7 +56,7 @@ def main(args) -> dict:
     start = time.perf_counter()
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
                     args.eval_ratio, args.test_ratio, args.seed, args.max_users, args.format,
-                    args.session_len, features)
+                    args.session_len, features, args.retrieval_history)
     print(f"MovieLens from {stats['source']}: {stats['ratings']:,} ratings, {stats['users']} users, "
           f"{stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     for name, s in stats["splits"].items():

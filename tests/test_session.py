@@ -240,3 +240,90 @@ def test_prepare_cli_bad_flags_exit_2_with_one_line(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: --")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------- UAUC, scoring
+def test_user_auc_is_the_mean_of_per_user_aucs():
+    from recsft.metrics import compute_metrics, user_auc
+
+    y = [1, 0, 1, 0, 1, 1, 0]
+    p = [0.9, 0.1, 0.2, 0.4, 0.8, 0.7, 0.75]
+    users = ["a", "a", "b", "b", "c", "d", "d"]  # c has one class only: left out
+    got = user_auc([bool(v) for v in y], p, users)
+    assert got == {"uauc": pytest.approx((1.0 + 0.0 + 0.0) / 3), "uauc_users": 3.0}
+    m = compute_metrics(["Yes" if v else "No" for v in y], ["Yes"] * 7, p, users)
+    assert m["uauc"] == got["uauc"] and "auc" in m
+    assert "uauc" not in compute_metrics(["Yes", "No"], ["Yes", "No"], [0.6, 0.4])
+
+
+@pytest.mark.slow
+def test_session_scores_equal_scoring_each_answer_prefix(tiny_qwen3, qwen3_tokenizer, data):
+    from transformers import AutoModelForCausalLM
+
+    from recsft.evaluation import EvalSettings, evaluate
+    from recsft.inference import answer_token_ids, score_sessions
+    from recsft.preprocess import tokenize_sessions_to_arrow
+
+    _, _, single, sessions = data
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
+    records = sessions["test"][:3]
+    cutoff = 700  # splits the longer runs: scores must still line up with every turn
+    got = score_sessions(model, qwen3_tokenizer, records, cutoff, batch_size=2, progress=False)
+    table = tokenize_sessions_to_arrow(records, qwen3_tokenizer, cutoff).to_pydict()
+    assert len(table["input_ids"]) > len(records)
+    yes, no = answer_token_ids(qwen3_tokenizer)
+    ref = []
+    with torch.no_grad():
+        for ids, labels in zip(table["input_ids"], table["labels"]):
+            for t in range(len(ids) - 1):
+                if labels[t + 1] != IGNORE_INDEX and labels[t] == IGNORE_INDEX:  # the first token of an answer
+                    logits = model(input_ids=torch.tensor([ids[:t + 1]])).logits[0, -1].float()
+                    ref.append(float(torch.sigmoid(logits[yes] - logits[no])))
+    assert len(got) == len(ref) == sum(len(r["turns"]) for r in records)
+    assert [g["p_yes"] for g in got] == pytest.approx(ref, abs=1e-4)
+
+    rows, metrics = evaluate(model, qwen3_tokenizer, records, "score", EvalSettings(batch_size=2, cutoff_len=cutoff))
+    keys = {(e["user_id"], e["candidate_movie_id"]): e["label"] for e in single["test"]}
+    assert all(keys[(r["user_id"], r["candidate_movie_id"])] == r["label"] for r in rows)  # joins one to one
+    assert metrics["n"] == len(rows) and "uauc" in metrics and "auc" in metrics
+
+
+# --------------------------------------------------------------------------------- retrieval history
+def test_retrieval_history_picks_the_most_similar_earlier_ratings(data):
+    ratings, titles, _, _ = data
+    genres = movielens.load_genres("bundled")
+    splits = movielens.build_examples(ratings, titles, H, genres=genres, retrieval=True)
+    timelines = _timelines(ratings)
+
+    def sim(a, b):
+        a, b = set(genres.get(a, [])), set(genres.get(b, []))
+        return len(a & b) / len(a | b) if a | b else 0.0
+
+    examples = [e for ex in splits.values() for e in ex]
+    for e in examples[::53]:
+        line = timelines[e["user_id"]]
+        pos = [m for _, m, _ in line].index(e["candidate_movie_id"])
+        earlier = line[:pos]  # only ratings before the candidate may appear
+        chosen = [i for i, (_, m, _) in enumerate(earlier) if titles[m] in e["history_titles"]]
+        assert len(e["history_titles"]) == H and len(chosen) >= H - 1  # (titles can repeat across ids)
+        picked = {titles[earlier[i][1]] for i in chosen}
+        sims = {i: sim(earlier[i][1], e["candidate_movie_id"]) for i in range(len(earlier))}
+        worst_in = min(sims[i] for i in chosen)
+        best_out = max([sims[i] for i in sims if titles[earlier[i][1]] not in picked], default=-1)
+        assert worst_in >= best_out
+        assert record_text(e).startswith(f"User's {H} earlier movies most similar to the candidate:")
+
+
+def record_text(e):
+    return movielens.to_train_record(e)["input"]
+
+
+def test_retrieval_history_without_genres_fails_before_any_work(tmp_path):
+    raw = tmp_path / "ml"
+    raw.mkdir()
+    (raw / "u.data").write_text("".join(f"1\t{m}\t4\t{m}\n" for m in range(1, 21)))
+    (raw / "u.item").write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||x\n" for m in range(1, 21)))
+    with pytest.raises(DataError, match="^--retrieval-history: .* has no movie genres"):
+        prepare_data.main(prepare_data.parse_args(["--raw-dir", str(raw), "--out-dir", str(tmp_path / "o"),
+                                                   "--retrieval-history"]))
+    assert not (tmp_path / "o").exists()

@@ -35,13 +35,18 @@ _USER, _ANSWER = "\u2063RECSFT_USER\u2063", "\u2063RECSFT_ANSWER\u2063"  # chat-
 _VERIFY_FIRST = 16  # records whose fast rendering is checked against the real template
 
 
+RETRIEVED_HEADER = "User's {n} earlier movies most similar to the candidate:"
+
+
 def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str,
-                     candidate_features: list[str] | None = None) -> str:
+                     candidate_features: list[str] | None = None, history_header: str | None = None) -> str:
     """The user-history block of the prompt: numbered past movies with their ratings, then the candidate.
 
     ``candidate_features``: optional extra lines (genres, earlier like-rates) placed under the candidate line.
+    ``history_header``: the history's heading (``{n}`` = its length); default "User's last {n} watched movies:".
     """
-    lines = [f"User's last {len(history_titles)} watched movies:"]
+    header = history_header or "User's last {n} watched movies:"
+    lines = [header.format(n=len(history_titles))]
     for i, (title, rating) in enumerate(zip(history_titles, history_ratings), 1):
         lines.append(f"{i}. {title} (rating ≈ {float(rating):.1f})")
     lines.append("")
@@ -99,7 +104,8 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
         titles, ratings = record["history_titles"], record["history_ratings"]
         if not isinstance(titles, list) or not isinstance(ratings, list) or len(titles) != len(ratings):
             raise DataError("test record: history_titles and history_ratings must be lists of the same length")
-        text = build_input_text(titles, ratings, str(record["candidate_title"]), record.get("candidate_features"))
+        text = build_input_text(titles, ratings, str(record["candidate_title"]), record.get("candidate_features"),
+                                record.get("history_header"))
         user = f"{INSTRUCTION}\n\n{text}"
         raw_label = record.get("label")
     answer = normalize_label(raw_label)
@@ -127,6 +133,9 @@ def validate_records(records: list[dict[str, Any]], path: str, need_label: bool 
     problems = []
     for i, rec in enumerate(records, 1):
         try:
+            if isinstance(rec, dict) and "turns" in rec:
+                check_session_record(rec, "session record")
+                continue
             p = format_prompt(rec)
             if need_label and p["answer"] is None:
                 raise DataError("no Yes/No label (field 'output' in training format, 'label' in test format)")

@@ -51,12 +51,13 @@ def normalize_label(value: Any) -> str | None:
     return LABELS.get(str(value).strip().lower())
 
 
-def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
-                    p_yes: Sequence[float] | None = None) -> dict[str, float]:
+def compute_metrics(labels: Sequence[Any], preds: Sequence[Any], p_yes: Sequence[float] | None = None,
+                    user_ids: Sequence[Any] | None = None) -> dict[str, float]:
     """Accuracy, precision, recall, F1 (positive class = Yes) and the unparseable count.
 
     ``labels``/``preds``: "Yes"/"No" (or 1/0); a pred of None is unparseable and counts as wrong.
-    ``p_yes``: optional P(Yes) per example -> adds ``auc`` (ROC-AUC) and ``log_loss``.
+    ``p_yes``: optional P(Yes) per example -> adds ``auc`` (ROC-AUC) and ``log_loss``; with ``user_ids`` (one
+    per example) also ``uauc`` (mean per-user AUC) and ``uauc_users`` (see :func:`user_auc`).
     """
     if len(labels) != len(preds):
         raise ValueError(f"labels ({len(labels)}) and preds ({len(preds)}) differ in length")
@@ -79,7 +80,28 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any],
            "yes_rate_label": sum(g == "Yes" for g in gold) / n if n else 0.0}
     if p_yes is not None:
         out.update(score_metrics([g == "Yes" for g in gold], p_yes))
+        if user_ids is not None:
+            out.update(user_auc([g == "Yes" for g in gold], p_yes, user_ids))
     return out
+
+
+def user_auc(y_true: Sequence[bool], p_yes: Sequence[float], user_ids: Sequence[Any]) -> dict[str, float]:
+    """Per-user AUC (UAUC): the mean of each user's ROC-AUC over users with both classes (NaN when none).
+
+    It asks whether the model ranks *one user's* liked candidates above their disliked ones, which a global
+    AUC can reward by merely learning which users rate generously.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(user_ids) != len(y_true):
+        raise ValueError(f"user_ids ({len(user_ids)}) and labels ({len(y_true)}) differ in length")
+    groups: dict[Any, tuple[list[int], list[float]]] = {}
+    for u, y, p in zip(user_ids, y_true, p_yes):
+        ys, ps = groups.setdefault(u, ([], []))
+        ys.append(int(y))
+        ps.append(float(p))
+    aucs = [roc_auc_score(ys, ps) for ys, ps in groups.values() if 0 < sum(ys) < len(ys)]
+    return {"uauc": float(sum(aucs) / len(aucs)) if aucs else math.nan, "uauc_users": float(len(aucs))}
 
 
 def score_metrics(y_true: Sequence[bool], p_yes: Sequence[float]) -> dict[str, float]:

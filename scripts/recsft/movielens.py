@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, build_input_text, session_next_text
+from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, RETRIEVED_HEADER, build_input_text, session_next_text
 from .io import DataError, atomic_path, resolve_asset, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -188,14 +188,15 @@ def split_names(k: np.ndarray, n: np.ndarray, eval_ratio: float, test_ratio: flo
 def build_examples(ratings: pd.DataFrame, titles: dict[int, str], history_len: int = 15,
                    like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
                    seed: int = 42, features=None, genres: dict[int, list[str]] | None = None,
-                   shuffle: bool = True, keep_rating: bool = False) -> dict[str, list[dict]]:
+                   shuffle: bool = True, keep_rating: bool = False, retrieval: bool = False) -> dict[str, list[dict]]:
     """Per user, chronologically: one example per rating after the first ``history_len``.
 
     The user's last ``test_ratio`` of candidates go to test, the ``eval_ratio`` before them to eval, the
     rest to train, so no eval/test candidate precedes a training candidate of the same user. Each split
     is shuffled with ``seed`` (``shuffle=False``: user and time order). Examples are in the test format, plus
     ``candidate_timestamp``; ``features`` adds ``candidate_features`` (see :func:`feature_lines`),
-    ``keep_rating`` the candidate's ``rating``.
+    ``keep_rating`` the candidate's ``rating``; ``retrieval`` picks the history by genre similarity
+    (:func:`retrieval_history`) and names it in ``history_header``.
     """
     features = check_features(features)
     check_params(history_len, eval_ratio, test_ratio)
@@ -207,6 +208,8 @@ def build_examples(ratings: pd.DataFrame, titles: dict[int, str], history_len: i
     n = df.groupby("user_id").user_id.transform("size").to_numpy() - history_len  # candidates of the user
     cand = np.flatnonzero(k >= 0)
     hist = cand[:, None] + np.arange(-history_len, 0)
+    if retrieval:
+        hist = retrieval_history(df, cand, k[cand], history_len, genres or {})
     stars = df.rating.to_numpy(float)
     columns = zip(split_names(k[cand], n[cand], eval_ratio, test_ratio), df.user_id.to_numpy()[cand].tolist(),
                   names[hist].tolist(), stars[hist].tolist(), names[cand].tolist(),
@@ -222,6 +225,8 @@ def build_examples(ratings: pd.DataFrame, titles: dict[int, str], history_len: i
             example["candidate_features"] = extras[i]
         if keep_rating:
             example["rating"] = float(stars[cand[i]])
+        if retrieval:
+            example["history_header"] = RETRIEVED_HEADER
         splits[split].append(example)
     if shuffle:
         rng = random.Random(seed)
@@ -289,10 +294,34 @@ def feature_lines(df: pd.DataFrame, rows: np.ndarray, features: list[str], like_
     return out
 
 
+def retrieval_history(df: pd.DataFrame, cand: np.ndarray, k: np.ndarray, history_len: int,
+                      genres: dict[int, list[str]]) -> np.ndarray:
+    """Row indices ``(len(cand), history_len)`` of each candidate's history: of the user's ratings before it
+    (rows ``cand - history_len - k .. cand - 1`` of the time-sorted ``df``), the ``history_len`` whose genres are
+    most similar to the candidate's (Jaccard), the more recent first on ties; listed in time order."""
+    names = sorted({g for gs in genres.values() for g in gs})
+    col = {g: j for j, g in enumerate(names)}
+    movies = df.movie_id.to_numpy()
+    onehot = np.zeros((len(df), max(len(names), 1)), dtype=np.float32)
+    for r, m in enumerate(movies.tolist()):
+        for g in genres.get(int(m), []):
+            onehot[r, col[g]] = 1.0
+    sizes = onehot.sum(1)
+    out = np.empty((len(cand), history_len), dtype=np.int64)
+    for i, (c, kc) in enumerate(zip(cand.tolist(), k.tolist())):
+        pool = np.arange(c - history_len - kc, c)  # every earlier rating of this user
+        inter = onehot[pool] @ onehot[c]
+        union = sizes[pool] + sizes[c] - inter
+        sim = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        best = pool[np.lexsort((-pool, -sim))[:history_len]]
+        out[i] = np.sort(best)
+    return out
+
+
 def build_sessions(ratings: pd.DataFrame, titles: dict[int, str], history_len: int = 15,
                    like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 42,
                    session_len: int = 16, features=None, genres: dict[int, list[str]] | None = None,
-                   system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict[str, list[dict]]:
+                   system_prompt: str = DEFAULT_SYSTEM_PROMPT, retrieval: bool = False) -> dict[str, list[dict]]:
     """Session records: runs of up to ``session_len`` consecutive candidates of one user, never across splits.
 
     The candidates, their labels and splits are those of :func:`build_examples`. Each turn holds ``start``
@@ -303,7 +332,8 @@ def build_sessions(ratings: pd.DataFrame, titles: dict[int, str], history_len: i
         raise DataError(f"--session-len must be >= 1, got {session_len}")
     features = check_features(features)
     singles = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
-                             features=features, genres=genres, shuffle=False, keep_rating=True)
+                             features=features, genres=genres, shuffle=False, keep_rating=True,
+                             retrieval=retrieval)
     sessions: dict[str, list[dict]] = {}
     for split, examples in singles.items():
         runs: list[list[dict]] = []
@@ -321,7 +351,7 @@ def session_record(run: list[dict], split: str, system_prompt: str = DEFAULT_SYS
     for i, e in enumerate(run):
         extra = e.get("candidate_features")
         start = f"{INSTRUCTION}\n\n" + build_input_text(e["history_titles"], e["history_ratings"],
-                                                         e["candidate_title"], extra)
+                                                         e["candidate_title"], extra, e.get("history_header"))
         nxt = session_next_text(run[i - 1]["rating"], e["candidate_title"], extra) if i else None
         turns.append({"candidate_movie_id": e["candidate_movie_id"], "candidate_title": e["candidate_title"],
                       "candidate_timestamp": e["candidate_timestamp"], "answer": e["label"],
@@ -332,7 +362,7 @@ def session_record(run: list[dict], split: str, system_prompt: str = DEFAULT_SYS
 def to_train_record(example: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict:
     """Training-format record (instruction/input/output/system) of a test-format example."""
     text = build_input_text(example["history_titles"], example["history_ratings"], example["candidate_title"],
-                            example.get("candidate_features"))
+                            example.get("candidate_features"), example.get("history_header"))
     return {"instruction": INSTRUCTION, "input": text, "output": example["label"], "system": system_prompt}
 
 
@@ -344,7 +374,7 @@ def split_stats(examples: list[dict]) -> dict:
 def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = None, history_len: int = 15,
             like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
             seed: int = 42, max_users: int | None = None, fmt: str = "single", session_len: int = 16,
-            features=None) -> dict:
+            features=None, retrieval: bool = False) -> dict:
     """Write the datasets and their stats to ``out_dir``; return the stats.
 
     ``fmt="single"``: train.json, eval.json, test_raw.jsonl, stats.json. ``fmt="session"``:
@@ -357,16 +387,21 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         raise DataError(f"--format: {fmt!r} is not one of single, session")
     if session_len < 1:
         raise DataError(f"--session-len must be >= 1, got {session_len}")
+    genres = load_genres(source, raw_dir) if "genres" in features or retrieval else None
+    if retrieval and not any((genres or {}).values()):
+        raise DataError(f"--retrieval-history: {raw_dir or source} has no movie genres to compare; "
+                        f"drop the flag or use a dataset with genres (ml-100k, ml-1m, ml-latest-small)")
     ratings, titles = load_ratings(source, raw_dir)
-    genres = load_genres(source, raw_dir) if "genres" in features else None
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
     out = Path(out_dir)
     params = dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
                   test_ratio=test_ratio, seed=seed, max_users=max_users, features=features)
+    if retrieval:
+        params["retrieval_history"] = True
     if fmt == "session":
         splits = build_sessions(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
-                                session_len, features, genres)
+                                session_len, features, genres, retrieval=retrieval)
         if not splits["train"]:
             raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
         write_json_atomic(out / "session_train.json", splits["train"], indent=None)
@@ -376,7 +411,7 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         params["session_len"] = session_len
     else:
         splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
-                                features=features, genres=genres)
+                                features=features, genres=genres, retrieval=retrieval)
         if not splits["train"]:
             raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
         write_json_atomic(out / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
@@ -388,7 +423,7 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
     stats = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
              "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique()),
              "format": fmt, "params": params, "splits": split_info}
-    if fmt == "single" and not features:
+    if fmt == "single" and not features and not retrieval:
         del stats["format"]
     write_json_atomic(out / ("session_stats.json" if fmt == "session" else "stats.json"), stats)
     return stats

@@ -193,8 +193,30 @@ def max_label_tokens(dataset) -> int:
     return int(counts.max())
 
 
-def make_compute_metrics(tokenizer):
-    """``compute_metrics`` for the Trainer: decode the answer-position argmax with the shared extractor."""
+def eval_users(data) -> list | None:
+    """:func:`answer_user_ids` of the eval records used during training (the first ``max_eval_samples``)."""
+    from .formatting import resolve_dataset
+    from .io import load_data
+
+    if not data.eval_dataset:
+        return None
+    records = load_data(resolve_dataset(data.eval_dataset, data.dataset_dir))
+    return answer_user_ids(records[:data.max_eval_samples] if data.max_eval_samples else records)
+
+
+def answer_user_ids(records: list[dict]) -> list | None:
+    """The user id of every answer of ``records`` in evaluation order (a session has one per turn), or None
+    when some record has no ``user_id`` (the single format's training files do not keep it)."""
+    if not records or not all(isinstance(r, dict) and "user_id" in r for r in records):
+        return None
+    return [r["user_id"] for r in records for _ in (r["turns"] if "turns" in r else [None])]
+
+
+def make_compute_metrics(tokenizer, user_ids: list | None = None):
+    """``compute_metrics`` for the Trainer: decode the answer-position argmax with the shared extractor.
+
+    ``user_ids``: one per eval answer, in order (:func:`answer_user_ids`) -> adds ``uauc``.
+    """
 
     def _compute(eval_pred) -> dict[str, float]:
         preds, label_ids = eval_pred.predictions, eval_pred.label_ids
@@ -206,8 +228,10 @@ def make_compute_metrics(tokenizer):
         gold = [extract_answer(tokenizer.decode([int(i)])) for i in label_ids]
         gap = preds[:, 1].astype(np.float64) - preds[:, 2].astype(np.float64)
         p_yes = 1.0 / (1.0 + np.exp(-gap))  # float64: float32 saturates at 1.0 past a gap of ~17
-        m = compute_metrics(gold, pred_text, p_yes.tolist())
-        return {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "auc", "unparseable", "n")}
+        users = user_ids if user_ids is not None and len(user_ids) == len(gold) else None
+        m = compute_metrics(gold, pred_text, p_yes.tolist(), users)
+        keys = ("accuracy", "f1", "precision", "recall", "auc", "uauc", "unparseable", "n")
+        return {k: m[k] for k in keys if k in m}
 
     return _compute
 
@@ -458,7 +482,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
     if train.early_stopping_patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = RecSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
+                            processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer, eval_users(cfg.data)),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
     trainer.loss_type = train.loss_type

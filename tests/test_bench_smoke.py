@@ -40,3 +40,16 @@ def test_bench_eval_quick(movielens_dir, tmp_path, capsys):
                            "--json-out", str(tmp_path / "e.json")])
     assert "RATIO eval score/generate" in capsys.readouterr().out
     assert res["prompts"] == 8 and res["speedup"] == pytest.approx(res["generate_s"] / res["score_s"])
+
+
+def test_bench_session_quick(tmp_path, capsys):
+    import bench_session
+
+    res = bench_session.main(["--quick", "--json-out", str(tmp_path / "s.json")])
+    assert "RATIO session/single tokens per label" in capsys.readouterr().out
+    # the same candidates in both formats, every one a label
+    assert res["single"]["labels"] == res["session"]["labels"] == res["single"]["examples"]
+    assert res["session"]["examples"] < res["single"]["examples"]
+    assert res["tokens_per_label_ratio"] == pytest.approx(res["session"]["tokens_per_label"]
+                                                          / res["single"]["tokens_per_label"])
+    assert res["labels_per_s_ratio"] == pytest.approx(res["session"]["labels_per_s"] / res["single"]["labels_per_s"])

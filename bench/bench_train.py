@@ -18,10 +18,11 @@ Variants (each one a fresh model loaded from the same random weights, the same L
   the LM head run only at label positions via ``logits_to_keep``), padded batches.
 * ``ours_padfree`` -- ours with padding-free batches (one row, ``position_ids``; no pad tokens).
 * ``ours_pack``    -- ours with ``packing: true`` (BFD packing, padding-free; rows of up to cutoff_len).
-* ``*_qlora``      -- with ``--qlora`` on CUDA: the base in 4-bit NF4 (bitsandbytes), stock vs ours.
+* ``*_qlora``      -- with ``--qlora``: the base in 4-bit NF4 (bitsandbytes; CUDA, or CPU), stock vs ours.
 * ``ours_fa2``     -- with flash-attn installed: ours_padfree with ``attn_implementation=flash_attention_2``.
 * ``ours_liger``   -- with liger-kernel installed: ours + ``use_liger_kernel`` (RMSNorm/SwiGLU/RoPE kernels).
-* ``ours_compile`` -- with ``--compile``: ours_padfree + ``torch_compile``.
+* ``ours_compile`` -- with ``--compile``: ours_padfree + ``torch_compile``; run last, with its own time budget
+  (``--compile-budget``); reports the frames compiled, the graph breaks by reason and the first step's time.
 
 Differences other than those levers are kept equal: dtype (fp32 on CPU; bf16 weights + bf16 autocast on CUDA
 -- TRL's default bf16=True is turned off on CPU), learning rate, batch, steps, seed. Tokens/s counts real
@@ -77,18 +78,26 @@ def build_variants(args) -> list[Variant]:
     if args.quick:
         vs = [v for v in vs if v.name in ("stock", "ours")]
     if args.qlora:
-        if not cuda or importlib.util.find_spec("bitsandbytes") is None:
-            print("--qlora: skipped (needs CUDA and bitsandbytes)")
+        from recsft.modeling import kbit_problem
+
+        why = kbit_problem(4, args.device)
+        if why:
+            print(f"--qlora: skipped ({why})")
         else:
             vs += [Variant("stock_qlora", ours=False, gc=True, qlora=True, note="stock, 4-bit NF4 base"),
                    Variant("ours_qlora", ours=True, qlora=True, note="ours, 4-bit NF4 base"),
                    Variant("ours_padfree_qlora", ours=True, padding_free=True, qlora=True,
                            note="ours padding-free, 4-bit NF4 base")]
-    if cuda and importlib.util.find_spec("flash_attn") is not None:
+    fa_problem = None
+    if cuda:
+        from recsft.modeling import flash_attn_problem
+
+        fa_problem = flash_attn_problem()  # the import is tried: an installed but broken wheel is skipped too
+    if cuda and fa_problem is None:
         vs.append(Variant("ours_fa2", ours=True, padding_free=True, attn="flash_attention_2",
-                          note="ours padding-free, flash-attn 2"))
+                          note="ours padding-free, flash-attn 2 varlen"))
     elif cuda:
-        print("flash-attn: not installed, flash_attention_2 variant skipped")
+        print(f"flash-attn: {fa_problem}; flash_attention_2 variant skipped")
     if importlib.util.find_spec("liger_kernel") is not None and cuda:
         vs.append(Variant("ours_liger", ours=True, padding_free=True, liger=True,
                           note="ours padding-free + liger kernels"))
@@ -130,14 +139,6 @@ def flops_per_token(config, rank: int, ctx: float, label_frac: float) -> dict:
     return parts
 
 
-def tokenized_dataset(records, tok, cutoff_len: int):
-    from datasets import Dataset
-
-    from recsft.preprocess import tokenize_to_arrow
-
-    return Dataset(tokenize_to_arrow(records, tok, cutoff_len))
-
-
 # ------------------------------------------------------------------------------------------- trainers
 def make_trainer(v: Variant, model_dir: str, tok, train_ds, args, max_steps: int, callbacks=(), lora_dropout=None):
     """A fresh model (same weights, same LoRA init) and the trainer of variant ``v``."""
@@ -161,11 +162,12 @@ def make_trainer(v: Variant, model_dir: str, tok, train_ds, args, max_steps: int
                           logging_steps=1, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
                           early_stopping_patience=None, gradient_checkpointing=v.gc, packing=v.packing,
                           report_to="none", seed=args.seed)
-        targs = sft_config(train, args.cutoff_len, args.device, has_eval=False)
+        # every option at construction: SFTConfig derives settings from them (torch_compile set afterwards
+        # leaves torch_compile_backend unset, and the Trainer then compiles nothing)
+        extra = dict(use_liger_kernel=v.liger, torch_compile=v.compile, disable_tqdm=True)
         if v.padding_free:  # the data is already cut to cutoff_len; TRL refuses max_length without packing
-            targs.padding_free, targs.max_length = True, None
-        targs.use_liger_kernel, targs.torch_compile = v.liger, v.compile
-        targs.disable_tqdm = True
+            extra.update(padding_free=True, max_length=None)
+        targs = sft_config(train, args.cutoff_len, args.device, has_eval=False, **extra)
         trainer = RecSFTTrainer(model=model, args=targs, train_dataset=train_ds, processing_class=tok,
                                 callbacks=list(callbacks))
         trainer.yes_id, trainer.no_id = answer_token_ids(tok)
@@ -214,6 +216,9 @@ def train_once(v: Variant, model_dir, tok, train_ds, args) -> dict:
     timer.trainer = trainer
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if v.compile:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     try:
         result = trainer.train()
         (t0, n0), (t1, n1) = timer.marks[args.warmup], timer.marks[-1]
@@ -226,10 +231,23 @@ def train_once(v: Variant, model_dir, tok, train_ds, args) -> dict:
         if args.device == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["resident_before_gib"] = resident
+        if v.compile:
+            out.update(compile_report(timer.marks))
         return out
     finally:
         timer.trainer = None
         dispose(trainer)
+
+
+def compile_report(marks) -> dict:
+    """What torch.compile did: frames compiled, graph breaks by reason, and the first (compiling) step's time."""
+    from torch._dynamo.utils import counters
+
+    breaks = dict(counters["graph_break"])
+    return {"first_step_s": marks[1][0] - marks[0][0] if len(marks) > 1 else None,
+            "frames_compiled": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(breaks.values())),
+            "graph_break_reasons": dict(sorted(breaks.items(), key=lambda kv: -kv[1])[:5])}
 
 
 # ------------------------------------------------------------------------------------------ check
@@ -283,15 +301,17 @@ class Setup:
 
 def prepare(args) -> Setup:
     """Tokenized data, the random model, FLOPs per token and the header of the results."""
+    from datasets import Dataset
     from transformers import AutoConfig
 
     from recsft.modeling import load_tokenizer
+    from recsft.preprocess import tokenize_to_arrow
 
     tok = load_tokenizer(QWEN3_TOKENIZER)
     data = default_data(args.data)
     need = args.batch * args.accum * (args.warmup + args.steps) * 3  # packing puts ~2 examples in a row
     records = load_records(data)[:need]
-    train_ds = tokenized_dataset(records, tok, args.cutoff_len)
+    train_ds = Dataset(tokenize_to_arrow(records, tok, args.cutoff_len))
     lens = [len(x) for x in train_ds["input_ids"]]
     labels = sum(sum(1 for t in lab if t != -100) for lab in train_ds["labels"])
     ctx = sum(n * n for n in lens) / (2 * sum(lens))
@@ -326,26 +346,36 @@ def measure(setup: Setup, args, started: float) -> None:
                            f"grad max rel diff {check[n]['grad_max_rel_diff']:.1e})"
                            for n in ("ours", "ours_padfree")) + f" -> {'OK' if check['ok'] else 'MISMATCH'}")
     peak = args.peak_tflops or PEAK_TFLOPS.get(args.device)
-    for r in range(args.repeats):  # interleaved rounds: the shared machine's noise hits every variant
-        for v in setup.variants:
-            if time.perf_counter() - started > args.time_budget:
-                print(f"time budget {args.time_budget}s spent: {v.name} round {r + 1} skipped")
-                continue
-            try:
-                res = train_once(v, setup.model_dir, setup.tok, setup.train_ds, args)
-                v.results.append(res)
-                print(f"  round {r + 1} {v.name:>20}: {res['tokens_per_s']:9.1f} tokens/s, "
-                      f"{res['s_per_step']:.3f} s/step"
-                      + (f", peak {res['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in res else "")
-                      + (f", MFU {res['tokens_per_s'] * flops['total'] / 1e12 / peak:.1%}" if peak else ""),
-                      flush=True)
-            except Exception as e:  # noqa: BLE001 - one failing option must not lose the others' numbers
-                v.results.append({"error": f"{type(e).__name__}: {e}"})
-                print(f"  round {r + 1} {v.name:>20}: FAILED {type(e).__name__}: {e}", flush=True)
-                if args.verbose:
-                    traceback.print_exc()
-            info["variants"][v.name] = summarize(v, flops["total"], args)
-            write_json(args.json_out, info, quiet=True)  # after every variant: a timeout keeps the rest
+    plain = [v for v in setup.variants if not v.compile]
+    compiled = [v for v in setup.variants if v.compile]
+    plan = [(r, v, started, args.time_budget) for r in range(args.repeats) for v in plain]
+    plan += [(r, v, None, args.compile_budget) for r in range(args.repeats) for v in compiled]
+    compile_start = None
+    for r, v, t0, budget in plan:
+        if t0 is None:  # torch.compile: its own budget, from the first compiled variant on (compiling takes minutes)
+            compile_start = compile_start or time.perf_counter()
+            t0 = compile_start
+        if time.perf_counter() - t0 > budget:
+            print(f"time budget {budget}s spent: {v.name} round {r + 1} skipped")
+            continue
+        try:
+            res = train_once(v, setup.model_dir, setup.tok, setup.train_ds, args)
+            v.results.append(res)
+            print(f"  round {r + 1} {v.name:>20}: {res['tokens_per_s']:9.1f} tokens/s, "
+                  f"{res['s_per_step']:.3f} s/step"
+                  + (f", peak {res['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in res else "")
+                  + (f", MFU {res['tokens_per_s'] * flops['total'] / 1e12 / peak:.1%}" if peak else ""),
+                  flush=True)
+            if "graph_breaks" in res:
+                print(f"  {'':>28}compiled {res['frames_compiled']} graph(s), first step {res['first_step_s']:.1f} s,"
+                      f" {res['graph_breaks']} graph break(s): {res['graph_break_reasons'] or '-'}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one failing option must not lose the others' numbers
+            v.results.append({"error": f"{type(e).__name__}: {e}"})
+            print(f"  round {r + 1} {v.name:>20}: FAILED {type(e).__name__}: {e}", flush=True)
+            if args.verbose:
+                traceback.print_exc()
+        info["variants"][v.name] = summarize(v, flops["total"], args)
+        write_json(args.json_out, info, quiet=True)  # after every variant: a timeout keeps the rest
 
 
 def report(info: dict, flops: dict, args) -> dict:
@@ -431,12 +461,14 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=1.5e-4)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--qlora", action="store_true", help="add 4-bit NF4 variants (CUDA + bitsandbytes)")
+    p.add_argument("--qlora", action="store_true", help="add 4-bit NF4 variants (bitsandbytes, CUDA or CPU)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile variant")
     p.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
     p.add_argument("--skip-check", action="store_true", help="skip the stock-vs-ours loss/gradient check")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on CUDA)")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later variants are skipped after it")
+    p.add_argument("--compile-budget", type=float, default=600,
+                   help="seconds for the torch.compile variants, counted from the first of them (they run last)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's). On a shared, oversubscribed CPU use 1: with more "
                         "threads than free cores every op waits on descheduled threads")

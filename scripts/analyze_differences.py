@@ -15,16 +15,20 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, non_negative_int, run
 from recsft.evaluation import CATEGORIES, category
 from recsft.io import DataError
 
+ROW_KEYS = {"label": (str, type(None)), "agree": bool, "base_correct": bool, "lora_correct": bool,
+            "base_prediction": (str, type(None)), "lora_prediction": (str, type(None)),
+            "base_response": str, "lora_response": str}
+
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input_dir", default="output/compare_base_vs_lora")
     p.add_argument("--category", choices=CATEGORIES + ("all",), default="all")
-    p.add_argument("--show", type=int, default=5, help="examples to display per category")
+    p.add_argument("--show", type=non_negative_int, default=5, help="examples to display per category")
     return p.parse_args(argv)
 
 
@@ -37,12 +41,13 @@ def display_example(row: dict) -> str:
 
 
 def main(args) -> dict:
-    from recsft.io import load_data
+    from recsft.io import load_data, require_keys
 
     path = Path(args.input_dir) / "comparisons.jsonl"
     if not path.is_file():
         raise DataError(f"{path} does not exist; run scripts/compare_base_vs_lora.py --output_dir {args.input_dir}")
     rows = load_data(path)
+    require_keys(rows, ROW_KEYS, path, "it is not compare_base_vs_lora.py output; re-run that script")
     counts = Counter(category(r) for r in rows)
     print(f"{len(rows)} examples: " + " | ".join(f"{c} {counts.get(c, 0)}" for c in CATEGORIES))
     flips = Counter((r["base_prediction"], r["lora_prediction"]) for r in rows if not r["agree"])

@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, output_dir, positive_int, run
 from recsft.io import DataError
+
+TEST_KEYS = {"user_id": int, "candidate_movie_id": int, "label": str}
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data/movielens_qwen3", help="folder written by prepare_data.py")
-    p.add_argument("--max_samples", type=int, default=None, help="first N test examples (as infer_lora)")
-    p.add_argument("--output_dir", default="output/baselines")
-    p.add_argument("--svd_rank", type=int, default=20)
+    p.add_argument("--max_samples", type=positive_int, default=None, help="first N test examples (as infer_lora)")
+    p.add_argument("--output_dir", type=output_dir, default="output/baselines")
+    p.add_argument("--svd_rank", type=positive_int, default=20)
     return p.parse_args(argv)
 
 
@@ -121,12 +123,21 @@ def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None) -
 
 def main(args) -> dict:
     from recsft import movielens
-    from recsft.io import load_data, load_json, write_json_atomic
+    from recsft.io import check_file_set, load_data, load_json, require_keys, write_json_atomic
+    from recsft.validate import writable_dir
 
+    writable_dir(args.output_dir, "--output_dir")
     data = Path(args.data_dir)
-    stats = load_json(data / "stats.json")
+    if not data.is_dir():
+        raise DataError(f"--data_dir {str(data)!r}: folder does not exist; run `python scripts/prepare_data.py` "
+                        f"or pass the folder it wrote")
+    check_file_set(data)
+    stats = movielens.check_stats(load_json(data / "stats.json"), data / "stats.json")
     p = stats["params"]
     source = stats["source"]
+    if source not in ("bundled", "download") and not Path(source).is_dir():
+        raise DataError(f"{data / 'stats.json'}: the data was prepared from {source!r}, which no longer exists; "
+                        f"restore that folder or re-run prepare_data.py")
     ratings, titles = movielens.load_ratings("bundled" if source == "bundled" else "download",
                                              None if source in ("bundled", "download") else source)
     if p.get("max_users"):
@@ -134,6 +145,7 @@ def main(args) -> dict:
     splits = movielens.build_examples(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"],
                                       p["test_ratio"], p["seed"])
     test = load_data(data / "test_raw.jsonl")
+    require_keys(test, TEST_KEYS, data / "test_raw.jsonl", "re-run `python scripts/prepare_data.py`")
     test = test[: args.max_samples] if args.max_samples else test
     if [e["candidate_movie_id"] for e in splits["test"][: len(test)]] != [e["candidate_movie_id"] for e in test]:
         raise DataError(f"{data}: test_raw.jsonl does not match the split rebuilt from stats.json; "

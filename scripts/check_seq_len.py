@@ -20,23 +20,35 @@ from pathlib import Path
 
 import numpy as np
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
 from recsft.config import DEFAULT_CONFIG, load_config
 
 RULE = "─" * 76
 BAR = "=" * 80
 
 
+def percentile_list(text: str) -> list[float]:
+    """``"50,90,99"`` -> [50.0, 90.0, 99.0]; each a number from 0 to 100."""
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers from 0 to 100, got {text!r}") from None
+    if not values or not all(0 <= v <= 100 for v in values):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"every percentile must be from 0 to 100, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--show-examples", type=int, default=2, help="number of transformation examples to show")
-    p.add_argument("--max-samples", type=int, default=None, help="limit the number of samples analysed")
-    p.add_argument("--cutoff-len", type=int, default=None, help="override cutoff_len from the config")
+    p.add_argument("--show-examples", type=non_negative_int, default=2, help="number of transformation examples")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="limit the number of samples analysed")
+    p.add_argument("--cutoff-len", type=positive_int, default=None, help="override cutoff_len from the config")
     p.add_argument("--char-only", action="store_true", help="count characters, no tokenizer")
-    p.add_argument("--percentiles", default="50,90,95,99,100", help="comma-separated percentiles")
+    p.add_argument("--percentiles", type=percentile_list, default="50,90,95,99,100",
+                   help="comma-separated percentiles")
     p.add_argument("--dataset", default=None, help="dataset name or path (default: the config's dataset)")
-    p.add_argument("--output-dir", default="output/seq_len", help="where the histogram PNG goes")
+    p.add_argument("--output-dir", type=output_dir, default="output/seq_len", help="where the histogram PNG goes")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return p.parse_args(argv)
 
@@ -118,20 +130,27 @@ def report(lengths: np.ndarray, cutoff: int, percentiles: list[float], unit: str
 def main(args) -> dict:
     from recsft.formatting import load_records
     from recsft.modeling import load_tokenizer
+    from recsft.validate import check_model_source, writable_dir
     from recsft.report import plot_length_histogram
 
     cfg = load_config(args.config, args.overrides)
+    writable_dir(args.output_dir, "--output-dir")
+    tok_name = cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path
+    if not args.char_only:
+        check_model_source(tok_name, "tokenizer_name_or_path" if cfg.model.tokenizer_name_or_path else
+                           "model_name_or_path")
     cutoff = args.cutoff_len or cfg.data.cutoff_len
     records, path = load_records(args.dataset or cfg.data.dataset, cfg.data.dataset_dir, args.max_samples)
     sp, think = cfg.data.system_prompt, cfg.model.enable_thinking
-    tok = None if args.char_only else load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.model_name_or_path)
+    tok = None if args.char_only else load_tokenizer(tok_name)
     if tok is not None and args.show_examples:
         print(f"{BAR}\nEXAMPLE TRANSFORMATIONS: JSON → Chat Messages → Formatted String → Tokens\n{BAR}")
         for k, record in enumerate(records[: args.show_examples], 1):
             show_example(k, record, tok, cutoff, sp, think)
     unit = "characters" if args.char_only else "tokens"
     lengths = lengths_of(records, tok, sp, think)
-    stats = report(lengths, cutoff, [float(p) for p in args.percentiles.split(",")], unit, path)
+    percentiles = args.percentiles if isinstance(args.percentiles, list) else percentile_list(args.percentiles)
+    stats = report(lengths, cutoff, percentiles, unit, path)
     png = Path(args.output_dir) / f"seq_len_{Path(path).stem}_{unit}.png"
     plot_length_histogram(lengths, cutoff, unit, png)
     print(f"\nHistogram saved to {png}")

@@ -17,19 +17,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
 from recsft.config import DEFAULT_CONFIG, load_config
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--test_file", default=None, help="dataset name or path (default: the config's test_file)")
     p.add_argument("--adapter_dir", default=None, help="default: the config's output_dir")
-    p.add_argument("--max_samples", type=int, default=None, help="default: the config's max_test_samples")
+    p.add_argument("--max_samples", type=positive_int, default=None, help="default: the config's max_test_samples")
     p.add_argument("--eval_mode", choices=["generate", "score"], default=None, help="default: config eval_mode")
-    p.add_argument("--output_dir", default="output/compare_base_vs_lora")
-    p.add_argument("--show", type=int, default=5, help="disagreeing examples to print")
+    p.add_argument("--output_dir", type=output_dir, default="output/compare_base_vs_lora")
+    p.add_argument("--show", type=non_negative_int, default=5, help="disagreeing examples to print")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return p.parse_args(argv)
 
@@ -40,8 +40,16 @@ def main(args) -> dict:
     from recsft.io import write_json_atomic, write_jsonl_atomic
     from recsft.report import display_example, format_metrics
 
+    from recsft.errors import UserInputError
+    from recsft.validate import preflight_inference, writable_dir
+
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter_dir or cfg.train.output_dir
+    if str(adapter).strip().lower() in ("none", ""):
+        raise UserInputError("--adapter_dir: compare_base_vs_lora needs a LoRA adapter folder to compare with the "
+                             "base model (for the base model alone use infer_lora.py --adapter_dir none)")
+    writable_dir(args.output_dir, "--output_dir")
+    preflight_inference(cfg.model)
     mode = args.eval_mode or cfg.infer.eval_mode
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
                                    args.max_samples or cfg.data.max_test_samples)

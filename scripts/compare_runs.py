@@ -66,7 +66,7 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None):
     labels, p_yes = [r["label"] for r in rows], [float(r["p_yes"]) for r in rows]
     users = [r.get("user_id") for r in rows]
     metrics = compute_metrics(labels, ["Yes" if p >= (threshold or 0.5) else "No" for p in p_yes], p_yes,
-                              users=users if None not in users else None)
+                              user_ids=users if None not in users else None)
     metrics["at_eval_threshold"] = {"accuracy": metrics["accuracy"], "f1": metrics["f1"]} if threshold else {}
     training, data, curve = None, None, []
     if train_dir is not None:

@@ -23,18 +23,18 @@ import argparse
 import logging
 import time
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, non_negative_float, run
 from recsft.config import DEFAULT_CONFIG, Config, dump_config, load_config
 
 logger = logging.getLogger("finetune_lora")
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config")
     parser.add_argument("--clear-cache", action="store_true", help="rebuild the preprocessing cache")
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in output_dir")
-    parser.add_argument("--extra-epochs", type=float, default=0.0, help="train this many epochs beyond the config")
+    parser.add_argument("--extra-epochs", type=non_negative_float, default=0.0, help="train this many epochs beyond the config")
     parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
                         help="resume from this checkpoint folder")
     parser.add_argument("--print-config", action="store_true",
@@ -47,24 +47,34 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
          resume_from_checkpoint: str | None = None) -> dict:
     """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
     from recsft import training as T
-    from recsft.modeling import get_device, model_for, tokenizer_for
+    from recsft.modeling import get_device, linear_layer_shapes, model_for, tokenizer_for
     from recsft.preprocess import datasets_for, resolve_data
     from recsft.report import finish_training
+    from recsft.validate import preflight_training, run_lock
 
     start = time.perf_counter()
     T.check_launch(cfg.model.quantization_bit)
+    preflight_training(cfg, extra_epochs, resume_from_checkpoint)  # settings, output_dir, model: before any work
+    if resume and not resume_from_checkpoint and (done := T.finished_run(cfg.train, extra_epochs)) is not None:
+        print(f"{cfg.train.output_dir} holds a finished run ({done.get('global_step')} steps); nothing to resume. "
+              f"Train longer with --extra-epochs N or a higher max_steps.", flush=True)
+        return done
     ckpt = T.find_resume_checkpoint(cfg.train.output_dir, resume, resume_from_checkpoint)
+    if ckpt:
+        T.check_resume_lora(ckpt, cfg.lora, list(linear_layer_shapes(cfg.model.model_name_or_path,
+                                                                      cfg.model.trust_remote_code)))
     train_path, eval_path = resolve_data(cfg.data)
     tokenizer = tokenizer_for(cfg.model)
     train_ds, eval_ds = datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
                                      clear_cache, cpu=get_device() == "cpu")
-    model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
-    trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
-    with T.signals_installed(stopper):
-        result = trainer.train(resume_from_checkpoint=ckpt)
-    if stopper.requested:
-        return T.stopped_early(trainer, stopper.requested)
-    return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
+    with run_lock(cfg.train.output_dir):  # one run per output_dir (a stale lock of a dead run is taken over)
+        model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
+        trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
+        with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
+            result = trainer.train(resume_from_checkpoint=ckpt)
+        if stopper.requested:
+            return T.stopped_early(trainer, stopper.requested)
+        return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
 
 
 def cli(args) -> dict:

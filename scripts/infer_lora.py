@@ -25,9 +25,8 @@ unparseable; score mode adds auc, log_loss, accuracy at 0.5 and at the eval-chos
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
 from recsft.config import DEFAULT_CONFIG, load_config
 
 DEMO_RECORD = {
@@ -41,16 +40,16 @@ DEMO_RECORD = {
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (model, data)")
     p.add_argument("--test_file", default=None, help="dataset name (dataset_info.json) or .json/.jsonl path")
-    p.add_argument("--output_dir", default=None, help="batch mode: where predictions and metrics go")
+    p.add_argument("--output_dir", type=output_dir, default=None, help="batch mode: where predictions and metrics go")
     p.add_argument("--adapter_dir", default=None, help="LoRA adapter (default: the config's output_dir); none = base")
-    p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N examples")
     p.add_argument("--compare_base", action="store_true", help="also evaluate the base model")
     p.add_argument("--eval_mode", choices=["generate", "score"], default=None, help="default: config eval_mode")
     p.add_argument("--compare_modes", action="store_true", help="run generate and score; agreement and speed")
-    p.add_argument("--calibration_samples", type=int, default=0,
+    p.add_argument("--calibration_samples", type=non_negative_int, default=0,
                    help="score mode: pick the P(Yes) threshold on this many eval examples")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return p.parse_args(argv)
@@ -60,19 +59,21 @@ def main(args) -> dict:
     from recsft import evaluation as E
     from recsft.formatting import load_records
     from recsft.report import save_eval
+    from recsft.validate import preflight_inference, writable_dir
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter_dir or cfg.train.output_dir
     adapter = None if str(adapter).lower() == "none" else adapter
+    preflight_inference(cfg.model)
     if not args.test_file and not args.output_dir:
         return demo(cfg, adapter)
     mode = args.eval_mode or cfg.infer.eval_mode
+    out = writable_dir(args.output_dir or "output/infer", "--output_dir")
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
                                    args.max_samples or cfg.data.max_test_samples)
     calibration = None
     if mode == "score" and args.calibration_samples:
         calibration, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
-    out = Path(args.output_dir or "output/infer")
     settings = E.EvalSettings.from_config(cfg)
     model, tok = E.load_for_eval(cfg.model, adapter, merge=not args.compare_base)
 

@@ -42,6 +42,32 @@ def test_bench_eval_quick(movielens_dir, tmp_path, capsys):
     assert res["prompts"] == 8 and res["speedup"] == pytest.approx(res["generate_s"] / res["score_s"])
 
 
+def test_bench_qlora_cpu_quick(movielens_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    import bench_qlora_cpu
+
+    res = bench_qlora_cpu.main(["--quick", "--variants", "lora,qlora", "--data", str(movielens_dir / "train.json"),
+                                "--json-out", str(tmp_path / "q.json")])
+    assert "RATIO qlora/lora CPU time per step" in capsys.readouterr().out
+    lora, qlora = res["variants"]["lora"], res["variants"]["qlora"]
+    assert lora["s_per_step"] > 0 and qlora["s_per_step"] > 0
+    assert qlora["lora_dtypes"] == ["torch.float32"]  # trainable weights stay fp32 on the 4-bit base
+    assert json.loads((tmp_path / "q.json").read_text())["variants"].keys() == {"lora", "qlora"}
+
+
+def test_bench_train_quick_compiles_and_runs_4bit(movielens_dir, tmp_path, capsys):
+    """torch_compile given at SFTConfig construction: the Trainer really compiles (frames > 0), graph breaks
+    are counted; the 4-bit variant trains on the CPU."""
+    pytest.importorskip("bitsandbytes")
+    res = bench_train.main(["--quick", "--qlora", "--compile", "--skip-check", "--variants", "ours_qlora,ours_compile",
+                            "--data", str(movielens_dir / "train.json"), "--json-out", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert res["variants"]["ours_qlora"]["tokens_per_s"] > 0
+    run = res["variants"]["ours_compile"]["runs"][0]
+    assert "error" not in run, run
+    assert run["frames_compiled"] >= 1 and run["graph_breaks"] >= 0 and "graph break(s)" in out
+
+
 def test_bench_session_quick(tmp_path, capsys):
     import bench_session
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,15 @@ def launch_cmd(config_file: Path, *extra: str) -> list[str]:
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # CPU ranks, even on a GPU machine
 
 
+ERROR_LINE = re.compile(r"^error: |Traceback|\w+(Error|Exception)\b|exitcode|Failures:|Root Cause|rank: \d")
+
+
+def failure(log: str, tail: int = 2000) -> str:
+    """Every rank's error lines (a short tail alone can hide the rank that failed first), then the log's tail."""
+    errors = [line for line in log.splitlines() if ERROR_LINE.search(line)]
+    return "\n".join(["--- error lines of every rank ---", *errors[:80], "--- log tail ---", log[-tail:]])
+
+
 def write_config(tmp_path: Path, name: str, tiny_qwen3: str, **overrides) -> tuple[Path, object]:
     cfg = tiny_config(tmp_path, tiny_qwen3, **overrides)
     return write_config_yaml(cfg, tmp_path / name), cfg
@@ -49,10 +59,10 @@ def test_two_process_ddp_trains_gathers_and_writes_once(tmp_path, tiny_qwen3):
                                     max_eval_samples=15, report_to="tensorboard")
     r = subprocess.run(launch_cmd(config_file), capture_output=True, text=True, timeout=400, env=ENV)
     log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-3000:]
+    assert r.returncode == 0, failure(log)
     assert "2 processes (ParallelMode.DISTRIBUTED); this is rank 0" in log and "this is rank 1" in log
     # rank 0 builds the preprocessing cache first, rank 1 then loads it (no two writers racing on one folder)
-    assert log.count("Tokenized train") == 1 and log.count("Loading preprocessed datasets from cache") == 2, log
+    assert log.count("Tokenized train") == 1 and log.count("Loading preprocessed datasets from cache") == 2, failure(log)
     out = Path(cfg.train.output_dir)
     summary = json.loads((out / "training_summary.json").read_text())
     # 48 train examples, 2 ranks x batch 4 = 8 per step: 4 steps = 32 examples = 2/3 epoch (1/3 on one process)
@@ -102,10 +112,10 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_then_resumes(tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     log = "".join(lines)
-    assert rc == 0, log[-3000:]  # both ranks left training together and exited cleanly
+    assert rc == 0, failure(log)  # both ranks left training together and exited cleanly
     out = Path(cfg.train.output_dir)
     ckpts = list(out.glob("checkpoint-*"))
-    assert len(ckpts) == 1, log[-3000:]
+    assert len(ckpts) == 1, failure(log)
     step = int(ckpts[0].name.split("-")[1])
     assert 1 <= step < 40 and json.loads((ckpts[0] / "trainer_state.json").read_text())["global_step"] == step
     assert f"Training stopped by SIGTERM at step {step}" in log  # rank 1, which got the signal
@@ -113,7 +123,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_then_resumes(tmp_
     assert not (out / "adapter_model.safetensors").exists()
 
     r = subprocess.run(launch_cmd(config_file, "--resume"), capture_output=True, text=True, timeout=400, env=ENV)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == 0, failure(r.stdout + r.stderr)
     assert f"Last completed step: {step}" in r.stdout
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["global_step"] == 40
@@ -142,13 +152,13 @@ def test_sigterm_to_the_launcher_saves_one_checkpoint_then_resume_continues(tmp_
     log = "".join(lines)
     out = Path(cfg.train.output_dir)
     ckpts = list(out.glob("checkpoint-*"))
-    assert len(ckpts) == 1, log[-3000:]
+    assert len(ckpts) == 1, failure(log)
     step = int(ckpts[0].name.split("-")[1])
-    assert 2 <= step < 40 and (ckpts[0] / "adapter_model.safetensors").is_file(), log[-3000:]
-    assert log.count(f"Training stopped by SIGTERM") == 2, log[-3000:]  # both ranks, the same step
+    assert 2 <= step < 40 and (ckpts[0] / "adapter_model.safetensors").is_file(), failure(log)
+    assert log.count(f"Training stopped by SIGTERM") == 2, failure(log)  # both ranks, the same step
     assert f"at step {step}; checkpoint saved" in log
 
     r = subprocess.run(launch_cmd(config_file, "--resume"), capture_output=True, text=True, timeout=400, env=ENV)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == 0, failure(r.stdout + r.stderr)
     assert f"Last completed step: {step}" in r.stdout
     assert json.loads((out / "training_summary.json").read_text())["global_step"] == 40

@@ -139,13 +139,15 @@ def test_training_eval_scores_are_float32_on_a_bf16_model(near_tie, tmp_path):
     import torch
 
     from recsft import training as T
+    from recsft.modeling import model_for, tokenizer_for
+    from recsft.preprocess import datasets_for, resolve_data
 
     path, _ = near_tie
     cfg = tiny_config(tmp_path, path, dtype="bfloat16", max_steps=1, max_eval_samples=16)
-    train_path, eval_path = T.resolve_data(cfg.data)
-    tok = T.tokenizer_for(cfg.model)
-    train_ds, eval_ds = T.datasets_for(cfg.data, False, tok, train_path, eval_path, False)
-    model, device = T.model_for(cfg.model, cfg.lora, False)
+    train_path, eval_path = resolve_data(cfg.data)
+    tok = tokenizer_for(cfg.model)
+    train_ds, eval_ds = datasets_for(cfg.data, False, tok, train_path, eval_path, False, cpu=True)
+    model, device = model_for(cfg.model, cfg.lora, False)
     assert next(model.parameters()).dtype == torch.bfloat16
     trainer, _ = T.build_trainer(model, tok, train_ds, eval_ds, cfg, device)
     preds = np.asarray(trainer.predict(eval_ds).predictions).reshape(-1, 3)

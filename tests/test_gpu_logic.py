@@ -69,7 +69,9 @@ def test_broken_flash_attn_falls_back_to_sdpa_with_the_reason(gpu, monkeypatch, 
     with caplog.at_level(logging.INFO, logger="recsft"):
         assert modeling.resolve_attn_implementation("auto", "cuda") == "sdpa"
     assert "flash-attn fails to import (ImportError: flash_attn_2_cuda.so: undefined symbol" in caplog.text
-    with pytest.raises(RuntimeError, match="flash_attention_2 requested but flash-attn fails to import"):
+    from recsft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="flash_attention_2 requested but flash-attn fails to import"):
         modeling.resolve_attn_implementation("flash_attention_2", "cuda")
 
 
@@ -202,3 +204,42 @@ def test_a_repeated_signal_within_the_window_is_ignored_a_later_one_stops_at_onc
     clock[0] += stop.REPEAT_WINDOW_S
     stop._handle(signal.SIGINT, None)  # the user again, seconds later: stop now
     assert raised == [signal.SIGINT]
+
+
+def test_generation_eval_is_skipped_under_fsdp(monkeypatch, tmp_path, capsys):
+    """Rank 0 alone would wait forever on a model sharded over every rank: the eval is skipped with a line."""
+    from pathlib import Path
+    from types import SimpleNamespace as NS
+
+    from conftest import tiny_config
+    from recsft import evaluation, report
+
+    monkeypatch.setattr(modeling, "sharded_launch", lambda: "FSDP")
+    called = []
+    monkeypatch.setattr(evaluation, "generation_eval", lambda *a, **k: called.append(a))
+    cfg = tiny_config(tmp_path, "unused", gen_eval_samples=4)
+    Path(cfg.train.output_dir).mkdir(parents=True)
+    state = NS(log_history=[], global_step=3, epoch=1.0, best_model_checkpoint=None, best_metric=None)
+    trainer = NS(save_model=lambda out: None, is_world_process_zero=lambda: True, state=state, _total_train_tokens=9,
+                 args=NS(world_size=2), time_budget=None, model=None)
+    summary = report.finish_training(trainer, NS(save_pretrained=lambda out: None), cfg, cfg.data.eval_dataset,
+                                     NS(metrics={"train_runtime": 1.0, "train_loss": 0.5}), 1.0, "cuda")
+    assert not called and "gen_eval" not in summary and summary["global_step"] == 3
+    assert "Generation eval skipped under FSDP" in capsys.readouterr().out
+
+
+def test_dependency_check_reports_unmet_and_missing_requirements(monkeypatch):
+    sys.path.insert(0, str(__import__("conftest").ROOT / "bench"))
+    import check_deps
+
+    class Dist:
+        version, requires = "5.2.0", ["pyarrow>=9999", "surely-not-installed-pkg>=1", "fsspec<=2026.9.0",
+                                       "pytest>=1; extra == 'tests'"]
+
+    real = check_deps.md.distribution
+    monkeypatch.setattr(check_deps.md, "distribution", lambda name: Dist if name == "datasets" else real(name))
+    found = check_deps.problems(["datasets"])
+    assert any("needs pyarrow>=9999: pyarrow" in p for p in found)
+    assert any("surely-not-installed-pkg is not installed" in p for p in found)
+    assert not any("fsspec" in p or "pytest" in p for p in found) and len(found) == 2
+    assert check_deps.main(["datasets"]) == 1

@@ -109,7 +109,8 @@ def test_incomplete_checkpoint_is_skipped_by_resume(tmp_path):
     from recsft.training import latest_checkpoint
 
     (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    (tmp_path / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"weights")
     (tmp_path / "checkpoint-8").mkdir()  # killed while saving: no trainer_state.json
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-4")
 

@@ -43,8 +43,13 @@ def test_threads_explicit_then_env_then_physical_cores(monkeypatch):
         assert runtime.set_threads("auto") == 1 and "OMP_NUM_THREADS" in runtime._chosen["threads"]
         assert runtime.set_threads("2") == 2 and "config" in runtime._chosen["threads"]
         monkeypatch.delenv("OMP_NUM_THREADS")
-        assert runtime.set_threads("auto") == runtime.physical_cores() >= 1
-        assert "physical cores" in runtime.describe("cpu", "float32", "x")
+        monkeypatch.setattr(runtime, "physical_cores", lambda: 2)
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        assert runtime.set_threads("auto") == 2 and "2 physical cores" in runtime.describe("cpu", "float32", "x")
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.2, 0.1, 0.1))  # one busy neighbour
+        assert runtime.set_threads("auto") == 1 and "load average 1.2" in runtime._chosen["threads"]
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+        assert runtime.set_threads("auto") == 1
     finally:
         torch.set_num_threads(before)
 

@@ -13,11 +13,13 @@ TIMING = ("runtime", "per_second", "_time")
 
 def train_and_log(cfg, answer_width: int | None) -> tuple[list[dict], object]:
     from recsft import training as T
+    from recsft.modeling import model_for, tokenizer_for
+    from recsft.preprocess import datasets_for, resolve_data
 
-    train_path, _ = T.resolve_data(cfg.data)
-    tok = T.tokenizer_for(cfg.model)
-    train_ds, _ = T.datasets_for(cfg.data, False, tok, train_path, None, False)
-    model, device = T.model_for(cfg.model, cfg.lora, False)
+    train_path, _ = resolve_data(cfg.data)
+    tok = tokenizer_for(cfg.model)
+    train_ds, _ = datasets_for(cfg.data, False, tok, train_path, None, False, cpu=True)
+    model, device = model_for(cfg.model, cfg.lora, False)
     trainer, _ = T.build_trainer(model, tok, train_ds, None, cfg, device)
     if answer_width is not None:
         trainer.answer_width = answer_width
@@ -29,7 +31,7 @@ def train_and_log(cfg, answer_width: int | None) -> tuple[list[dict], object]:
 def test_sync_free_label_positions_log_the_same_numbers_as_the_boolean_mask(tmp_path, tiny_qwen3):
     from recsft.io import load_data
     from recsft.preprocess import tokenize_records
-    from recsft.training import tokenizer_for
+    from recsft.modeling import tokenizer_for
 
     cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=6, logging_steps=2, eval_strategy="no", save_strategy="no",
                       load_best_model_at_end="false")

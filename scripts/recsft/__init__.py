@@ -2,7 +2,8 @@
 
 One module per pipeline stage; a module imports only its own stage or earlier ones (tests/test_structure.py):
 
-* foundation -- ``config`` (the one source of defaults), ``io`` (files, atomic writes), ``cli`` (entry point),
+* foundation -- ``config`` (the one source of defaults), ``io`` (files, atomic writes), ``runtime`` (CPU threads,
+  dtype choice), ``cli`` (entry point),
   ``metrics`` (the one Yes/No extractor and metrics function)
 * prompt     -- ``formatting`` (record formats, prompt text, chat-template rendering, dataset loading),
   ``movielens`` (MovieLens-100K -> records)

@@ -1,8 +1,14 @@
-"""The shared script entry point: logging set-up, and input errors as one clean line with exit code 2."""
+"""The shared script entry point: logging set-up, bad input as one clean line (exit 2), Ctrl-C (exit 130).
+
+Only :class:`recsft.errors.UserInputError` (``ConfigError``, ``DataError`` and the checks in
+``recsft.validate``) counts as bad input; every other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import sys
 from typing import Any, Callable
 
@@ -10,10 +16,11 @@ from .runtime import omp_defaults
 
 omp_defaults()  # before anything imports torch: OpenMP reads its environment once, when torch loads it
 
-from .config import ConfigError  # noqa: E402
-from .io import DataError  # noqa: E402
+from .errors import UserInputError, one_line  # noqa: E402
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
+INTERRUPTED = "interrupted (Ctrl-C): stopped; outputs are written atomically, so nothing half-written was left"
 
 
 def setup_logging() -> None:
@@ -24,11 +31,64 @@ def setup_logging() -> None:
 
 
 def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
-    """``main(parse_args())``; a bad config, data file or argument prints ``error: ...`` and exits 2 (no traceback)."""
-    args = parse_args()
-    setup_logging()
+    """``main(parse_args())``; bad input prints ``error: ...`` (one line) and exits 2, Ctrl-C exits 130."""
     try:
+        args = parse_args()
+        setup_logging()
         main(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except UserInputError as err:
+        print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --max_samples: must be a positive integer, got 0``."""
+
+    def error(self, message: str):
+        print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, "a finite number")
+
+
+def output_dir(text: str) -> str:
+    """An output folder flag: not empty (writability is checked by ``recsft.validate.writable_dir``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty; give a folder path")
+    return text

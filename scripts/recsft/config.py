@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import UserInputError
 
 BASE_MODEL = "Qwen/Qwen3-0.6B"
 ADAPTER_DIR = "output/qwen3-movielens-qlora"
@@ -37,14 +41,20 @@ EVAL_MODES = ("generate", "score")
 LOSS_TYPES = ("nll", "yes_no")
 
 
-class ConfigError(ValueError):
-    """Every problem found in a config, reported at once."""
+LORA_TARGET_ITEM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+class ConfigError(UserInputError):
+    """Every problem found in a config, reported at once on one line (``; `` between problems)."""
 
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
         where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} config problem(s){where}:\n{lines}")
+        if len(self.problems) == 1:
+            super().__init__(f"config{where}: {self.problems[0]}")
+        else:
+            listed = "; ".join(f"({k}) {p}" for k, p in enumerate(self.problems, 1))
+            super().__init__(f"{len(self.problems)} config problem(s){where}: {listed}")
 
 
 class _Section:
@@ -65,9 +75,9 @@ class ModelArgs(_Section):
     model_name_or_path: str = BASE_MODEL  # hub id, local dir, .gguf file, or pkg://<dist>/<path>
     tokenizer_name_or_path: str | None = None  # defaults to the model path
     flash_attn: str = "auto"  # auto | flash_attention_2 | sdpa | eager | false
-    quantization_bit: int | None = 4  # 4 = QLoRA (NF4, CUDA only); None = plain LoRA
+    quantization_bit: int | None = 4  # 4 = QLoRA (NF4; CUDA, or CPU with bitsandbytes >= 0.47); 8 (CUDA); None = plain LoRA
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: see recsft.modeling.choose_dtype)
-    num_threads: str = "auto"  # CPU threads for torch: auto (OMP_NUM_THREADS if set, else physical cores) or N
+    num_threads: str = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else physical cores not busy) or N
     enable_thinking: bool = False  # Qwen3: keep False so training text == inference text
     trust_remote_code: bool = False
 
@@ -116,6 +126,10 @@ class LoraArgs(_Section):
         self._check(self.lora_alpha > 0, f"lora_alpha: must be > 0, got {self.lora_alpha}")
         self._check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         self._check(bool(self.lora_target.strip()), "lora_target: must not be empty")
+        items = [t.strip() for t in self.lora_target.split(",")]
+        bad = [t for t in items if not LORA_TARGET_ITEM.match(t)] if self.lora_target.strip() else []
+        self._check(not bad, f"lora_target: {', '.join(repr(t) for t in bad)} is not a module name; use all, qv, "
+                             f"or a comma list of layer names such as q_proj,v_proj")
         self._raise_if_problems()
 
 
@@ -165,6 +179,21 @@ class TrainArgs(_Section):
                      "logging_steps", "eval_steps", "save_steps"):
             self._check(getattr(self, name) > 0, f"{name}: must be > 0, got {getattr(self, name)}")
         self._check(self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}")
+        self._check(self.max_steps == -1 or self.max_steps > 0,
+                    f"max_steps: must be -1 (use num_train_epochs) or > 0, got {self.max_steps}")
+        self._check(self.num_train_epochs >= 0, f"num_train_epochs: must be >= 0, got {self.num_train_epochs}")
+        self._check(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        self._check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        self._check(self.save_total_limit is None or self.save_total_limit >= 1,
+                    f"save_total_limit: must be >= 1 or null (keep every checkpoint), got {self.save_total_limit}")
+        self._check(self.early_stopping_patience is None or self.early_stopping_patience >= 0,
+                    f"early_stopping_patience: must be >= 0 or null (0/null = off), got {self.early_stopping_patience}")
+        self._check(self.dataloader_num_workers >= 0,
+                    f"dataloader_num_workers: must be >= 0 (0 = load in the main process), "
+                    f"got {self.dataloader_num_workers}")
+        self._check(0 <= self.seed < 2**32, f"seed: must be in [0, 2**32), got {self.seed}")
+        self._check(bool(self.output_dir.strip()), "output_dir: must not be empty; give a folder path")
+        self._check(bool(self.optim.strip()), "optim: must not be empty (e.g. adamw_torch)")
         self._check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         self._check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs or max_steps must be > 0")
         self._check(self.lr_scheduler_type in SCHEDULERS,
@@ -263,15 +292,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         try:
             return int(value) if not isinstance(value, str) else int(float(value)) if "e" in value.lower() else int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{key}: expected an integer, got {value!r}") from None
     if base is float:
         if isinstance(value, bool):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if base is str:
         if isinstance(value, (dict, list)):
             raise ValueError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
@@ -296,12 +328,32 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError([f"line {line}: key {key!r} is given twice (first on line {seen[key]}); keep one"])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    if not str(path).strip():
+        raise ConfigError(["--config is empty; pass a YAML file from configs/"])
+    if path.is_dir():
+        raise ConfigError([f"config {str(path)!r} is a folder; pass --config with a YAML file from configs/"])
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist; pass --config with a YAML from configs/"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except ConfigError as e:
+        raise ConfigError(e.problems, str(path)) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"]) from None
     except yaml.YAMLError as e:
@@ -309,7 +361,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
     if raw is None:
-        return {}
+        raise ConfigError([f"{path}: the config file is empty; copy one from configs/ or give key: value lines"])
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of key: value, got {type(raw).__name__}"])
     return raw
@@ -321,6 +373,7 @@ def build_config(values: dict[str, Any], source: str | None = None) -> Config:
     problems: list[str] = []
     per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in values.items():
+        key = str(key)
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

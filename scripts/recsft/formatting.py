@@ -15,6 +15,7 @@ Both formats render to the same user message, so a model sees identical text in 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,6 +81,23 @@ def record_format(record: dict[str, Any]) -> str:
                     f"got keys {sorted(record)}")
 
 
+RATING_RANGE = (0.5, 5.0)  # the MovieLens scale; every rating in a prompt must be on it
+
+
+def check_history(titles: list, ratings: list, candidate_title: Any) -> None:
+    """Titles are non-empty strings and ratings numbers on the 0.5..5 scale; else a DataError naming the item."""
+    for i, title in enumerate(titles, 1):
+        if not isinstance(title, str) or not title.strip():
+            raise DataError(f"history_titles[{i}]: expected a non-empty title string, got {title!r}")
+    if not isinstance(candidate_title, str) or not candidate_title.strip():
+        raise DataError(f"candidate_title: expected a non-empty title string, got {candidate_title!r}")
+    lo, hi = RATING_RANGE
+    for i, rating in enumerate(ratings, 1):
+        ok = isinstance(rating, (int, float)) and not isinstance(rating, bool) and math.isfinite(rating)
+        if not ok or not lo <= rating <= hi:
+            raise DataError(f"history_ratings[{i}]: expected a number from {lo} to {hi}, got {rating!r}")
+
+
 def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
     """Return ``{"system", "user", "answer"}`` for a record of either format.
 
@@ -104,6 +122,7 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
         titles, ratings = record["history_titles"], record["history_ratings"]
         if not isinstance(titles, list) or not isinstance(ratings, list) or len(titles) != len(ratings):
             raise DataError("test record: history_titles and history_ratings must be lists of the same length")
+        check_history(titles, ratings, record["candidate_title"])
         text = build_input_text(titles, ratings, str(record["candidate_title"]), record.get("candidate_features"),
                                 record.get("history_header"))
         user = f"{INSTRUCTION}\n\n{text}"
@@ -166,12 +185,16 @@ def resolve_dataset(name: str, dataset_dir: str | os.PathLike = ".") -> str:
         raise DataError(f"dataset {name!r}: not a file, and no {info_path} to look it up in; "
                         f"set dataset_dir or give a file path")
     info = load_json(info_path)
+    if not isinstance(info, dict):
+        raise DataError(f"{info_path}: the top level must be an object mapping dataset names to "
+                        f"{{\"file_name\": ...}}, got a {type(info).__name__}")
     if name not in info:
         raise DataError(f"dataset {name!r} is not in {info_path}; known names: {', '.join(sorted(info))}")
     entry = info[name]
     file_name = entry.get("file_name") if isinstance(entry, dict) else None
-    if not file_name:
-        raise DataError(f"{info_path}: entry {name!r} has no 'file_name'")
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise DataError(f"{info_path}: entry {name!r} needs a 'file_name' string (a path relative to "
+                        f"{dataset_dir}), got {file_name!r}")
     return str(Path(dataset_dir) / file_name)
 
 
@@ -196,8 +219,10 @@ def chat_texts(tokenizer, system: str, user: str, answer: str | None,
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False,
                                          enable_thinking=enable_thinking)
     if not full.startswith(prompt):
-        raise ValueError("chat template: the full conversation does not start with the generation prompt; "
-                         "this template cannot be used for prompt/answer label masking")
+        from .config import ConfigError
+
+        raise ConfigError(["chat template: the full conversation does not start with the generation prompt; "
+                           "this template cannot be used for prompt/answer label masking; use another chat model"])
     return prompt, full[len(prompt):]
 
 

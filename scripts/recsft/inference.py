@@ -66,7 +66,10 @@ def answer_token_ids(tokenizer) -> tuple[int, int]:
     yes = tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
     no = tokenizer("No", add_special_tokens=False)["input_ids"][0]
     if yes == no:
-        raise ValueError("tokenizer maps Yes and No to the same first token; scoring mode cannot be used")
+        from .config import ConfigError
+
+        raise ConfigError(["eval_mode: the tokenizer maps Yes and No to the same first token, so score mode "
+                           "cannot be used; set eval_mode: generate"])
     return yes, no
 
 

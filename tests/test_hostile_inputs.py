@@ -1,0 +1,710 @@
+"""Hostile input to every script: exit 2, one ``error:`` line naming the key/flag/file, no traceback, no model
+load, nothing written; Ctrl-C: exit 130, one line, nothing partial.
+
+The scripts run in-process through the real entry point (``recsft.cli.run`` with each script's ``parse_args``
+and ``main``), so the cases stay fast; a few real invocations in subprocesses are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import analyze_differences
+import baselines
+import check_seq_len
+import compare_base_vs_lora
+import finetune_lora
+import infer_lora
+import prepare_data
+from conftest import ROOT, tiny_config, write_config_yaml
+from recsft import cli, modeling
+
+READ_ONLY = "/proc/self/recsft_out" if os.geteuid() == 0 else None  # root writes anywhere but in /proc
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading model weights fails the test: bad input must be caught before."""
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was detected")
+    monkeypatch.setattr(modeling, "load_model", boom)
+
+
+@pytest.fixture
+def no_tokenizer_load(monkeypatch, no_model_load):
+    """Loading the tokenizer (or the model) fails the test: settings must be checked before tokenization."""
+    def boom(*a, **k):
+        raise AssertionError("the tokenizer was loaded before the bad input was detected")
+    monkeypatch.setattr(modeling, "load_tokenizer", boom)
+
+
+def invoke(script, argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``script`` through ``recsft.cli.run`` in-process; return (exit code, stderr)."""
+    main = getattr(script, "cli", script.main)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, lambda: script.parse_args(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_error_line(code: int, err: str, *names: str, exit_code: int = 2) -> str:
+    assert code == exit_code, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("error:", "interrupted"))]
+    assert len(lines) == 1, err
+    assert err.rstrip().splitlines()[-1] == lines[0], err  # the error line is the last thing printed
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in: {lines[0]}"
+    return lines[0]
+
+
+def check_case(script, argv, names, capsys, root: Path, exit_code: int = 2) -> str:
+    before = tree(root)
+    code, err = invoke(script, argv, capsys)
+    line = assert_one_error_line(code, err, *names, exit_code=exit_code)
+    assert tree(root) == before, f"files were written: {sorted(tree(root) - before)}"
+    return line
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A scratch folder that is also the working directory (default output paths land in it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- finetune_lora: config
+def train_config(work: Path, model: str, **extra) -> str:
+    cfg = tiny_config(work, model)
+    return str(write_config_yaml(cfg, work / "cfg.yaml", **extra))
+
+
+def _a_file(work: Path) -> str:
+    (work / "a_file").write_text("x")
+    return str(work / "a_file")
+
+
+CONFIG_CASES = {  # override(s) -> names the error line must contain
+    "lr_inf": (["learning_rate=inf"], ["learning_rate", "finite"]),
+    "lr_nan": (["learning_rate=nan"], ["learning_rate"]),
+    "epochs_nan": (["num_train_epochs=nan", "max_steps=-1"], ["num_train_epochs"]),
+    "epochs_inf": (["num_train_epochs=inf", "max_steps=-1"], ["num_train_epochs"]),
+    "epochs_negative": (["num_train_epochs=-2"], ["num_train_epochs"]),
+    "patience_negative": (["early_stopping_patience=-1"], ["early_stopping_patience"]),
+    "save_total_limit_0": (["save_total_limit=0"], ["save_total_limit"]),
+    "workers_negative": (["dataloader_num_workers=-1"], ["dataloader_num_workers"]),
+    "optim_typo": (["optim=adamw_torhc"], ["optim", "adamw_torch"]),
+    "lora_target_typo_in_list": (["lora_target=q_proj,v_prj"], ["lora_target", "v_prj", "v_proj"]),
+    "lora_target_bad_syntax": (["lora_target=q_proj;v_proj"], ["lora_target"]),
+    "flash_attention_2_on_cpu": (["flash_attn=flash_attention_2"], ["flash_attn", "flash_attention_2"]),
+    "flash_attn_unknown": (["flash_attn=flash2"], ["flash_attn"]),
+    "model_path_missing": (["model_name_or_path=/nonexistent/models/qwen"], ["model_name_or_path"]),
+    "model_pkg_missing": (["model_name_or_path=pkg://no-such-dist-recsft/x"], ["model_name_or_path", "no-such-dist"]),
+    "seed_negative": (["seed=-1"], ["seed"]),
+    "max_steps_0": (["max_steps=0"], ["max_steps"]),
+    "unknown_key": (["cutof_len=512"], ["cutof_len", "cutoff_len"]),
+    "int_not_a_number": (["lora_rank=sixteen"], ["lora_rank"]),
+    "int_overflow": (["lora_rank=1e400"], ["lora_rank"]),
+    "output_dir_empty": (["output_dir="], ["output_dir"]),
+    "override_without_equals": (["cutoff_len"], ["cutoff_len", "key=value"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_finetune_bad_setting(case, work, tiny_qwen3, capsys, no_tokenizer_load):
+    overrides, names = CONFIG_CASES[case]
+    check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3), *overrides], names, capsys, work)
+
+
+def test_finetune_hub_id_not_cached_offline(work, tiny_qwen3, capsys, monkeypatch, no_tokenizer_load):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3), "model_name_or_path=recsft-test/no-such-model"],
+               ["model_name_or_path", "recsft-test/no-such-model", "HF_HUB_OFFLINE"], capsys, work)
+
+
+def test_finetune_model_folder_without_config(work, tiny_qwen3, capsys, no_tokenizer_load):
+    (work / "not_a_model").mkdir()
+    check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3), f"model_name_or_path={work / 'not_a_model'}"],
+               ["model_name_or_path", "config.json"], capsys, work)
+
+
+OUTPUT_DIR_CASES = {"is_a_file": lambda w: _a_file(w), "under_a_file": lambda w: _a_file(w) + "/sub",
+                    "read_only": lambda w: READ_ONLY or str(_read_only_dir(w) / "out")}
+
+
+def _read_only_dir(work: Path) -> Path:
+    d = work / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_DIR_CASES))
+def test_finetune_unwritable_output_dir_fails_before_loading(case, work, tiny_qwen3, capsys, no_tokenizer_load):
+    cfg = train_config(work, tiny_qwen3)
+    out = OUTPUT_DIR_CASES[case](work)
+    check_case(finetune_lora, ["--config", cfg, f"output_dir={out}"], ["output_dir"], capsys, work)
+
+
+YAML_CASES = {
+    "duplicate_key": ("lora_rank: 8\ncutoff_len: 256\nlora_rank: 16\n", ["lora_rank", "twice", "line 3"]),
+    "empty": ("# nothing here\n", ["empty"]),
+    "top_level_list": ("- lora_rank: 8\n", ["mapping"]),
+    "invalid_yaml": ("lora_rank: [8\n", ["invalid YAML"]),
+    "non_utf8": (b"lora_rank: 8 # caf\xe9\n", ["UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_finetune_bad_yaml(case, work, capsys, no_tokenizer_load):
+    text, names = YAML_CASES[case]
+    path = work / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    check_case(finetune_lora, ["--config", str(path)], ["bad.yaml", *names], capsys, work)
+
+
+def test_finetune_config_is_a_folder(work, capsys):
+    (work / "cfgdir").mkdir()
+    check_case(finetune_lora, ["--config", str(work / "cfgdir")], ["cfgdir", "folder"], capsys, work)
+
+
+FLAG_CASES = {
+    "extra_epochs_negative": (["--extra-epochs", "-1"], ["--extra-epochs"]),
+    "extra_epochs_nan": (["--extra-epochs", "nan"], ["--extra-epochs"]),
+    "extra_epochs_with_max_steps": (["--extra-epochs", "1"], ["--extra-epochs", "max_steps"]),
+    "resume_from_missing_folder": (["--resume_from_checkpoint", "nope/checkpoint-9"], ["--resume_from_checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_finetune_bad_flag(case, work, tiny_qwen3, capsys, no_tokenizer_load):
+    flags, names = FLAG_CASES[case]
+    check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3), *flags], names, capsys, work)
+
+
+# ------------------------------------------------------------------------------ finetune_lora: data
+def _registry(work: Path, info) -> list[str]:
+    (work / "reg").mkdir()
+    (work / "reg" / "dataset_info.json").write_text(json.dumps(info))
+    return [f"dataset_dir={work / 'reg'}", "dataset=movielens_train"]
+
+
+TEST_RECORD = {"user_id": 1, "history_titles": ["Heat (1995)", "Fargo (1996)"], "history_ratings": [4, 5],
+               "candidate_title": "Alien (1979)", "candidate_movie_id": 3, "label": "Yes"}
+
+DATA_CASES = {
+    "dataset_info_not_an_object": (lambda w: _registry(w, ["movielens_train"]), ["dataset_info.json", "object"]),
+    "file_name_not_a_string": (lambda w: _registry(w, {"movielens_train": {"file_name": 5}}),
+                               ["dataset_info.json", "file_name"]),
+    "dataset_not_registered": (lambda w: _registry(w, {"other": {"file_name": "x.json"}}),
+                               ["movielens_train", "dataset_info.json"]),
+    "rating_out_of_scale": (lambda w: _records(w, [TEST_RECORD, {**TEST_RECORD, "history_ratings": [4, 7]}]),
+                            ["train.jsonl", "record 2", "history_ratings[2]"]),
+}
+
+
+def _records(work: Path, records: list[dict], name: str = "train.jsonl") -> list[str]:
+    (work / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return [f"dataset={work / name}"]
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_finetune_bad_data(case, work, tiny_qwen3, capsys, no_model_load):
+    make, names = DATA_CASES[case]
+    cfg = train_config(work, tiny_qwen3)
+    check_case(finetune_lora, ["--config", cfg, *make(work)], names, capsys, work)
+
+
+# ---------------------------------------------------------------------------- finetune_lora: resume
+def _checkpoint(folder: Path, step: int, rank: int = 16, state: str | None = None, weights: bool = True) -> Path:
+    ckpt = folder / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(state if state is not None else json.dumps({"global_step": step}))
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": rank, "target_modules": ["q_proj", "v_proj"]}))
+    if weights:
+        (ckpt / "adapter_model.safetensors").write_bytes(b"not read before the shape check")
+    return ckpt
+
+
+def test_resume_with_another_lora_shape_is_refused(work, tiny_qwen3, capsys, no_tokenizer_load):
+    cfg = train_config(work, tiny_qwen3, lora_target="qv", lora_rank=16)
+    _checkpoint(work / "out", 4, rank=8)
+    check_case(finetune_lora, ["--config", cfg, "--resume"], ["--resume", "checkpoint-4", "r=8", "lora_rank"],
+               capsys, work)
+
+
+def test_resume_from_checkpoint_with_truncated_state(work, tiny_qwen3, capsys, no_tokenizer_load):
+    cfg = train_config(work, tiny_qwen3)
+    ckpt = _checkpoint(work / "out", 4, state='{"global_step": 4, "log_hist')
+    check_case(finetune_lora, ["--config", cfg, "--resume_from_checkpoint", str(ckpt)], ["trainer_state.json"],
+               capsys, work)
+
+
+def test_output_dir_locked_by_a_live_run(work, tiny_qwen3, capsys, no_tokenizer_load):
+    cfg = train_config(work, tiny_qwen3)
+    (work / "out").mkdir()
+    (work / "out" / ".recsft.lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    check_case(finetune_lora, ["--config", cfg], ["output_dir", "in use", str(os.getppid())], capsys, work)
+
+
+# ------------------------------------------------------------------------------------- infer_lora
+def _adapter(work: Path, base: str, shapes: dict[str, list[int]] | None = None, r: int = 4,
+             config: str | None = None, weights: bytes | None = None) -> str:
+    """An adapter folder; by default a valid-looking one for ``base`` (q_proj of layer 0)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = work / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(config if config is not None else json.dumps(
+        {"r": r, "base_model_name_or_path": base, "target_modules": ["q_proj"], "peft_type": "LORA"}))
+    if weights is not None:
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+    elif shapes is not None:
+        save_file({k: torch.zeros(v) for k, v in shapes.items()}, str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _corrupt_safetensors(work: Path, base: str) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = work / "full.safetensors"
+    save_file({f"{Q}.lora_A.weight": torch.zeros(4, 32)}, str(tmp))
+    data = tmp.read_bytes()
+    tmp.unlink()
+    return _adapter(work, base, weights=data[: len(data) // 2])
+
+
+ADAPTER_CASES = {
+    "missing_folder": (lambda w, b: str(w / "no_adapter"), ["adapter_dir", "no_adapter"]),
+    "corrupt_config": (lambda w, b: _adapter(w, b, config="{\"r\": 4,"), ["adapter_config.json"]),
+    "config_not_object": (lambda w, b: _adapter(w, b, config="[4]"), ["adapter_config.json"]),
+    "no_weights": (lambda w, b: _adapter(w, b), ["adapter_model.safetensors"]),
+    "garbage_weights": (lambda w, b: _adapter(w, b, weights=b"\x00garbage"), ["adapter_model.safetensors"]),
+    "truncated_weights": (lambda w, b: _corrupt_safetensors(w, b), ["adapter_model.safetensors", "truncated"]),
+    "other_base_shapes": (lambda w, b: _adapter(w, b, {f"{Q}.lora_A.weight": [4, 896],
+                                                       f"{Q}.lora_B.weight": [1024, 4]}), ["lora_A", "896"]),
+    "other_base_layers": (lambda w, b: _adapter(w, b, {"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight":
+                                                       [4, 32]}), ["layers.9", "not a linear layer"]),
+    "rank_mismatch": (lambda w, b: _adapter(w, b, {f"{Q}.lora_A.weight": [8, 32], f"{Q}.lora_B.weight": [32, 8]}),
+                      ["lora_A", "r=4"]),
+}
+
+
+def infer_config(work: Path, model: str, **extra) -> str:
+    return train_config(work, model, **extra)
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_CASES))
+def test_infer_bad_adapter_fails_before_the_base_model(case, work, tiny_qwen3, capsys, no_tokenizer_load):
+    make, names = ADAPTER_CASES[case]
+    cfg = infer_config(work, tiny_qwen3)
+    adapter = make(work, tiny_qwen3)
+    test_file = _records(work, [TEST_RECORD], "test.jsonl")[0].split("=", 1)[1]
+    check_case(infer_lora, ["--config", cfg, "--adapter_dir", adapter, "--test_file", test_file,
+                            "--output_dir", str(work / "pred")], names, capsys, work)
+
+
+RECORD_CASES = {
+    "rating_above_5": ({"history_ratings": [4, 7]}, ["history_ratings[2]", "0.5", "5.0"]),
+    "rating_below_0_5": ({"history_ratings": [0, 4]}, ["history_ratings[1]"]),
+    "rating_null": ({"history_ratings": [None, 4]}, ["history_ratings[1]", "None"]),
+    "rating_text": ({"history_ratings": ["four", 4]}, ["history_ratings[1]", "four"]),
+    "rating_nan": ({"history_ratings": [float("nan"), 4]}, ["history_ratings[1]", "nan"]),
+    "rating_bool": ({"history_ratings": [True, 4]}, ["history_ratings[1]"]),
+    "label_null": ({"label": None}, ["record 2", "label"]),
+    "label_not_yes_no": ({"label": "maybe"}, ["record 2", "label", "maybe"]),
+    "title_not_text": ({"history_titles": [5, "Fargo (1996)"]}, ["history_titles[1]"]),
+    "candidate_missing": ({"candidate_title": None}, ["candidate_title"]),
+    "lengths_differ": ({"history_ratings": [4]}, ["history_titles", "same length"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORD_CASES))
+def test_infer_bad_test_record(case, work, tiny_qwen3, capsys, no_tokenizer_load):
+    change, names = RECORD_CASES[case]
+    cfg = infer_config(work, tiny_qwen3)
+    bad = {**TEST_RECORD, **change}
+    (work / "test.jsonl").write_text(json.dumps(TEST_RECORD) + "\n" + json.dumps(bad) + "\n")
+    check_case(infer_lora, ["--config", cfg, "--adapter_dir", "none", "--test_file", str(work / "test.jsonl"),
+                            "--output_dir", str(work / "pred")], ["test.jsonl", *names], capsys, work)
+
+
+INFER_FLAG_CASES = {
+    "max_samples_0": (["--max_samples", "0"], ["--max_samples", "positive"]),
+    "max_samples_negative": (["--max_samples", "-3"], ["--max_samples"]),
+    "max_samples_text": (["--max_samples", "ten"], ["--max_samples", "ten"]),
+    "calibration_negative": (["--calibration_samples", "-1"], ["--calibration_samples"]),
+    "output_dir_empty": (["--output_dir", ""], ["--output_dir"]),
+    "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir", "a_file"]),
+    "eval_mode_unknown": (["--eval_mode", "vote"], ["--eval_mode", "vote"]),
+    "flash_attention_2_on_cpu": (["flash_attn=flash_attention_2"], ["flash_attn"]),
+    "tokenizer_folder_missing": (["tokenizer_name_or_path=/no/such/tokenizer"], ["tokenizer_name_or_path"]),
+    "calibration_without_eval_data": (["--eval_mode", "score", "--calibration_samples", "5",
+                                       "eval_dataset=missing_eval.json"], ["missing_eval.json"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INFER_FLAG_CASES))
+def test_infer_bad_flag(case, work, tiny_qwen3, capsys, no_tokenizer_load):
+    flags, names = INFER_FLAG_CASES[case]
+    cfg = infer_config(work, tiny_qwen3)
+    _a_file(work)
+    test_file = _records(work, [TEST_RECORD], "test.jsonl")[0].split("=", 1)[1]
+    argv = ["--config", cfg, "--adapter_dir", "none", "--test_file", test_file]
+    argv += [] if "--output_dir" in flags else ["--output_dir", str(work / "pred")]
+    check_case(infer_lora, argv + flags, names, capsys, work)
+
+
+# --------------------------------------------------------------------------- compare_base_vs_lora
+COMPARE_CASES = {
+    "show_negative": (["--show", "-1"], ["--show"]),
+    "flash_attention_2_on_cpu": (["flash_attn=flash_attention_2"], ["flash_attn"]),
+    "model_missing": (["model_name_or_path=/no/such/model"], ["model_name_or_path"]),
+    "adapter_none": (["--adapter_dir", "none"], ["--adapter_dir"]),
+    "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir"]),
+    "max_samples_0": (["--max_samples", "0"], ["--max_samples"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPARE_CASES))
+def test_compare_bad_flag(case, work, tiny_qwen3, capsys, no_tokenizer_load):
+    flags, names = COMPARE_CASES[case]
+    cfg = infer_config(work, tiny_qwen3)
+    _a_file(work)
+    check_case(compare_base_vs_lora, ["--config", cfg, *flags], names, capsys, work)
+
+
+# ------------------------------------------------------------------------------------ prepare_data
+PREPARE_CASES = {
+    "max_users_0": (["--max-users", "0"], ["--max-users"]),
+    "max_users_negative": (["--max-users", "-5"], ["--max-users"]),
+    "like_threshold_above_scale": (["--like-threshold", "7"], ["--like-threshold"]),
+    "like_threshold_everything_yes": (["--like-threshold", "0.5"], ["--like-threshold"]),
+    "like_threshold_nan": (["--like-threshold", "nan"], ["--like-threshold"]),
+    "out_dir_is_a_file": (["--out-dir", "a_file"], ["--out-dir", "a_file"]),
+    "out_dir_empty": (["--out-dir", ""], ["--out-dir"]),
+    "ratios_sum_to_1": (["--eval-ratio", "0.6", "--test-ratio", "0.5"], ["--eval-ratio", "--test-ratio"]),
+    "raw_dir_missing": (["--raw-dir", "no_such_dir"], ["--raw-dir", "no_such_dir"]),
+    "history_len_0": (["--history-len", "0"], ["--history-len"]),
+    "seed_negative": (["--seed", "-1"], ["--seed"]),
+    "source_unknown": (["--source", "web"], ["--source", "web"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREPARE_CASES))
+def test_prepare_bad_flag(case, work, capsys):
+    flags, names = PREPARE_CASES[case]
+    _a_file(work)
+    argv = flags if "--out-dir" in flags else ["--out-dir", str(work / "data"), *flags]
+    check_case(prepare_data, argv, names, capsys, work)
+
+
+def test_prepare_read_only_out_dir(work, capsys):
+    out = READ_ONLY or str(_read_only_dir(work) / "data")
+    check_case(prepare_data, ["--out-dir", out], ["--out-dir", "not writable"], capsys, work)
+
+
+# --------------------------------------------------------------------------------------- baselines
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """prepare_data output for the first 30 users of the bundled MovieLens-100K."""
+    from recsft import movielens
+
+    out = tmp_path_factory.mktemp("small") / "data"
+    movielens.prepare(str(out), max_users=30)
+    return out
+
+
+def _data_copy(work: Path, small_data: Path, keep_manifest: bool = False) -> Path:
+    import shutil
+
+    folder = work / "data"
+    shutil.copytree(small_data, folder)
+    if not keep_manifest:
+        (folder / "manifest.json").unlink()  # hand-edited files: the manifest would flag any edit first
+    return folder
+
+
+def _edit_stats(folder: Path, change) -> None:
+    stats = json.loads((folder / "stats.json").read_text())
+    (folder / "stats.json").write_text(json.dumps(change(stats)))
+
+
+def _drop_key(rows_file: Path, key: str, index: int = 1) -> None:
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines()]
+    rows[index].pop(key)
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+BASELINE_CASES = {
+    "stats_missing_params": (lambda f: _edit_stats(f, lambda s: {k: v for k, v in s.items() if k != "params"}),
+                             ["stats.json", "params"]),
+    "stats_param_missing": (lambda f: _edit_stats(f, lambda s: {**s, "params": {**s["params"], "history_len": None}}),
+                            ["stats.json", "params.history_len"]),
+    "stats_not_an_object": (lambda f: (f / "stats.json").write_text("[1, 2]"), ["stats.json", "object"]),
+    "stats_bad_threshold": (lambda f: _edit_stats(f, lambda s: {**s, "params": {**s["params"], "like_threshold": 9}}),
+                            ["stats.json", "like-threshold"]),
+    "stats_source_gone": (lambda f: _edit_stats(f, lambda s: {**s, "source": "/no/raw/ml-100k"}),
+                          ["stats.json", "/no/raw/ml-100k"]),
+    "test_record_missing_key": (lambda f: _drop_key(f / "test_raw.jsonl", "candidate_movie_id"),
+                                ["test_raw.jsonl", "record 2", "candidate_movie_id"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASELINE_CASES))
+def test_baselines_bad_input(case, work, small_data, capsys):
+    edit, names = BASELINE_CASES[case]
+    folder = _data_copy(work, small_data)
+    edit(folder)
+    check_case(baselines, ["--data_dir", str(folder), "--output_dir", str(work / "bl")], names, capsys, work)
+
+
+BASELINE_FLAG_CASES = {
+    "max_samples_0": (["--max_samples", "0"], ["--max_samples"]),
+    "svd_rank_0": (["--svd_rank", "0"], ["--svd_rank"]),
+    "data_dir_missing": (["--data_dir", "nowhere"], ["--data_dir", "nowhere"]),
+    "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASELINE_FLAG_CASES))
+def test_baselines_bad_flag(case, work, small_data, capsys):
+    flags, names = BASELINE_FLAG_CASES[case]
+    folder = _data_copy(work, small_data, keep_manifest=True)
+    _a_file(work)
+    argv = [] if "--data_dir" in flags else ["--data_dir", str(folder)]
+    check_case(baselines, argv + flags, names, capsys, work)
+
+
+def test_baselines_detects_a_mixed_file_set(work, small_data, capsys):
+    folder = _data_copy(work, small_data, keep_manifest=True)
+    _drop_key(folder / "test_raw.jsonl", "user_id")  # a file of another build
+    check_case(baselines, ["--data_dir", str(folder)], ["test_raw.jsonl", "manifest.json", "prepare_data"],
+               capsys, work)
+
+
+# ------------------------------------------------------------------------------------ check_seq_len
+SEQ_LEN_CASES = {
+    "show_examples_negative": (["--show-examples", "-1"], ["--show-examples"]),
+    "max_samples_0": (["--max-samples", "0"], ["--max-samples"]),
+    "cutoff_len_0": (["--cutoff-len", "0"], ["--cutoff-len"]),
+    "percentiles_text": (["--percentiles", "50,ninety"], ["--percentiles"]),
+    "percentile_above_100": (["--percentiles", "50,150"], ["--percentiles", "150"]),
+    "output_dir_is_a_file": (["--output-dir", "a_file"], ["--output-dir"]),
+    "dataset_missing": (["--dataset", "nowhere.json"], ["nowhere.json"]),
+    "tokenizer_missing": (["model_name_or_path=/no/such/tokenizer"], ["model_name_or_path"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEQ_LEN_CASES))
+def test_check_seq_len_bad_flag(case, work, tiny_qwen3, capsys):
+    flags, names = SEQ_LEN_CASES[case]
+    cfg = train_config(work, tiny_qwen3)
+    _a_file(work)
+    check_case(check_seq_len, ["--config", cfg, *flags], names, capsys, work)
+
+
+# ------------------------------------------------------------------------------ analyze_differences
+ROW = {"label": "Yes", "agree": False, "base_correct": False, "lora_correct": True, "base_prediction": "No",
+       "lora_prediction": "Yes", "base_response": "No", "lora_response": "Yes", "candidate_title": "Alien (1979)"}
+ANALYZE_CASES = {
+    "row_missing_key": (lambda r: {k: v for k, v in r.items() if k != "lora_correct"}, ["record 2", "lora_correct"]),
+    "agree_not_bool": (lambda r: {**r, "agree": "no"}, ["record 2", "agree"]),
+    "response_not_text": (lambda r: {**r, "base_response": None}, ["record 2", "base_response"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANALYZE_CASES))
+def test_analyze_bad_rows(case, work, capsys):
+    change, names = ANALYZE_CASES[case]
+    (work / "cmp").mkdir()
+    (work / "cmp" / "comparisons.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(change(ROW)) + "\n")
+    check_case(analyze_differences, ["--input_dir", str(work / "cmp")], ["comparisons.jsonl", *names], capsys, work)
+
+
+def test_analyze_bad_flags(work, capsys):
+    check_case(analyze_differences, ["--input_dir", str(work / "nothing")], ["comparisons.jsonl"], capsys, work)
+    check_case(analyze_differences, ["--show", "-2"], ["--show"], capsys, work)
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+def _interrupt(*a, **k):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_prepare_data_leaves_nothing(work, capsys, monkeypatch):
+    from recsft import movielens
+
+    monkeypatch.setattr(movielens, "write_jsonl_atomic", _interrupt)  # after train.json and eval.json
+    check_case(prepare_data, ["--out-dir", str(work / "data"), "--max-users", "20"], ["Ctrl-C"], capsys, work,
+               exit_code=130)
+
+
+def test_ctrl_c_during_tokenization_leaves_nothing(work, tiny_qwen3, capsys, monkeypatch, no_model_load):
+    from recsft import preprocess
+
+    monkeypatch.setattr(preprocess, "encode_texts", _interrupt)
+    check_case(finetune_lora, ["--config", train_config(work, tiny_qwen3)], ["Ctrl-C"], capsys, work,
+               exit_code=130)
+
+
+def test_ctrl_c_while_saving_the_cache_leaves_no_partial_cache(work, tiny_qwen3, capsys, monkeypatch,
+                                                                 no_model_load):
+    from datasets import Dataset
+
+    def save_half(self, path, *a, **k):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Dataset, "save_to_disk", save_half)
+    cfg = train_config(work, tiny_qwen3)
+    (work / "cache").mkdir()  # the cache folder itself may exist; what matters is that no entry is left in it
+    check_case(finetune_lora, ["--config", cfg], ["Ctrl-C"], capsys, work, exit_code=130)
+
+
+def test_ctrl_c_during_inference_writes_no_predictions(work, tiny_qwen3, capsys, monkeypatch):
+    from recsft import evaluation
+
+    cfg = infer_config(work, tiny_qwen3)
+    (work / "test.jsonl").write_text(json.dumps(TEST_RECORD) + "\n")
+    monkeypatch.setattr(evaluation, "predict", _interrupt)
+    check_case(infer_lora, ["--config", cfg, "--adapter_dir", "none", "--test_file", str(work / "test.jsonl"),
+                            "--output_dir", str(work / "pred")], ["Ctrl-C"], capsys, work, exit_code=130)
+
+
+def test_unknown_bugs_keep_their_traceback(work, monkeypatch):
+    """Only input errors are turned into one line: anything else propagates with its traceback."""
+    def bug(args):
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        cli.run(bug, lambda: None)
+    with pytest.raises(TypeError):
+        cli.run(lambda a: len(5), lambda: None)
+
+
+# ------------------------------------------------------------------------- data sets (prepare_data)
+def test_interrupted_publish_is_detected_by_readers(work, monkeypatch):
+    """A kill between two renames of the publish step leaves a set that readers refuse, naming the file."""
+    from recsft import io, movielens
+    from recsft.io import DataError, load_data
+
+    movielens.prepare(str(work / "data"), max_users=20, seed=1)
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if Path(dst) == work / "data" / "test_raw.jsonl":  # manifest + two files published, then killed
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        movielens.prepare(str(work / "data"), max_users=20, seed=2)
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    with pytest.raises(DataError, match=r"test_raw.jsonl: not the file of build .* mixes files of two"):
+        load_data(work / "data" / "test_raw.jsonl")
+    assert not [p for p in work.iterdir() if p.name.startswith(".data.tmp-")]  # temp folder removed
+    movielens.prepare(str(work / "data"), max_users=20, seed=2)  # a re-run repairs the set
+    io.check_file_set(work / "data")
+
+
+# --------------------------------------------------------------------------------------- resume
+def test_resume_skips_truncated_and_weightless_checkpoints(tmp_path, caplog):
+    from recsft.training import latest_checkpoint
+
+    _checkpoint(tmp_path, 4)
+    _checkpoint(tmp_path, 8, weights=False)
+    _checkpoint(tmp_path, 12, state='{"global_step": 12, "log_hist')
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-4")
+    assert "checkpoint-12: trainer_state.json is missing, truncated" in caplog.text
+    assert "checkpoint-8: it has no weights" in caplog.text
+
+
+def test_resume_of_a_finished_run_does_not_train_or_overwrite(work, tiny_qwen3, capsys, no_model_load):
+    from recsft.config import load_config
+
+    cfg_path = train_config(work, tiny_qwen3)
+    cfg = load_config(cfg_path)
+    out = work / "out"
+    _checkpoint(out, 8)
+    (out / "adapter_model.safetensors").write_bytes(b"final adapter")
+    (out / "training_summary.json").write_text(json.dumps({"global_step": 8, "config": cfg.to_dict()}))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    summary = finetune_lora.cli(finetune_lora.parse_args(["--config", cfg_path, "--resume"]))
+    assert summary["global_step"] == 8 and "nothing to resume" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, caplog):
+    from recsft.validate import LOCK_FILE, run_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    with caplog.at_level("WARNING"), run_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "stale lock" in caplog.text and not lock.exists()
+
+
+# ------------------------------------------------------------------------------- real invocations
+SUBPROCESS_CASES = {
+    "prepare_max_users_0": (["scripts/prepare_data.py", "--max-users", "0", "--out-dir", "{w}/d"], ["--max-users"]),
+    "infer_max_samples_0": (["scripts/infer_lora.py", "--max_samples", "0"], ["--max_samples"]),
+    "finetune_lr_inf": (["scripts/finetune_lora.py", "--config", "configs/smollm2_movielens_lora.yaml",
+                         "learning_rate=inf"], ["learning_rate"]),
+    "baselines_missing_dir": (["scripts/baselines.py", "--data_dir", "{w}/none", "--output_dir", "{w}/o"],
+                              ["--data_dir"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
+def test_real_invocation_bad_input(case, tmp_path):
+    argv, names = SUBPROCESS_CASES[case]
+    argv = [a.replace("{w}", str(tmp_path)) for a in argv]
+    before = tree(tmp_path)
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_one_error_line(r.returncode, r.stderr, *names)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_during_prepare_data(tmp_path):
+    """SIGINT while prepare_data works: exit 130, one line, and the folder holds no set or a complete one."""
+    out = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "scripts/prepare_data.py", "--out-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)  # imports done, building the examples
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # finished before the signal: nothing to check but a complete set
+        pytest.skip("prepare_data finished before SIGINT arrived")
+    assert_one_error_line(proc.returncode, err, "Ctrl-C", exit_code=130)
+    from recsft.io import check_file_set
+
+    assert not out.exists() or check_file_set(out) is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".data.tmp-")]

@@ -9,13 +9,20 @@ Copy-paste:
     python scripts/prepare_data.py --format session --session-len 16     # multi-turn runs of 16 candidates
     python scripts/prepare_data.py --features item_stats user_stats genres --out-dir data/movielens_feat
     python scripts/prepare_data.py --retrieval-history --out-dir data/movielens_retrieval
+    # your own ratings: a ratings table (user, item, rating, timestamp) and an items table (id, title[, genres])
+    python scripts/prepare_data.py --ratings my/ratings.csv --items my/items.csv --user-col uid \
+        --item-col sku --rating-col stars --time-col ts --title-col name --rating-scale 1,10 \
+        --like-threshold 8 --out-dir data/my_ratings
 
 Each example: the user's last ``history_len`` rated movies (title with year, rating) before the candidate;
 label Yes when the candidate's rating >= ``like_threshold``. Split per user by time (last 10% of each
 user's candidates -> test, the 10% before -> eval), so no eval/test candidate precedes a training one.
 Invalid raw rows (bad line, rating outside 0.5..5, unknown movie id) are dropped with one counted warning.
-Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json}`` as one set with a ``manifest.json``
-(one build id, a sha256 per file) that readers check, so an interrupted run never leaves a mixed set;
+With ``--ratings``/``--items`` (CSV, TSV or Parquet) the same examples, split and statistics are built from
+your own tables (string ids allowed; items without a title and invalid rows dropped, duplicate ratings:
+the latest wins, each with one counted warning).
+Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet, items.parquet}``
+as one set with a ``manifest.json`` (one build id, a sha256 per file) that readers check, so an interrupted run never leaves a mixed set;
 errors exit with code 2, Ctrl-C with 130.
 ``--format session`` writes ``<out-dir>/{session_train.json, session_eval.json, session_test.jsonl,
 session_stats.json}`` instead: one example per run of up to ``--session-len`` consecutive candidates of a
@@ -36,7 +43,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--source", choices=["bundled", "download"], default="bundled")
     p.add_argument("--raw-dir", default=None, help="extracted ml-100k, ml-1m or ml-latest-small folder")
     p.add_argument("--history-len", type=positive_int, default=15)
-    p.add_argument("--like-threshold", type=finite_float, default=4.0, help="label Yes when rating >= this (0.5-5]")
+    p.add_argument("--like-threshold", type=finite_float, default=4.0,
+                   help="label Yes when rating >= this (inside the rating scale)")
     p.add_argument("--eval-ratio", type=finite_float, default=0.1)
     p.add_argument("--test-ratio", type=finite_float, default=0.1)
     p.add_argument("--seed", type=non_negative_int, default=42)
@@ -48,7 +56,37 @@ def parse_args(argv: list[str] | None = None):
                    help="prompt lines from earlier ratings: item_stats, user_stats, genres (space or comma list)")
     p.add_argument("--retrieval-history", action="store_true",
                    help="history = the earlier ratings most similar to the candidate (genres), not the most recent")
+    g = p.add_argument_group("your own ratings data (instead of MovieLens)")
+    g.add_argument("--ratings", default=None, help="ratings table: .csv, .tsv or .parquet")
+    g.add_argument("--items", default=None, help="items table: .csv, .tsv or .parquet (item id, title, optional genres)")
+    g.add_argument("--user-col", default="user_id")
+    g.add_argument("--item-col", default="item_id", help="item id column of the ratings table")
+    g.add_argument("--rating-col", default="rating")
+    g.add_argument("--time-col", default="timestamp", help="Unix seconds or dates")
+    g.add_argument("--items-id-col", default=None, help="item id column of the items table (default: --item-col)")
+    g.add_argument("--title-col", default="title")
+    g.add_argument("--genres-col", default="genres", help="optional; kept in items.parquet when present")
+    g.add_argument("--rating-scale", default="0.5,5", help="lowest,highest valid rating (others dropped)")
     return p.parse_args(argv)
+
+
+def table_spec(args):
+    """The ratings-table settings, or None for MovieLens; a half-given or bad pair of flags is an error."""
+    from recsft.io import DataError
+    from recsft.ratings_table import TableSpec
+
+    if not args.ratings and not args.items:
+        return None
+    if not (args.ratings and args.items):
+        raise DataError("--ratings and --items go together: give both tables (or neither, for MovieLens)")
+    try:
+        lo, hi = (float(x) for x in args.rating_scale.split(","))
+    except ValueError:
+        raise DataError(f"--rating-scale {args.rating_scale!r}: use lowest,highest (e.g. 1,5 or 0.5,5)") from None
+    if not lo < hi:
+        raise DataError(f"--rating-scale {args.rating_scale}: the lowest rating must be below the highest")
+    return TableSpec(args.ratings, args.items, args.user_col, args.item_col, args.rating_col, args.time_col,
+                     args.items_id_col, args.title_col, args.genres_col, (lo, hi))
 
 
 def main(args) -> dict:
@@ -60,13 +98,15 @@ def main(args) -> dict:
     if args.session_len < 1:
         raise DataError(f"--session-len must be >= 1, got {args.session_len}")
     writable_dir(args.out_dir, "--out-dir")
-    check_params(args.history_len, args.eval_ratio, args.test_ratio, args.like_threshold, args.max_users)
+    table = table_spec(args)
+    check_params(args.history_len, args.eval_ratio, args.test_ratio, args.like_threshold, args.max_users,
+                 table.rating_scale if table else None)
     start = time.perf_counter()
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
-                    args.eval_ratio, args.test_ratio, args.seed, args.max_users, args.format,
-                    args.session_len, features, args.retrieval_history)
-    print(f"MovieLens from {stats['source']}: {stats['ratings']:,} ratings, {stats['users']} users, "
-          f"{stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
+                    args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table, fmt=args.format,
+                    session_len=args.session_len, features=features, retrieval=args.retrieval_history)
+    print(f"{'Ratings' if table else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, "
+          f"{stats['users']} users, {stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     for name, s in stats["splits"].items():
         answers = f" ({s['answers']:,d} answers)" if "answers" in s else ""
         print(f"  {name:5s}: {s['examples']:6,d} examples{answers}, Yes share {s['yes_share']:.1%}")

@@ -8,6 +8,7 @@ import pytest
 
 import bench_eval
 import bench_preprocess
+import bench_rank
 import bench_train
 
 pytestmark = pytest.mark.slow  # every test here trains, runs a benchmark or loads a real model
@@ -40,6 +41,15 @@ def test_bench_eval_quick(movielens_dir, tmp_path, capsys):
                            "--json-out", str(tmp_path / "e.json")])
     assert "RATIO eval score/generate" in capsys.readouterr().out
     assert res["prompts"] == 8 and res["speedup"] == pytest.approx(res["generate_s"] / res["score_s"])
+
+
+def test_bench_rank_quick_same_scores(movielens_dir, tmp_path, capsys):
+    res = bench_rank.main(["--quick", "--data", str(movielens_dir / "test_raw.jsonl"),
+                           "--json-out", str(tmp_path / "r.json")])
+    assert "RATIO rank shared-prefix/full" in capsys.readouterr().out
+    assert res["max_abs_p_yes_diff"] < 1e-4  # shared-prefix P(Yes) equals full-prompt P(Yes) (float32)
+    assert res["speedup"] == pytest.approx(res["full_s"] / res["shared_s"])
+    assert res["questions"] == 2 and res["candidates_per_question"] == 12
 
 
 def test_bench_qlora_cpu_quick(movielens_dir, tmp_path, capsys):

@@ -123,9 +123,11 @@ def test_baselines_on_the_same_split(tmp_path):
 
     prepare_data.main(prepare_data.parse_args(["--out-dir", str(tmp_path / "d"), "--max-users", "80"]))
     results = baselines.main(baselines.parse_args(["--data_dir", str(tmp_path / "d"), "--output_dir",
-                                                   str(tmp_path / "o"), "--svd_rank", "5"]))
+                                                   str(tmp_path / "o"), "--models", "item-rate,user-rate,biases,mf"]))
     assert len(results) == 5 and all(0 <= m["accuracy"] <= 1 for m in results.values())
-    assert results["always Yes (majority of train)"]["auc"] == 0.5
-    assert results["user+item biases"]["auc"] > 0.55  # real signal on real data
+    assert results["always Yes"]["auc"] == 0.5 and results["always Yes"]["uauc"] == 0.5
+    biases = results["BaselineOnly: user+item biases (Cornac)"]
+    assert biases["auc"] > 0.55 and 0.5 < biases["uauc"] < 1  # real signal on real data
+    assert results["user like-rate (hand-written)"]["uauc"] == 0.5  # one score per user: no within-user signal
     saved = json.loads((tmp_path / "o" / "baselines.json").read_text())
     assert saved["test_examples"] == len(load_data(tmp_path / "d" / "test_raw.jsonl"))

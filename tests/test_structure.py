@@ -12,11 +12,11 @@ PACKAGE = ROOT / "scripts" / "recsft"
 # foundations used by every stage.
 STAGES = {
     "foundation": ["config", "errors", "io", "runtime", "cli", "metrics"],
-    "prompt": ["formatting", "movielens"],  # movielens writes records in the prompt format
+    "prompt": ["formatting", "movielens", "ratings_table"],  # movielens writes records in the prompt format
     "tokens": ["preprocess"],
     "model": ["modeling", "validate", "inference"],  # validate: settings checked against the model, up front
     "train": ["training"],
-    "score": ["evaluation"],
+    "score": ["evaluation", "baselines", "ranking"],
     "report": ["report"],
 }
 RANK = {mod: i for i, mods in enumerate(STAGES.values()) for mod in mods}

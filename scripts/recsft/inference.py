@@ -114,16 +114,12 @@ class AnswerLogits:
         import torch
 
         self._pair = None
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        weight = getattr(module, "weight", None)
         exact = (type(module) in (torch.nn.Linear,) and isinstance(weight, torch.Tensor)
                  and type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.is_floating_point())
         if not exact or not args:
             return
-        hidden = args[0]
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            w = weight[self.ids].float()
-            b = bias[self.ids].float() if bias is not None else None
-            self._pair = torch.nn.functional.linear(hidden.float(), w, b).reshape(-1, 2)
+        self._pair = yes_no_logits(args[0], module, *self.ids).reshape(-1, 2)
 
     def pair(self, model_pair):
         """Float32 ``(N, 2)`` [Yes, No] logits for the rows of ``model_pair`` (the model's own logits)."""
@@ -252,3 +248,19 @@ def prompts_for(records: Sequence[dict], tokenizer, system_prompt: str | None = 
     prompts, _ = render_records(records, tokenizer, system_prompt, enable_thinking, source)
     labels = [format_prompt(r, system_prompt)["answer"] for r in records]
     return prompts, labels
+
+
+def yes_no_logits(hidden, lm_head, yes_id: int, no_id: int):
+    """``(..., 2)`` float32 logits of Yes and No: final hidden states projected onto the two LM-head rows.
+
+    The projection runs in float32 (autocast off, bias included) whatever the model's dtype (bf16 logits are
+    rounded to steps of 0.125); only two rows are computed, not the vocabulary. Used by :class:`AnswerLogits`
+    and by the shared-prefix ranking (``recsft.ranking``). ``lm_head`` must be a plain linear layer.
+    """
+    import torch
+
+    rows = [yes_id, no_id]
+    bias = getattr(lm_head, "bias", None)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), lm_head.weight[rows].float(),
+                                          bias[rows].float() if bias is not None else None)

@@ -56,8 +56,8 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any], p_yes: Sequence
     """Accuracy, precision, recall, F1 (positive class = Yes) and the unparseable count.
 
     ``labels``/``preds``: "Yes"/"No" (or 1/0); a pred of None is unparseable and counts as wrong.
-    ``p_yes``: optional P(Yes) per example -> adds ``auc`` (ROC-AUC) and ``log_loss``; with ``user_ids`` (one
-    per example) also ``uauc`` (mean per-user AUC) and ``uauc_users`` (see :func:`user_auc`).
+    ``p_yes``: optional P(Yes) per example -> adds ``auc`` (ROC-AUC) and ``log_loss``; with ``user_ids``
+    too, ``uauc`` (:func:`uauc`).
     """
     if len(labels) != len(preds):
         raise ValueError(f"labels ({len(labels)}) and preds ({len(preds)}) differ in length")
@@ -81,27 +81,20 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any], p_yes: Sequence
     if p_yes is not None:
         out.update(score_metrics([g == "Yes" for g in gold], p_yes))
         if user_ids is not None:
-            out.update(user_auc([g == "Yes" for g in gold], p_yes, user_ids))
+            out["uauc"] = uauc([g == "Yes" for g in gold], p_yes, user_ids)
     return out
 
 
-def user_auc(y_true: Sequence[bool], p_yes: Sequence[float], user_ids: Sequence[Any]) -> dict[str, float]:
-    """Per-user AUC (UAUC): the mean of each user's ROC-AUC over users with both classes (NaN when none).
-
-    It asks whether the model ranks *one user's* liked candidates above their disliked ones, which a global
-    AUC can reward by merely learning which users rate generously.
-    """
+def uauc(y_true: Sequence[bool], scores: Sequence[float], user_ids: Sequence[Any]) -> float:
+    """User-averaged AUC: the mean of per-user ROC-AUCs over users with both classes (NaN when none)."""
     from sklearn.metrics import roc_auc_score
 
-    if len(user_ids) != len(y_true):
-        raise ValueError(f"user_ids ({len(user_ids)}) and labels ({len(y_true)}) differ in length")
-    groups: dict[Any, tuple[list[int], list[float]]] = {}
-    for u, y, p in zip(user_ids, y_true, p_yes):
-        ys, ps = groups.setdefault(u, ([], []))
-        ys.append(int(y))
-        ps.append(float(p))
-    aucs = [roc_auc_score(ys, ps) for ys, ps in groups.values() if 0 < sum(ys) < len(ys)]
-    return {"uauc": float(sum(aucs) / len(aucs)) if aucs else math.nan, "uauc_users": float(len(aucs))}
+    groups: dict[Any, tuple[list, list]] = {}
+    for y, s, u in zip(y_true, scores, user_ids):
+        groups.setdefault(u, ([], []))[0].append(int(bool(y)))
+        groups[u][1].append(float(s))
+    aucs = [roc_auc_score(y, s) for y, s in groups.values() if 0 < sum(y) < len(y)]
+    return float(sum(aucs) / len(aucs)) if aucs else math.nan
 
 
 def score_metrics(y_true: Sequence[bool], p_yes: Sequence[float]) -> dict[str, float]:

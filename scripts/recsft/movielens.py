@@ -164,6 +164,14 @@ def load_genres(source: str = "bundled", raw_dir: str | Path | None = None) -> d
     return {int(m): [g for g, f in zip(ML100K_GENRES[1:], row) if f] for m, row in zip(items.movie_id, flags)}
 
 
+def table_genres(items: pd.DataFrame | None) -> dict[int, list[str]]:
+    """``{movie_id: [genre, ...]}`` from an items table's optional ``genres`` column ("A|B" or "A, B")."""
+    if items is None or "genres" not in items:
+        return {}
+    return {m: [g.strip() for g in re.split(r"[|,]", str(v)) if g.strip()]
+            for m, v in zip(items.movie_id, items.genres) if isinstance(v, str)}
+
+
 def load_ratings(source: str = "bundled", raw_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict[int, str]]:
     """Ratings ``[user_id, movie_id, rating, timestamp]`` and ``{movie_id: title}``; ``raw_dir`` wins."""
     if raw_dir:
@@ -181,14 +189,15 @@ RATING_MIN, RATING_MAX = 0.5, 5.0  # the MovieLens rating scale (ml-latest-small
 
 
 def check_params(history_len: int, eval_ratio: float, test_ratio: float, like_threshold: float = 4.0,
-                 max_users: int | None = None) -> None:
+                 max_users: int | None = None, rating_scale: tuple[float, float] | None = None) -> None:
+    lo, hi = rating_scale or (RATING_MIN, RATING_MAX)
     if history_len < 1:
         raise DataError(f"--history-len: history_len must be >= 1, got {history_len}")
     if not (0 <= eval_ratio < 1 and 0 <= test_ratio < 1 and eval_ratio + test_ratio < 1):
         raise DataError(f"--eval-ratio ({eval_ratio}) and --test-ratio ({test_ratio}) must be in [0, 1) "
                         f"and sum to less than 1")
-    if not RATING_MIN < like_threshold <= RATING_MAX:
-        raise DataError(f"--like-threshold must be on the rating scale ({RATING_MIN} < t <= {RATING_MAX}, so both "
+    if not lo < like_threshold <= hi:
+        raise DataError(f"--like-threshold must be on the rating scale ({lo:g} < t <= {hi:g}, so both "
                         f"labels are possible), got {like_threshold}")
     if max_users is not None and max_users < 1:
         raise DataError(f"--max-users must be a positive integer (or left out for all users), got {max_users}")
@@ -214,8 +223,12 @@ def check_stats(stats: Any, path: str | Path) -> dict:
     max_users = params.get("max_users")
     if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
         raise DataError(f"{path}: params.max_users must be a positive integer or null, got {max_users!r}; {fix}")
+    scale = params.get("rating_scale", [RATING_MIN, RATING_MAX])
+    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(x, (int, float)) for x in scale)):
+        raise DataError(f"{path}: params.rating_scale must be [lowest, highest], got {scale!r}; {fix}")
     try:
-        check_params(params["history_len"], params["eval_ratio"], params["test_ratio"], params["like_threshold"])
+        check_params(params["history_len"], params["eval_ratio"], params["test_ratio"], params["like_threshold"],
+                     rating_scale=tuple(scale))
     except DataError as e:
         raise DataError(f"{path}: params: {e}; {fix}") from None
     return stats
@@ -326,7 +339,7 @@ def feature_lines(df: pd.DataFrame, rows: np.ndarray, features: list[str], like_
     for r in rows.tolist():
         lines = []
         if "genres" in features:
-            lines.append(f"Genres: {', '.join((genres or {}).get(int(movies[r]), [])) or 'unknown'}")
+            lines.append(f"Genres: {', '.join((genres or {}).get(movies[r], [])) or 'unknown'}")
         if "item_stats" in features:
             n, k = stats["item_stats"]
             lines.append(_rate_line("Candidate movie, all users", int(n[r]), int(k[r])))
@@ -347,7 +360,7 @@ def retrieval_history(df: pd.DataFrame, cand: np.ndarray, k: np.ndarray, history
     movies = df.movie_id.to_numpy()
     onehot = np.zeros((len(df), max(len(names), 1)), dtype=np.float32)
     for r, m in enumerate(movies.tolist()):
-        for g in genres.get(int(m), []):
+        for g in genres.get(m, []):
             onehot[r, col[g]] = 1.0
     sizes = onehot.sum(1)
     out = np.empty((len(cand), history_len), dtype=np.int64)
@@ -416,29 +429,43 @@ def split_stats(examples: list[dict]) -> dict:
 
 def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = None, history_len: int = 15,
             like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
-            seed: int = 42, max_users: int | None = None, fmt: str = "single", session_len: int = 16,
-            features=None, retrieval: bool = False) -> dict:
-    """Write the datasets and their stats to ``out_dir``; return the stats.
+            seed: int = 42, max_users: int | None = None, table=None, fmt: str = "single",
+            session_len: int = 16, features=None, retrieval: bool = False) -> dict:
+    """Write train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet and items.parquet to
+    ``out_dir``; return the stats.
 
-    ``fmt="single"``: train.json, eval.json, test_raw.jsonl, stats.json. ``fmt="session"``:
-    session_train.json, session_eval.json, session_test.jsonl, session_stats.json.
-    ``max_users`` keeps only the first N user ids (quick runs); ``features`` adds prompt lines.
+    ``max_users`` keeps only the first N user ids (quick runs). ``table`` (a
+    :class:`recsft.ratings_table.TableSpec`) reads your own ratings and items tables instead of MovieLens.
+    The two parquet files hold the cleaned ratings and the titles, for the classical baselines.
+    ``fmt="session"`` writes session_train.json, session_eval.json, session_test.jsonl and session_stats.json
+    instead (:func:`build_sessions`); ``features`` adds prompt lines, ``retrieval`` a genre-similar history.
     """
-    check_params(history_len, eval_ratio, test_ratio, like_threshold, max_users)
+    check_params(history_len, eval_ratio, test_ratio, like_threshold, max_users,
+                 table.rating_scale if table is not None else None)
     features = check_features(features)
     if fmt not in ("single", "session"):
         raise DataError(f"--format: {fmt!r} is not one of single, session")
     if session_len < 1:
         raise DataError(f"--session-len must be >= 1, got {session_len}")
-    genres = load_genres(source, raw_dir) if "genres" in features or retrieval else None
+    if table is not None:
+        from .ratings_table import load_table
+
+        ratings, titles, items = load_table(table)
+        source = str(table.ratings)
+        genres = table_genres(items) if "genres" in features or retrieval else None
+    else:
+        genres = load_genres(source, raw_dir) if "genres" in features or retrieval else None
+        items = None
     if retrieval and not any((genres or {}).values()):
         raise DataError(f"--retrieval-history: {raw_dir or source} has no movie genres to compare; "
                         f"drop the flag or use a dataset with genres (ml-100k, ml-1m, ml-latest-small)")
-    ratings, titles = load_ratings(source, raw_dir)
+    if table is None:
+        ratings, titles = load_ratings(source, raw_dir)
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
     params = dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
-                  test_ratio=test_ratio, seed=seed, max_users=max_users)
+                  test_ratio=test_ratio, seed=seed, max_users=max_users,
+                  rating_scale=list(table.rating_scale if table is not None else (RATING_MIN, RATING_MAX)))
     params.update({"features": features} if features else {})
     params.update({"retrieval_history": True} if retrieval else {})
     head = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
@@ -449,12 +476,17 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
                             features=features, genres=genres, retrieval=retrieval)
     if not splits["train"]:
         raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
-    # the four files are published together with a manifest (one build id, a sha256 per file): an interrupted
+    kept = sorted(ratings.movie_id.unique().tolist())
+    if items is None:
+        items = pd.DataFrame({"movie_id": kept, "title": [titles[m] for m in kept]})
+    # the files are published together with a manifest (one build id, a sha256 per file): an interrupted
     # run publishes nothing, and readers detect a folder that mixes two builds (recsft.io.check_in_set)
     with publish_file_set(out_dir) as (tmp, build_id):
         write_json_atomic(tmp / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
         write_json_atomic(tmp / "eval.json", [to_train_record(e) for e in splits["eval"]], indent=None)
         write_jsonl_atomic(tmp / "test_raw.jsonl", splits["test"])
+        ratings[COLUMNS].reset_index(drop=True).to_parquet(tmp / "interactions.parquet", index=False)
+        items[items.movie_id.isin(kept)].reset_index(drop=True).to_parquet(tmp / "items.parquet", index=False)
         stats = {**head, "params": params,
                  "splits": {name: split_stats(examples) for name, examples in splits.items()},
                  "build_id": build_id}

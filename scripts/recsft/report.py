@@ -211,7 +211,7 @@ def result_row(label: str, metrics: dict, training: dict | None = None, data: di
         "train wall time": (f"{wall / 60:.0f} min" + (f" ({budget:.0f} CPU-min of steps)" if budget else ""))
         if wall else "–",
         "device": training.get("device", "–"),
-        "test examples": f"{metrics.get('n', 0):,}",
+        "test examples": f"{int(metrics.get('n', 0)):,}",
         "accuracy": _fmt(at.get("accuracy", metrics.get("accuracy"))),
         "F1": _fmt(at.get("f1", metrics.get("f1"))),
         "AUC": _fmt(metrics.get("auc")),

@@ -1,0 +1,164 @@
+"""Ranking evaluation: each liked test candidate ranked among N movies its user never rated.
+
+Copy-paste:
+
+    python scripts/rank_eval.py                                          # classical baselines, 99 uniform negatives
+    python scripts/rank_eval.py --sampling popularity                    # popularity-weighted negatives
+    python scripts/rank_eval.py --llm --config configs/smollm2_movielens_lora.yaml --max-users 20 \\
+        --models none --output_dir output/rank_smollm2_zeroshot          # the base LLM, zero-shot
+    python scripts/rank_eval.py --config configs/qwen3_movielens_qlora.yaml \\
+        --adapter output/qwen3-movielens-qlora --max-users 200 --output_dir output/rank_qwen3_lora
+
+For every test user (sorted ids; ``--max-users`` keeps the first K), every test candidate labelled Yes
+is one question: that movie plus ``--n-negatives`` movies the user never rated in any split, drawn with
+``--seed`` (``--sampling uniform`` or ``popularity``: probability proportional to 1 + training ratings).
+The same questions are used for every model: the LLM ranks by P(Yes) of the test example's own prompt
+(same history) with each candidate swapped in, scored with one shared-prefix pass per question; each
+baseline ranks by its own score. Reported: HR@1/5/10, NDCG@10, MRR (expected under random tie-breaking,
+averaged over questions) and, for the baselines, the same metrics when ranking among *all* unrated movies.
+
+Outputs in --output_dir: rank_metrics.json (protocol, counts, metrics per model), questions.jsonl (the
+sampled candidates), rank_table.md (markdown rows for docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
+from recsft.config import DEFAULT_CONFIG
+
+logger = logging.getLogger("rank_eval")
+
+
+def parse_args(argv: list[str] | None = None):
+    from recsft.baselines import MODELS
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data/movielens_qwen3", help="folder written by prepare_data.py")
+    p.add_argument("--output_dir", type=output_dir, default="output/rank_eval")
+    p.add_argument("--n-negatives", type=int, default=99, help="unrated movies per question (N)")
+    p.add_argument("--sampling", choices=["uniform", "popularity"], default="uniform")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--max-users", type=int, default=None, help="first K test users (bounds the LLM cost)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"baselines: comma list of {', '.join(MODELS)}, or none")
+    p.add_argument("--epochs", type=positive_int, default=5, help="epochs of SASRec")
+    p.add_argument("--no-full-ranking", action="store_true", help="skip the baselines' all-unrated-movies ranking")
+    p.add_argument("--llm", action="store_true", help="rank with the LLM of --config too")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config of the LLM (model, cutoff_len, prompt)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder, or none for the base model (implies --llm)")
+    p.add_argument("--name", default=None, help="label of the LLM row (default: model name + adapter)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="LLM: candidates per forward pass")
+    p.add_argument("overrides", nargs="*", help="config overrides: key=value")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> list[str]:
+    from recsft.baselines import MODELS
+
+    if args.n_negatives < 1:
+        raise ValueError(f"--n-negatives must be >= 1, got {args.n_negatives}")
+    if args.max_users is not None and args.max_users < 1:
+        raise ValueError(f"--max-users must be >= 1, got {args.max_users}")
+    names = [] if args.models.strip().lower() == "none" else [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)} or none")
+    return names
+
+
+def llm_rows(args, questions, titles) -> tuple[str, dict]:
+    """(row label, sampled ranking metrics) of the LLM; the adapter is checked before the model loads."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from recsft import ranking as R
+    from recsft.config import load_config
+    from recsft.evaluation import load_for_eval
+    from recsft.inference import max_prompt_tokens
+    from recsft.modeling import check_adapter
+
+    cfg = load_config(args.config, args.overrides)
+    adapter = None if args.adapter in (None, "none") else args.adapter
+    if adapter:
+        check_adapter(adapter, cfg.model.model_name_or_path)
+    model, tok = load_for_eval(cfg.model, adapter, merge=True)
+    budget = max_prompt_tokens(tok, cfg.data.cutoff_len)
+    rows, cut = [], 0
+    for q in tqdm(questions, desc="LLM ranking", unit="question"):
+        margin, was_cut = R.llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
+                                                args.batch_size, cfg.data.system_prompt, cfg.model.enable_thinking,
+                                                budget)
+        cut += was_cut
+        rows.append(R.rank_metrics(margin[0], np.asarray(margin[1:])))
+    if cut:
+        logger.warning(f"{cut} questions: prompt longer than cutoff_len={cfg.data.cutoff_len}; history cut from the "
+                       f"left by the same amount for every candidate")
+    base = Path(str(cfg.model.model_name_or_path).rstrip("/")).name
+    label = args.name or (f"{base} + LoRA ({Path(adapter).name})" if adapter else f"{base}, zero-shot")
+    return label, {**R.mean_metrics(rows), "questions_prompt_cut": cut}
+
+
+def main(args) -> dict:
+    from recsft import baselines as B
+    from recsft import ranking as R
+    from recsft.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+
+    from recsft.validate import writable_dir
+
+    names = check_args(args)
+    writable_dir(args.output_dir, "--output_dir")
+    use_llm = args.llm or args.adapter is not None
+    if use_llm:
+        from recsft.config import load_config
+
+        load_config(args.config, args.overrides)  # a bad config fails before any work
+    data = B.load_prepared(args.data_dir)
+    train = B.train_ratings(data.ratings, data.splits)
+    rated = B.rated_sets(data.ratings)
+    items = sorted(data.ratings.movie_id.unique().tolist())
+    popularity = train.movie_id.value_counts().to_dict()
+    questions, counts = R.build_questions(data.splits["test"], rated, items, args.n_negatives, args.seed,
+                                          args.sampling, popularity, args.max_users)
+    if not questions:
+        raise ValueError(f"{args.data_dir}: no test user has a liked (Yes) test candidate; nothing to rank")
+    protocol = {"n_negatives": args.n_negatives, "sampling": args.sampling, "seed": args.seed,
+                "max_users": args.max_users, "negatives": "movies the user never rated (any split), without replacement",
+                "popularity_weights": "1 + number of training ratings" if args.sampling == "popularity" else None,
+                "positive": "each test candidate labelled Yes (one question each)",
+                "ties": "metrics are expected values under random tie-breaking",
+                "averaged_over": "questions", "full_ranking": "positive among all movies the user never rated",
+                "llm": "P(Yes) of the test example's prompt (same history) with each candidate swapped in"}
+    results: dict = {}
+    scorers = B.fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
+    for name, scorer in scorers.items():
+        if name in B.PER_USER_CONSTANT:
+            continue  # one score per user: chance by construction
+        logger.info("ranking with %s", B.LABELS[name])
+        entry = {"sampled": R.score_questions(questions, scorer)}
+        if not args.no_full_ranking:
+            entry["full"] = R.full_ranking(questions, scorer, rated, items)
+        results[B.LABELS[name]] = entry
+    if use_llm:
+        label, metrics = llm_rows(args, questions, data.titles)
+        results[label] = {"sampled": metrics}
+    table = "\n".join([R.MARKDOWN_HEADER, *(R.markdown_row(k, v["sampled"]) for k, v in results.items())])
+    full = [R.markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]
+    out = Path(args.output_dir)
+    write_jsonl_atomic(out / "questions.jsonl", [{"user_id": q["user_id"], "candidates": q["candidates"]}
+                                                 for q in questions])
+    write_json_atomic(out / "rank_metrics.json", {"protocol": protocol, "counts": counts, "results": results})
+    text = f"{table}\n" + (f"\nFull ranking (all unrated movies):\n\n" + "\n".join([R.MARKDOWN_HEADER, *full]) + "\n"
+                           if full else "")
+    write_text_atomic(out / "rank_table.md", text)
+    print(f"\n{counts['questions']} questions from {counts['users']} users ({args.n_negatives} {args.sampling} "
+          f"negatives each, seed {args.seed}; {counts['users_skipped_no_positive']} users without a liked test "
+          f"candidate skipped)\n")
+    print(text)
+    return {"protocol": protocol, "counts": counts, "results": results}
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

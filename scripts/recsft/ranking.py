@@ -1,0 +1,238 @@
+"""Ranking evaluation: candidate sampling, tie-aware ranking metrics, shared-prefix LLM scoring.
+
+A *question* is one liked test candidate of a user (the positive) plus ``n`` movies the user never rated
+(the negatives). Every model scores the same ``1 + n`` candidates; the positive's rank gives HR@k, NDCG@k
+and reciprocal rank. The LLM scores them with the test example's own prompt (same history), the candidate
+swapped in: the ``1 + n`` prompts share everything up to ``Candidate movie:``, so that prefix is run once
+and its KV cache reused for the candidate suffixes (:func:`shared_prefix_scores`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+CANDIDATE_MARKER = "Candidate movie:"
+SAMPLINGS = ("uniform", "popularity")
+
+
+# ----------------------------------------------------------------------------------------- questions
+def sample_negatives(rng: np.random.Generator, pool: np.ndarray, n: int, weights: np.ndarray | None) -> np.ndarray:
+    """``n`` distinct items of ``pool`` (all of it when smaller); ``weights`` (same length) bias the draw."""
+    if n >= len(pool):
+        return pool.copy()
+    p = None if weights is None else weights / weights.sum()
+    return rng.choice(pool, size=n, replace=False, p=p)
+
+
+def build_questions(test: Sequence[dict], rated: dict, items: np.ndarray, n_negatives: int = 99, seed: int = 0,
+                    sampling: str = "uniform", popularity: dict | None = None,
+                    max_users: int | None = None) -> tuple[list[dict], dict]:
+    """One question per liked test candidate: ``{"example", "user_id", "candidates"}`` (positive first).
+
+    ``rated``: user -> set of every item the user rated (any split); negatives come from ``items`` minus
+    those. ``sampling``: ``uniform``, or ``popularity`` (each negative drawn without replacement with
+    probability proportional to 1 + its number of training ratings). Users are taken in sorted id order
+    and one random generator runs through them, so ``max_users`` K gives the first K users' questions of
+    the full run. Returns the questions and counts (users, skipped users, short pools).
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"--sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
+    by_user: dict = {}
+    for e in test:
+        by_user.setdefault(e["user_id"], []).append(e)
+    users = sorted(by_user)[:max_users] if max_users else sorted(by_user)
+    items = np.asarray(sorted(items))
+    pop = np.array([1.0 + (popularity or {}).get(i, 0) for i in items.tolist()]) if sampling == "popularity" else None
+    rng = np.random.default_rng(seed)
+    questions, skipped, short = [], 0, 0
+    for user in users:
+        positives = sorted((e for e in by_user[user] if e["label"] == "Yes"), key=lambda e: e["candidate_timestamp"]
+                           if "candidate_timestamp" in e else 0)
+        if not positives:
+            skipped += 1
+            continue
+        unrated = ~np.isin(items, list(rated.get(user, ())))
+        pool, weights = items[unrated], (pop[unrated] if pop is not None else None)
+        for e in positives:
+            negatives = sample_negatives(rng, pool, n_negatives, weights)
+            short += len(negatives) < n_negatives
+            questions.append({"user_id": user, "example": e,
+                              "candidates": [e["candidate_movie_id"], *negatives.tolist()]})
+    if short:
+        logger.warning(f"{short} questions: the user has fewer than {n_negatives} unrated movies; all of them used")
+    if skipped:
+        logger.warning(f"{skipped} test users skipped: no liked (Yes) test candidate to rank")
+    return questions, {"users": len(users) - skipped, "users_skipped_no_positive": skipped,
+                       "questions": len(questions), "questions_with_short_pool": short}
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def rank_metrics(pos: float, neg: np.ndarray, ks: Sequence[int] = (1, 5, 10), ndcg_k: int = 10) -> dict[str, float]:
+    """HR@k, NDCG@``ndcg_k`` and reciprocal rank of the positive, expected under random tie-breaking.
+
+    With g negatives scored above the positive and t tied with it, the positive's rank is uniform on
+    g+1 .. g+t+1; each metric is its mean over those ranks (so a constant scorer gets chance, not 1.0).
+    """
+    neg = np.asarray(neg, dtype=float)
+    greater, ties = int((neg > pos).sum()), int((neg == pos).sum())
+    ranks = np.arange(greater + 1, greater + ties + 2)
+    out = {f"hr@{k}": float((ranks <= k).mean()) for k in ks}
+    out[f"ndcg@{ndcg_k}"] = float(np.where(ranks <= ndcg_k, 1 / np.log2(ranks + 1), 0.0).mean())
+    out["mrr"] = float((1.0 / ranks).mean())
+    out["rank"] = float(ranks.mean())
+    return out
+
+
+def mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
+    """Mean of each metric over questions (NaN-free; ``n`` = questions)."""
+    if not rows:
+        return {"n": 0}
+    return {**{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}, "n": len(rows)}
+
+
+def score_questions(questions: Sequence[dict], scorer: Callable, ks=(1, 5, 10)) -> dict[str, float]:
+    """Sampled ranking metrics of ``scorer(example, candidate_items) -> scores`` over the questions."""
+    if hasattr(scorer, "warm"):  # a scorer that encodes many examples at once (e.g. a sequential model)
+        scorer.warm([q["example"] for q in questions])
+    rows = []
+    for q in questions:
+        s = np.asarray(scorer(q["example"], np.asarray(q["candidates"])), dtype=float)
+        rows.append(rank_metrics(s[0], s[1:], ks))
+    return mean_metrics(rows)
+
+
+def full_ranking(questions: Sequence[dict], scorer: Callable, rated: dict, items: np.ndarray,
+                 ks=(1, 5, 10)) -> dict[str, float]:
+    """The positive ranked among *every* movie its user never rated (not a sample)."""
+    items = np.asarray(sorted(items))
+    if hasattr(scorer, "warm"):
+        scorer.warm([q["example"] for q in questions])
+    rows = []
+    for q in questions:
+        pool = items[~np.isin(items, list(rated.get(q["user_id"], ())))]
+        s = np.asarray(scorer(q["example"], np.concatenate([[q["candidates"][0]], pool])), dtype=float)
+        rows.append(rank_metrics(s[0], s[1:], ks))
+    return mean_metrics(rows)
+
+
+def markdown_row(name: str, m: dict, cols=("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr")) -> str:
+    return "| " + " | ".join([name, *(f"{m[c]:.3f}" for c in cols), f"{int(m['n']):,}"]) + " |"
+
+
+MARKDOWN_HEADER = "| model | HR@1 | HR@5 | HR@10 | NDCG@10 | MRR | questions |\n|---|---|---|---|---|---|---|"
+
+
+# ----------------------------------------------------------------------------- shared-prefix scoring
+def split_prompt(prompt: str, candidate_title: str, marker: str = CANDIDATE_MARKER) -> tuple[str, str]:
+    """``(prefix, suffix)`` of a templated prompt, cut right after ``Candidate movie:``.
+
+    The cut sits in front of the space that starts the title: byte-level BPE (Qwen, SmolLM2/GPT-2) never
+    merges ``:`` with a following space, so ``ids(prefix) + ids(suffix) == ids(prompt)``.
+    """
+    cut = prompt.rfind(f"{marker} {candidate_title}")
+    if cut < 0:
+        raise ValueError(f"prompt has no {marker!r} line for candidate {candidate_title!r}")
+    cut += len(marker)
+    return prompt[:cut], prompt[cut:]
+
+
+def question_texts(example: dict, titles: Sequence[str], tokenizer, system_prompt: str | None = None,
+                   enable_thinking: bool = False) -> tuple[str, list[str]]:
+    """The common prefix and one suffix per candidate title, for the test example's prompt (same history)."""
+    from .preprocess import render_records
+
+    base = {k: v for k, v in example.items() if k != "label"}
+    prompts, _ = render_records([{**base, "candidate_title": t} for t in titles], tokenizer, system_prompt,
+                                enable_thinking)
+    prefix = split_prompt(prompts[0], titles[0])[0]
+    suffixes = []
+    for prompt, title in zip(prompts, titles):
+        p, s = split_prompt(prompt, title)
+        if p != prefix:
+            raise ValueError(f"candidate {title!r}: prompt prefix differs from the question's first candidate")
+        suffixes.append(s)
+    return prefix, suffixes
+
+
+def _decoder_and_head(model):
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm, lm.get_decoder(), lm.get_output_embeddings()
+
+
+def _cache_kwarg(decoder) -> str:
+    import inspect
+
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def shared_prefix_scores(model, prefix_ids: Sequence[int], suffix_ids: Sequence[Sequence[int]], yes_id: int,
+                         no_id: int, batch_size: int = 32, pad_id: int = 0) -> np.ndarray:
+    """``(len(suffix_ids), 2)`` float32 logits of Yes and No after ``prefix + suffix`` for every suffix.
+
+    The prefix runs once (``use_cache=True``); its KV cache is expanded over each batch of suffixes, which
+    are right-padded (causal attention: a real token never sees the padding after it) and positioned after
+    the prefix. The final hidden state at each suffix's last token is projected onto the two LM-head rows
+    in float32 (:func:`recsft.inference.yes_no_logits`). Equal to scoring each ``prefix + suffix`` alone.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from .inference import yes_no_logits
+
+    lm, decoder, head = _decoder_and_head(model)
+    device = next(lm.parameters()).device
+    key = _cache_kwarg(decoder)
+    out = []
+    with torch.inference_mode():
+        first = decoder(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        n_prefix = len(prefix_ids)
+        for start in range(0, len(suffix_ids), batch_size):
+            chunk = [list(s) for s in suffix_ids[start:start + batch_size]]
+            lens = torch.tensor([len(s) for s in chunk], device=device)
+            width = int(lens.max())
+            ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk], device=device)
+            batch_cache = DynamicCache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
+                                        for k, v in kv], config=lm.config)
+            positions = (n_prefix + torch.arange(width, device=device)).expand(len(chunk), -1)
+            hidden = decoder(input_ids=ids, position_ids=positions, use_cache=True,
+                             **{key: batch_cache}).last_hidden_state
+            last = hidden[torch.arange(len(chunk), device=device), lens - 1]
+            out.append(yes_no_logits(last, head, yes_id, no_id).cpu())
+    return torch.cat(out).numpy()
+
+
+def llm_question_scores(model, tokenizer, example: dict, titles: Sequence[str], batch_size: int = 32,
+                        system_prompt: str | None = None, enable_thinking: bool = False,
+                        max_prompt_tokens: int | None = None) -> tuple[np.ndarray, bool]:
+    """``(logit_yes - logit_no per title, prefix_was_cut)`` for one question, scored with a shared prefix.
+
+    When the longest candidate prompt exceeds ``max_prompt_tokens``, the prefix is cut from the left by the
+    same amount for every candidate (training cuts prompts from the left too), so all candidates still see
+    the same history.
+    """
+    from .inference import answer_token_ids
+
+    yes_id, no_id = answer_token_ids(tokenizer)
+    prefix, suffixes = question_texts(example, titles, tokenizer, system_prompt, enable_thinking)
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    suffix_ids = tokenizer(suffixes, add_special_tokens=False)["input_ids"]
+    cut = False
+    if max_prompt_tokens:
+        room = max_prompt_tokens - max(len(s) for s in suffix_ids)
+        if len(prefix_ids) > room:
+            prefix_ids, cut = prefix_ids[len(prefix_ids) - max(room, 1):], True
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logits = shared_prefix_scores(model, prefix_ids, suffix_ids, yes_id, no_id, batch_size, pad)
+    return logits[:, 0] - logits[:, 1], cut
+
+
+def p_yes(margin: np.ndarray) -> np.ndarray:
+    """P(Yes) = softmax(logit_yes, logit_no)[0] = sigmoid(logit_yes - logit_no)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(margin, dtype=np.float64)))

@@ -1,0 +1,90 @@
+"""scripts/rank_eval.py and the library baselines on real MovieLens users: same questions for every model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import prepare_data
+import rank_eval
+from conftest import tiny_config, write_config_yaml
+from recsft import baselines as B
+from recsft.metrics import compute_metrics, uauc
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rank_data")
+    prepare_data.main(prepare_data.parse_args(["--out-dir", str(out), "--max-users", "40"]))
+    return out
+
+
+def test_uauc_is_the_mean_of_per_user_aucs():
+    y = [1, 0, 1, 0, 1, 1]
+    s = [0.9, 0.1, 0.2, 0.8, 0.5, 0.6]
+    users = ["a", "a", "b", "b", "c", "c"]  # a: AUC 1, b: AUC 0, c: one class only (left out)
+    assert uauc(y, s, users) == 0.5
+    m = compute_metrics(["Yes" if v else "No" for v in y], ["Yes"] * 6, s, user_ids=users)
+    assert m["uauc"] == 0.5 and "uauc" not in compute_metrics(["Yes"], ["Yes"], [0.3])
+
+
+def test_rank_eval_baselines_same_questions(small_data, tmp_path):
+    args = rank_eval.parse_args(["--data_dir", str(small_data), "--output_dir", str(tmp_path),
+                                 "--models", "item-rate,user-rate,mostpop,biases", "--n-negatives", "20"])
+    res = rank_eval.main(args)
+    assert set(res["results"]) == {B.LABELS[n] for n in ("item-rate", "mostpop", "biases")}  # user-rate: chance
+    pop = res["results"][B.LABELS["mostpop"]]
+    assert pop["sampled"]["hr@10"] > 10 / 21  # popularity beats chance among unrated movies (real data)
+    assert pop["full"]["hr@10"] <= pop["sampled"]["hr@10"]  # ranking among all unrated movies is harder
+    data = B.load_prepared(small_data)
+    rated = B.rated_sets(data.ratings)
+    saved = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
+    assert len(saved) == res["counts"]["questions"] == sum(e["label"] == "Yes" for e in data.splits["test"])
+    assert all(len(q["candidates"]) == 21 and not set(q["candidates"][1:]) & rated[q["user_id"]] for q in saved)
+    assert json.loads((tmp_path / "rank_metrics.json").read_text())["protocol"]["n_negatives"] == 20
+    table = (tmp_path / "rank_table.md").read_text()
+    assert table.startswith("| model | HR@1") and "| MostPop (Cornac) | " in table
+    again = rank_eval.main(rank_eval.parse_args([*_argv(args), "--max-users", "5", "--no-full-ranking"]))
+    assert again["counts"]["users"] <= 5 and "full" not in again["results"][B.LABELS["mostpop"]]
+
+
+def _argv(args):
+    return ["--data_dir", args.data_dir, "--output_dir", args.output_dir, "--models", args.models,
+            "--n-negatives", str(args.n_negatives)]
+
+
+@pytest.mark.parametrize("flags,message", [(["--n-negatives", "0"], "--n-negatives"),
+                                           (["--models", "svd"], "--models: unknown"),
+                                           (["--max-users", "0"], "--max-users")])
+def test_rank_eval_bad_arguments(small_data, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        rank_eval.main(rank_eval.parse_args(["--data_dir", str(small_data), "--output_dir", str(tmp_path / "o"),
+                                             *flags]))
+    assert not (tmp_path / "o").exists()
+
+
+def test_sasrec_scores_follow_history(small_data):
+    data = B.load_prepared(small_data)
+    train = B.train_ratings(data.ratings, data.splits)
+    scorer = B.fit_scorers(["sasrec"], train, data.ratings, 4.0, epochs=1, progress=False)["sasrec"]
+    test = data.splits["test"][:20]
+    scores = B.pointwise_scores(scorer, test)
+    items = np.array(sorted(data.ratings.movie_id.unique()))
+    assert np.isfinite(scores).all() and scorer(test[0], items).shape == items.shape
+    assert scorer(test[0], np.array([test[0]["candidate_movie_id"]]))[0] == pytest.approx(scores[0])
+
+
+@pytest.mark.slow  # loads an LLM
+def test_rank_eval_llm_row(small_data, tmp_path, tiny_qwen3):
+    cfg = write_config_yaml(tiny_config(tmp_path, tiny_qwen3), tmp_path / "c.yaml")
+    res = rank_eval.main(rank_eval.parse_args(["--data_dir", str(small_data), "--output_dir", str(tmp_path / "o"),
+                                               "--models", "none", "--llm", "--config", str(cfg), "--max-users", "3",
+                                               "--n-negatives", "9"]))
+    (label, m), = res["results"].items()
+    assert label.endswith("zero-shot") and m["sampled"]["n"] == res["counts"]["questions"] > 0
+    assert f"| {label} |" in (tmp_path / "o" / "rank_table.md").read_text()
+    with pytest.raises(FileNotFoundError, match="adapter_dir"):
+        rank_eval.main(rank_eval.parse_args(["--data_dir", str(small_data), "--models", "none", "--config", str(cfg),
+                                             "--adapter", str(tmp_path / "missing")]))

@@ -6,6 +6,9 @@ Copy-paste:
     python scripts/prepare_data.py --raw-dir ~/Downloads/ml-1m       # an extracted ml-100k / ml-1m / ml-latest-small
     python scripts/prepare_data.py --source download                 # ml-100k from grouplens.org (online)
     python scripts/prepare_data.py --history-len 10 --like-threshold 4 --seed 1 --out-dir data/ml_h10
+    python scripts/prepare_data.py --format session --session-len 16     # multi-turn runs of 16 candidates
+    python scripts/prepare_data.py --features item_stats user_stats genres --out-dir data/movielens_feat
+    python scripts/prepare_data.py --retrieval-history --out-dir data/movielens_retrieval
     # your own ratings: a ratings table (user, item, rating, timestamp) and an items table (id, title[, genres])
     python scripts/prepare_data.py --ratings my/ratings.csv --items my/items.csv --user-col uid \
         --item-col sku --rating-col stars --time-col ts --title-col name --rating-scale 1,10 \
@@ -21,6 +24,9 @@ the latest wins, each with one counted warning).
 Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet, items.parquet}``
 as one set with a ``manifest.json`` (one build id, a sha256 per file) that readers check, so an interrupted run never leaves a mixed set;
 errors exit with code 2, Ctrl-C with 130.
+``--format session`` writes ``<out-dir>/{session_train.json, session_eval.json, session_test.jsonl,
+session_stats.json}`` instead: one example per run of up to ``--session-len`` consecutive candidates of a
+user, as a multi-turn chat (docs/data.md). ``--features`` adds prompt lines computed from earlier ratings only.
 """
 
 from __future__ import annotations
@@ -43,6 +49,13 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--test-ratio", type=finite_float, default=0.1)
     p.add_argument("--seed", type=non_negative_int, default=42)
     p.add_argument("--max-users", type=positive_int, default=None, help="only the first N users (quick runs)")
+    p.add_argument("--format", choices=["single", "session"], default="single",
+                   help="single: one question per example (default); session: multi-turn runs of candidates")
+    p.add_argument("--session-len", type=int, default=16, help="--format session: candidates per example (max)")
+    p.add_argument("--features", nargs="+", default=[], metavar="NAME",
+                   help="prompt lines from earlier ratings: item_stats, user_stats, genres (space or comma list)")
+    p.add_argument("--retrieval-history", action="store_true",
+                   help="history = the earlier ratings most similar to the candidate (genres), not the most recent")
     g = p.add_argument_group("your own ratings data (instead of MovieLens)")
     g.add_argument("--ratings", default=None, help="ratings table: .csv, .tsv or .parquet")
     g.add_argument("--items", default=None, help="items table: .csv, .tsv or .parquet (item id, title, optional genres)")
@@ -77,20 +90,26 @@ def table_spec(args):
 
 
 def main(args) -> dict:
-    from recsft.movielens import check_params, prepare
+    from recsft.io import DataError
+    from recsft.movielens import check_features, check_params, prepare
     from recsft.validate import writable_dir
 
+    features = check_features([f for item in args.features for f in item.split(",") if f])
+    if args.session_len < 1:
+        raise DataError(f"--session-len must be >= 1, got {args.session_len}")
     writable_dir(args.out_dir, "--out-dir")
     table = table_spec(args)
     check_params(args.history_len, args.eval_ratio, args.test_ratio, args.like_threshold, args.max_users,
                  table.rating_scale if table else None)
     start = time.perf_counter()
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
-                    args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table)
+                    args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table, fmt=args.format,
+                    session_len=args.session_len, features=features, retrieval=args.retrieval_history)
     print(f"{'Ratings' if table else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, "
           f"{stats['users']} users, {stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     for name, s in stats["splits"].items():
-        print(f"  {name:5s}: {s['examples']:6,d} examples, Yes share {s['yes_share']:.1%}")
+        answers = f" ({s['answers']:,d} answers)" if "answers" in s else ""
+        print(f"  {name:5s}: {s['examples']:6,d} examples{answers}, Yes share {s['yes_share']:.1%}")
     return stats
 
 

@@ -76,3 +76,16 @@ def test_bench_train_quick_compiles_and_runs_4bit(movielens_dir, tmp_path, capsy
     run = res["variants"]["ours_compile"]["runs"][0]
     assert "error" not in run, run
     assert run["frames_compiled"] >= 1 and run["graph_breaks"] >= 0 and "graph break(s)" in out
+
+
+def test_bench_session_quick(tmp_path, capsys):
+    import bench_session
+
+    res = bench_session.main(["--quick", "--json-out", str(tmp_path / "s.json")])
+    assert "RATIO session/single tokens per label" in capsys.readouterr().out
+    # the same candidates in both formats, every one a label
+    assert res["single"]["labels"] == res["session"]["labels"] == res["single"]["examples"]
+    assert res["session"]["examples"] < res["single"]["examples"]
+    assert res["tokens_per_label_ratio"] == pytest.approx(res["session"]["tokens_per_label"]
+                                                          / res["single"]["tokens_per_label"])
+    assert res["labels_per_s_ratio"] == pytest.approx(res["session"]["labels_per_s"] / res["single"]["labels_per_s"])

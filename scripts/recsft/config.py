@@ -38,6 +38,7 @@ FLASH_ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "false")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 EVAL_MODES = ("generate", "score")
+LOSS_TYPES = ("nll", "yes_no")
 
 
 LORA_TARGET_ITEM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -169,6 +170,9 @@ class TrainArgs(_Section):
     # cpu = CPU time of this process, which measures the same work whatever else runs on the machine.
     max_train_minutes: float | None = None
     budget_clock: str = "wall"
+    # nll = token cross-entropy on the answer tokens (Yes/No, end-of-turn); yes_no = binary cross-entropy on
+    # logit(Yes) - logit(No) at each answer's first position (float32), i.e. directly the P(Yes) scoring uses.
+    loss_type: str = "nll"
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -203,6 +207,8 @@ class TrainArgs(_Section):
         self._check(self.max_train_minutes is None or 0 < self.max_train_minutes < float("inf"),
                     f"max_train_minutes: must be a positive number or null, got {self.max_train_minutes}")
         self._check(self.budget_clock in ("wall", "cpu"), f"budget_clock: must be wall or cpu, got {self.budget_clock!r}")
+        self._check(self.loss_type in LOSS_TYPES,
+                    f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
         if self.load_best_model_at_end and self.eval_strategy != "no":
             self._check(self.save_strategy == self.eval_strategy,
                         "load_best_model_at_end needs save_strategy == eval_strategy")

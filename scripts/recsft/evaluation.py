@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
 from .inference import generate, max_prompt_tokens, prompts_for, score
-from .metrics import best_threshold, compute_metrics, extract_answer
+from .metrics import best_threshold, compute_metrics, extract_answer, normalize_label
 
 logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
@@ -84,7 +84,13 @@ def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16,
 
 def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str = "data",
              desc: str = "") -> tuple[list[dict], dict[str, float]]:
-    """Predictions (one row per record, with its ids and label) and metrics on labelled records."""
+    """Predictions (one row per record, with its ids and label) and metrics on labelled records.
+
+    Session records (field ``turns``) give one row per answer (score mode only). Metrics include UAUC
+    when every row has a ``user_id``.
+    """
+    if records and all("turns" in r for r in records):
+        return evaluate_sessions(model, tok, records, mode, settings, source, desc)
     prompts, labels = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
     start = time.perf_counter()
     preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,
@@ -94,10 +100,40 @@ def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSetti
     for rec, label, pred in zip(records, labels, preds):
         row = {k: rec[k] for k in KEEP_FIELDS if k in rec}
         rows.append({**row, "label": label, **pred})
+    return rows, row_metrics(rows, mode, seconds)
+
+
+def row_metrics(rows: list[dict], mode: str, seconds: float) -> dict[str, float]:
+    """The shared metrics of prediction rows (UAUC too when every row has a ``user_id``), plus speed."""
     p_yes = [r["p_yes"] for r in rows] if mode == "score" else None
-    metrics = compute_metrics(labels, [r["prediction"] for r in rows], p_yes)
+    users = [r["user_id"] for r in rows] if rows and all("user_id" in r for r in rows) else None
+    metrics = compute_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], p_yes, users)
     metrics.update({"mode": mode, "seconds": seconds, "examples_per_s": len(rows) / max(seconds, 1e-9)})
-    return rows, metrics
+    return metrics
+
+
+def evaluate_sessions(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings,
+                      source: str = "data", desc: str = "") -> tuple[list[dict], dict[str, float]]:
+    """Score every answer of session records in one forward pass per session (true earlier answers in context).
+
+    Rows carry ``user_id`` and ``candidate_movie_id`` so they join one to one with the single format's test rows.
+    """
+    from .inference import score_sessions
+    from .io import DataError
+
+    if mode != "score":
+        raise DataError(f"{source}: session records are evaluated with --eval_mode score (one pass per session)")
+    start = time.perf_counter()
+    scores = score_sessions(model, tok, records, settings.cutoff_len, settings.system_prompt,
+                            settings.enable_thinking, settings.batch_size, desc=desc or "Scoring sessions",
+                            source=source)
+    seconds = time.perf_counter() - start
+    turns = [(rec, j, t) for rec in records for j, t in enumerate(rec["turns"])]
+    rows = [{"user_id": rec.get("user_id"), "candidate_movie_id": t.get("candidate_movie_id"),
+             "candidate_title": t.get("candidate_title"), "turn": j, "label": normalize_label(t["answer"]),
+             "response": s["top_token"], "prediction": s["answer"], "p_yes": s["p_yes"]}
+            for (rec, j, t), s in zip(turns, scores)]
+    return rows, row_metrics(rows, mode, seconds)
 
 
 def threshold_metrics(labels: Sequence[str], p_yes: Sequence[float], threshold: float) -> dict[str, float]:

@@ -36,19 +36,43 @@ _USER, _ANSWER = "\u2063RECSFT_USER\u2063", "\u2063RECSFT_ANSWER\u2063"  # chat-
 _VERIFY_FIRST = 16  # records whose fast rendering is checked against the real template
 
 
-def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str) -> str:
-    """The user-history block of the prompt: numbered past movies with their ratings, then the candidate."""
-    lines = [f"User's last {len(history_titles)} watched movies:"]
+RETRIEVED_HEADER = "User's {n} earlier movies most similar to the candidate:"
+
+
+def build_input_text(history_titles: list[str], history_ratings: list[float], candidate_title: str,
+                     candidate_features: list[str] | None = None, history_header: str | None = None) -> str:
+    """The user-history block of the prompt: numbered past movies with their ratings, then the candidate.
+
+    ``candidate_features``: optional extra lines (genres, earlier like-rates) placed under the candidate line.
+    ``history_header``: the history's heading (``{n}`` = its length); default "User's last {n} watched movies:".
+    """
+    header = history_header or "User's last {n} watched movies:"
+    lines = [header.format(n=len(history_titles))]
     for i, (title, rating) in enumerate(zip(history_titles, history_ratings), 1):
         lines.append(f"{i}. {title} (rating ≈ {float(rating):.1f})")
     lines.append("")
     lines.append(f"Candidate movie: {candidate_title}")
+    lines.extend(candidate_features or [])
     lines.append("Will the user like the candidate movie? Answer Yes or No.")
     return "\n".join(lines)
 
 
+def session_next_text(previous_rating: float, candidate_title: str, candidate_features: list[str] | None = None) -> str:
+    """A later user turn of a session: the true rating of the previous candidate, then the next candidate.
+
+    Kept short on purpose (the question and answer format are set by the first turn and the system prompt):
+    later turns are what makes a session cheaper per label than single questions.
+    """
+    lines = [f"Rated {float(previous_rating):.1f}. Next candidate: {candidate_title}"]
+    lines.extend(candidate_features or [])
+    return "\n".join(lines)
+
+
 def record_format(record: dict[str, Any]) -> str:
-    """``"train"`` (instruction/input/output) or ``"test"`` (history_titles/candidate_title/label)."""
+    """``"train"`` (instruction/input/output), ``"test"`` (history_titles/candidate_title/label) or
+    ``"session"`` (a multi-turn run of candidates under ``turns``)."""
+    if "turns" in record:
+        return "session"
     if "instruction" in record or "input" in record or "output" in record:
         return "train"
     if "history_titles" in record or "candidate_title" in record:
@@ -82,6 +106,9 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
     Raises :class:`DataError` naming the missing or wrong key.
     """
     kind = record_format(record)
+    if kind == "session":
+        raise DataError("session record (field 'turns'): holds several questions; train on it with the session "
+                        "dataset entries (movielens_session_*), score it with infer_lora --eval_mode score")
     if kind == "train":
         missing = [k for k in ("instruction", "input") if not isinstance(record.get(k), str)]
         if missing:
@@ -96,7 +123,9 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
         if not isinstance(titles, list) or not isinstance(ratings, list) or len(titles) != len(ratings):
             raise DataError("test record: history_titles and history_ratings must be lists of the same length")
         check_history(titles, ratings, record["candidate_title"])
-        user = f"{INSTRUCTION}\n\n{build_input_text(titles, ratings, str(record['candidate_title']))}"
+        text = build_input_text(titles, ratings, str(record["candidate_title"]), record.get("candidate_features"),
+                                record.get("history_header"))
+        user = f"{INSTRUCTION}\n\n{text}"
         raw_label = record.get("label")
     answer = normalize_label(raw_label)
     if raw_label is not None and answer is None:
@@ -123,6 +152,9 @@ def validate_records(records: list[dict[str, Any]], path: str, need_label: bool 
     problems = []
     for i, rec in enumerate(records, 1):
         try:
+            if isinstance(rec, dict) and "turns" in rec:
+                check_session_record(rec, "session record")
+                continue
             p = format_prompt(rec)
             if need_label and p["answer"] is None:
                 raise DataError("no Yes/No label (field 'output' in training format, 'label' in test format)")
@@ -244,3 +276,67 @@ def render_records(records: Sequence[dict], tokenizer, system_prompt: str | None
         prompts.append(prompt)
         answers.append(answer_text if p["answer"] is not None else None)
     return prompts, answers
+
+
+# -------------------------------------------------------------------------------------- session format
+_USER2 = "\u2063RECSFT_USER2\u2063"
+
+
+def session_pieces(tokenizer, system: str, enable_thinking: bool = False) -> tuple[str, str, str, str, str]:
+    """Template pieces ``(p0, p1, a0, a1, h)`` of a multi-turn session.
+
+    The first question renders as ``p0 + user + p1`` (exactly the single format's prompt), every answer as
+    ``a0 + answer + a1`` (the single format's answer), every later question as ``h + user + p1``, so each
+    answer follows the same generation prompt as in the single format.
+    """
+    pieces = _TemplateCache(tokenizer, enable_thinking).get(system)
+    if pieces is None:
+        raise DataError("the chat template cannot be split into turns; the session format needs a ChatML-like "
+                        "template (Qwen3, SmolLM2)")
+    p0, p1, a0, a1 = pieces
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": _USER},
+                {"role": "assistant", "content": _ANSWER}, {"role": "user", "content": _USER2}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+    between = text[text.index(_ANSWER) + len(_ANSWER):text.index(_USER2)]
+    if not between.startswith(a1) or not text.endswith(_USER2 + p1):
+        raise DataError("the chat template renders later turns differently from the first; "
+                        "the session format cannot be used with it")
+    return p0, p1, a0, a1, between[len(a1):]
+
+
+def check_session_record(rec: Any, where: str) -> None:
+    """One line naming the record and key when a session record is malformed."""
+    turns = rec.get("turns") if isinstance(rec, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'turns' must be a non-empty list")
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("start"), str):
+            raise DataError(f"{where}: turns[{j}] needs a string 'start'")
+        if j and not isinstance(t.get("next"), str):
+            raise DataError(f"{where}: turns[{j}] needs a string 'next'")
+        if normalize_label(t.get("answer")) is None:
+            raise DataError(f"{where}: turns[{j}].answer {t.get('answer')!r} is not Yes/No")
+
+
+def session_texts(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
+                  enable_thinking: bool = False, source: str = "data") -> list[list[tuple[str, str, str]]]:
+    """Per record, per turn: ``(prompt if the turn opens an example, prompt if it continues one, answer)``."""
+    pieces: dict[str, tuple[str, ...]] = {}
+    out = []
+    for i, rec in enumerate(records):
+        check_session_record(rec, f"{source}: record {i + 1}")
+        system = system_prompt or rec.get("system") or DEFAULT_SYSTEM_PROMPT
+        if system not in pieces:
+            pieces[system] = session_pieces(tokenizer, system, enable_thinking)
+        p0, p1, a0, a1, h = pieces[system]
+        turns = [(p0 + t["start"] + p1, (h + t["next"] + p1) if j else "", a0 + normalize_label(t["answer"]) + a1)
+                 for j, t in enumerate(rec["turns"])]
+        if i < _VERIFY_FIRST:
+            first = chat_texts(tokenizer, system, rec["turns"][0]["start"], normalize_label(rec["turns"][0]["answer"]),
+                               enable_thinking)
+            if first != (turns[0][0], turns[0][2]):
+                raise DataError("the chat template's first turn differs from its pieces; the session format "
+                                "cannot be used with it")
+        out.append(turns)
+    return out

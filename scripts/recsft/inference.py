@@ -181,6 +181,61 @@ def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progre
     return out
 
 
+def session_answer_starts(labels):
+    """Positions whose next token is the first token of an answer (labels run after a masked token)."""
+    import torch
+
+    starts = torch.zeros_like(labels, dtype=torch.bool)
+    starts[:, :-1] = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)
+    return starts
+
+
+def score_sessions(model, tokenizer, records: Sequence[dict], cutoff_len: int | None = None,
+                   system_prompt: str | None = None, enable_thinking: bool = False, batch_size: int = 4,
+                   progress: bool = True, desc: str = "Scoring sessions", source: str = "data") -> list[dict]:
+    """P(Yes) for every answer of session records, one forward pass per (split) session example.
+
+    The examples are tokenized exactly as for training (true earlier answers and ratings in the context, runs
+    split between turns to fit ``cutoff_len``); at each answer position the Yes/No logits are re-projected in
+    float32. Returns one dict per answer, in record and turn order:
+    ``{"p_yes", "logit_yes", "logit_no", "answer", "top_token"}``.
+    """
+    import torch
+
+    from .preprocess import tokenize_sessions_to_arrow
+
+    table = tokenize_sessions_to_arrow(records, tokenizer, cutoff_len or (1 << 30), system_prompt,
+                                       enable_thinking, source).to_pydict()
+    yes_id, no_id = answer_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = list(zip(table["input_ids"], table["labels"]))
+    out: list[dict] = []
+    model.eval()
+    with torch.inference_mode(), AnswerLogits(model, yes_id, no_id) as head:
+        for batch in _batches(rows, batch_size, desc, progress):
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (row_ids, row_labels) in enumerate(batch):  # right padding: positions start at 0
+                ids[i, :len(row_ids)], labels[i, :len(row_ids)] = torch.tensor(row_ids), torch.tensor(row_labels)
+                mask[i, :len(row_ids)] = 1
+            starts = session_answer_starts(labels).to(device)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=starts,
+                           use_cache=False).logits  # (N_answers, V)
+            model_pair = logits[:, [yes_id, no_id]]
+            pair = head.pair(model_pair)
+            p_yes = p_yes_from_pair(pair)
+            says_yes = greedy_says_yes(model_pair[:, 0], model_pair[:, 1], yes_id, no_id)
+            top = logits.argmax(dim=-1)
+            for i in range(len(pair)):
+                out.append({"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]), "logit_no": float(pair[i, 1]),
+                            "answer": "Yes" if bool(says_yes[i]) else "No",
+                            "top_token": tokenizer.decode([int(top[i])])})
+    return out
+
+
 # The one prompt budget: training truncates to it (preprocess), inference cuts prompts to it here.
 max_prompt_tokens = prompt_budget
 

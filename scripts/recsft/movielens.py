@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, build_input_text
+from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, RETRIEVED_HEADER, build_input_text, session_next_text
 from .io import DataError, atomic_path, publish_file_set, resolve_asset, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,52 @@ def download(cache_dir: str | Path = "data/raw", url: str = DOWNLOAD_URL) -> Pat
     return target
 
 
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western"]
+
+
+def read_genres(raw_dir: str | Path) -> dict[int, list[str]]:
+    """``{movie_id: [genre, ...]}`` from the item table of an ml-100k / ml-1m / ml-latest-small folder."""
+    raw_dir = Path(raw_dir)
+    fmt = detect_raw_format(raw_dir)
+    path = raw_dir / RAW_FORMATS[fmt][1]
+    out: dict[int, list[str]] = {}
+    if fmt == "ml-latest-small":
+        movies = pd.read_csv(path, dtype=str, keep_default_na=False)
+        rows = zip(movies["movieId"], movies["genres"].str.split("|"))
+    else:
+        lines = path.read_text(encoding="latin-1").splitlines()
+        if fmt == "ml-100k":
+            rows = ((f[0], [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag.strip() == "1"])
+                    for f in (line.split("|") for line in lines) if len(f) >= 5 + len(ML100K_GENRES))
+        else:
+            rows = ((f[0], f[2].split("|")) for f in (line.split("::") for line in lines) if len(f) == 3)
+    for movie, genres in rows:
+        if str(movie).strip().isdigit():
+            out[int(movie)] = [g for g in genres if g and g != "(no genres listed)" and g != "unknown"]
+    return out
+
+
+def load_genres(source: str = "bundled", raw_dir: str | Path | None = None) -> dict[int, list[str]]:
+    """``{movie_id: [genre, ...]}`` from the item table of the same source as :func:`load_ratings`."""
+    if raw_dir:
+        return read_genres(raw_dir)
+    if source == "download":
+        return read_genres(download())
+    items = pd.read_parquet(resolve_asset(BUNDLED.format("items")))
+    flags = items[ML100K_GENRES[1:]].to_numpy() == 1
+    return {int(m): [g for g, f in zip(ML100K_GENRES[1:], row) if f] for m, row in zip(items.movie_id, flags)}
+
+
+def table_genres(items: pd.DataFrame | None) -> dict[int, list[str]]:
+    """``{movie_id: [genre, ...]}`` from an items table's optional ``genres`` column ("A|B" or "A, B")."""
+    if items is None or "genres" not in items:
+        return {}
+    return {m: [g.strip() for g in re.split(r"[|,]", str(v)) if g.strip()]
+            for m, v in zip(items.movie_id, items.genres) if isinstance(v, str)}
+
+
 def load_ratings(source: str = "bundled", raw_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict[int, str]]:
     """Ratings ``[user_id, movie_id, rating, timestamp]`` and ``{movie_id: title}``; ``raw_dir`` wins."""
     if raw_dir:
@@ -197,13 +243,18 @@ def split_names(k: np.ndarray, n: np.ndarray, eval_ratio: float, test_ratio: flo
 
 def build_examples(ratings: pd.DataFrame, titles: dict[int, str], history_len: int = 15,
                    like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
-                   seed: int = 42) -> dict[str, list[dict]]:
+                   seed: int = 42, features=None, genres: dict[int, list[str]] | None = None,
+                   shuffle: bool = True, keep_rating: bool = False, retrieval: bool = False) -> dict[str, list[dict]]:
     """Per user, chronologically: one example per rating after the first ``history_len``.
 
     The user's last ``test_ratio`` of candidates go to test, the ``eval_ratio`` before them to eval, the
     rest to train, so no eval/test candidate precedes a training candidate of the same user. Each split
-    is shuffled with ``seed``. Examples are in the test format, plus ``candidate_timestamp``.
+    is shuffled with ``seed`` (``shuffle=False``: user and time order). Examples are in the test format, plus
+    ``candidate_timestamp``; ``features`` adds ``candidate_features`` (see :func:`feature_lines`),
+    ``keep_rating`` the candidate's ``rating``; ``retrieval`` picks the history by genre similarity
+    (:func:`retrieval_history`) and names it in ``history_header``.
     """
+    features = check_features(features)
     check_params(history_len, eval_ratio, test_ratio)
     df = ratings.sort_values(["user_id", "timestamp", "movie_id"], kind="stable").reset_index(drop=True)
     names = df.movie_id.map(titles).to_numpy(object)
@@ -213,25 +264,161 @@ def build_examples(ratings: pd.DataFrame, titles: dict[int, str], history_len: i
     n = df.groupby("user_id").user_id.transform("size").to_numpy() - history_len  # candidates of the user
     cand = np.flatnonzero(k >= 0)
     hist = cand[:, None] + np.arange(-history_len, 0)
+    if retrieval:
+        hist = retrieval_history(df, cand, k[cand], history_len, genres or {})
     stars = df.rating.to_numpy(float)
     columns = zip(split_names(k[cand], n[cand], eval_ratio, test_ratio), df.user_id.to_numpy()[cand].tolist(),
                   names[hist].tolist(), stars[hist].tolist(), names[cand].tolist(),
                   df.movie_id.to_numpy()[cand].tolist(), np.where(stars[cand] >= like_threshold, "Yes", "No"),
                   df.timestamp.to_numpy()[cand].tolist())
     splits: dict[str, list[dict]] = {"train": [], "eval": [], "test": []}
-    for split, user, h_titles, h_ratings, title, movie, label, ts in columns:
-        splits[split].append({"user_id": user, "history_titles": h_titles, "history_ratings": h_ratings,
-                              "candidate_title": title, "candidate_movie_id": movie, "label": str(label),
-                              "candidate_timestamp": ts})
-    rng = random.Random(seed)
-    for name in ("train", "eval", "test"):
-        rng.shuffle(splits[name])
+    extras = feature_lines(df, cand, features, like_threshold, genres) if features else None
+    for i, (split, user, h_titles, h_ratings, title, movie, label, ts) in enumerate(columns):
+        example = {"user_id": user, "history_titles": h_titles, "history_ratings": h_ratings,
+                   "candidate_title": title, "candidate_movie_id": movie, "label": str(label),
+                   "candidate_timestamp": ts}
+        if extras is not None:
+            example["candidate_features"] = extras[i]
+        if keep_rating:
+            example["rating"] = float(stars[cand[i]])
+        if retrieval:
+            example["history_header"] = RETRIEVED_HEADER
+        splits[split].append(example)
+    if shuffle:
+        rng = random.Random(seed)
+        for name in ("train", "eval", "test"):
+            rng.shuffle(splits[name])
     return splits
+
+
+FEATURES = ("item_stats", "user_stats", "genres")
+
+
+def check_features(features) -> list[str]:
+    """The requested feature names, in a fixed order; an unknown name is a :class:`DataError` naming the flag."""
+    features = list(features or [])
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise DataError(f"--features: unknown feature(s) {', '.join(map(repr, unknown))}; "
+                        f"choose from {', '.join(FEATURES)}")
+    return [f for f in FEATURES if f in features]
+
+
+def earlier_counts(keys: np.ndarray, ts: np.ndarray, liked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: how many rows with the same key have a strictly smaller timestamp, and how many of those liked."""
+    order = np.lexsort((ts, keys))
+    k, t = keys[order], ts[order]
+    cum = np.concatenate([[0], np.cumsum(liked[order].astype(np.int64))])
+    packed = k.astype(np.int64) * (1 << 33) + t.astype(np.int64)
+    start = np.searchsorted(packed, keys.astype(np.int64) * (1 << 33), "left")
+    end = np.searchsorted(packed, keys.astype(np.int64) * (1 << 33) + ts.astype(np.int64), "left")
+    return end - start, cum[end] - cum[start]
+
+
+def _rate_line(what: str, n: int, likes: int) -> str:
+    if n == 0:
+        return f"{what}: no earlier ratings"
+    return f"{what}: {likes / n:.0%} liked of {n} earlier ratings"
+
+
+def feature_lines(df: pd.DataFrame, rows: np.ndarray, features: list[str], like_threshold: float,
+                  genres: dict[int, list[str]] | None) -> list[list[str]]:
+    """Extra prompt lines for the candidates at ``rows`` of the time-sorted ratings ``df``.
+
+    Like-rates and counts use only ratings with a timestamp strictly before the candidate's.
+    """
+    liked = df.rating.to_numpy(float) >= like_threshold
+    ts = df.timestamp.to_numpy(np.int64)
+    stats = {}
+    if "item_stats" in features:
+        stats["item_stats"] = earlier_counts(df.movie_id.to_numpy(np.int64), ts, liked)
+    if "user_stats" in features:
+        stats["user_stats"] = earlier_counts(df.user_id.to_numpy(np.int64), ts, liked)
+    movies = df.movie_id.to_numpy()
+    out = []
+    for r in rows.tolist():
+        lines = []
+        if "genres" in features:
+            lines.append(f"Genres: {', '.join((genres or {}).get(movies[r], [])) or 'unknown'}")
+        if "item_stats" in features:
+            n, k = stats["item_stats"]
+            lines.append(_rate_line("Candidate movie, all users", int(n[r]), int(k[r])))
+        if "user_stats" in features:
+            n, k = stats["user_stats"]
+            lines.append(_rate_line("This user", int(n[r]), int(k[r])))
+        out.append(lines)
+    return out
+
+
+def retrieval_history(df: pd.DataFrame, cand: np.ndarray, k: np.ndarray, history_len: int,
+                      genres: dict[int, list[str]]) -> np.ndarray:
+    """Row indices ``(len(cand), history_len)`` of each candidate's history: of the user's ratings before it
+    (rows ``cand - history_len - k .. cand - 1`` of the time-sorted ``df``), the ``history_len`` whose genres are
+    most similar to the candidate's (Jaccard), the more recent first on ties; listed in time order."""
+    names = sorted({g for gs in genres.values() for g in gs})
+    col = {g: j for j, g in enumerate(names)}
+    movies = df.movie_id.to_numpy()
+    onehot = np.zeros((len(df), max(len(names), 1)), dtype=np.float32)
+    for r, m in enumerate(movies.tolist()):
+        for g in genres.get(m, []):
+            onehot[r, col[g]] = 1.0
+    sizes = onehot.sum(1)
+    out = np.empty((len(cand), history_len), dtype=np.int64)
+    for i, (c, kc) in enumerate(zip(cand.tolist(), k.tolist())):
+        pool = np.arange(c - history_len - kc, c)  # every earlier rating of this user
+        inter = onehot[pool] @ onehot[c]
+        union = sizes[pool] + sizes[c] - inter
+        sim = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        best = pool[np.lexsort((-pool, -sim))[:history_len]]
+        out[i] = np.sort(best)
+    return out
+
+
+def build_sessions(ratings: pd.DataFrame, titles: dict[int, str], history_len: int = 15,
+                   like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 42,
+                   session_len: int = 16, features=None, genres: dict[int, list[str]] | None = None,
+                   system_prompt: str = DEFAULT_SYSTEM_PROMPT, retrieval: bool = False) -> dict[str, list[dict]]:
+    """Session records: runs of up to ``session_len`` consecutive candidates of one user, never across splits.
+
+    The candidates, their labels and splits are those of :func:`build_examples`. Each turn holds ``start``
+    (the whole first question, as in the single format, for when the turn opens an example), ``next`` (the
+    true rating of the previous candidate and this candidate's question) and ``answer``.
+    """
+    if session_len < 1:
+        raise DataError(f"--session-len must be >= 1, got {session_len}")
+    features = check_features(features)
+    singles = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
+                             features=features, genres=genres, shuffle=False, keep_rating=True,
+                             retrieval=retrieval)
+    sessions: dict[str, list[dict]] = {}
+    for split, examples in singles.items():
+        runs: list[list[dict]] = []
+        for e in examples:  # in user and time order
+            if not runs or runs[-1][-1]["user_id"] != e["user_id"] or len(runs[-1]) >= session_len:
+                runs.append([])
+            runs[-1].append(e)
+        sessions[split] = [session_record(run, split, system_prompt) for run in runs]
+        random.Random(seed).shuffle(sessions[split])
+    return sessions
+
+
+def session_record(run: list[dict], split: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict:
+    turns = []
+    for i, e in enumerate(run):
+        extra = e.get("candidate_features")
+        start = f"{INSTRUCTION}\n\n" + build_input_text(e["history_titles"], e["history_ratings"],
+                                                         e["candidate_title"], extra, e.get("history_header"))
+        nxt = session_next_text(run[i - 1]["rating"], e["candidate_title"], extra) if i else None
+        turns.append({"candidate_movie_id": e["candidate_movie_id"], "candidate_title": e["candidate_title"],
+                      "candidate_timestamp": e["candidate_timestamp"], "answer": e["label"],
+                      "start": start, "next": nxt})
+    return {"user_id": run[0]["user_id"], "split": split, "system": system_prompt, "turns": turns}
 
 
 def to_train_record(example: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict:
     """Training-format record (instruction/input/output/system) of a test-format example."""
-    text = build_input_text(example["history_titles"], example["history_ratings"], example["candidate_title"])
+    text = build_input_text(example["history_titles"], example["history_ratings"], example["candidate_title"],
+                            example.get("candidate_features"), example.get("history_header"))
     return {"instruction": INSTRUCTION, "input": text, "output": example["label"], "system": system_prompt}
 
 
@@ -242,27 +429,51 @@ def split_stats(examples: list[dict]) -> dict:
 
 def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = None, history_len: int = 15,
             like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
-            seed: int = 42, max_users: int | None = None, table=None) -> dict:
+            seed: int = 42, max_users: int | None = None, table=None, fmt: str = "single",
+            session_len: int = 16, features=None, retrieval: bool = False) -> dict:
     """Write train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet and items.parquet to
     ``out_dir``; return the stats.
 
     ``max_users`` keeps only the first N user ids (quick runs). ``table`` (a
     :class:`recsft.ratings_table.TableSpec`) reads your own ratings and items tables instead of MovieLens.
     The two parquet files hold the cleaned ratings and the titles, for the classical baselines.
+    ``fmt="session"`` writes session_train.json, session_eval.json, session_test.jsonl and session_stats.json
+    instead (:func:`build_sessions`); ``features`` adds prompt lines, ``retrieval`` a genre-similar history.
     """
     check_params(history_len, eval_ratio, test_ratio, like_threshold, max_users,
                  table.rating_scale if table is not None else None)
+    features = check_features(features)
+    if fmt not in ("single", "session"):
+        raise DataError(f"--format: {fmt!r} is not one of single, session")
+    if session_len < 1:
+        raise DataError(f"--session-len must be >= 1, got {session_len}")
     if table is not None:
         from .ratings_table import load_table
 
         ratings, titles, items = load_table(table)
         source = str(table.ratings)
+        genres = table_genres(items) if "genres" in features or retrieval else None
     else:
-        ratings, titles = load_ratings(source, raw_dir)
+        genres = load_genres(source, raw_dir) if "genres" in features or retrieval else None
         items = None
+    if retrieval and not any((genres or {}).values()):
+        raise DataError(f"--retrieval-history: {raw_dir or source} has no movie genres to compare; "
+                        f"drop the flag or use a dataset with genres (ml-100k, ml-1m, ml-latest-small)")
+    if table is None:
+        ratings, titles = load_ratings(source, raw_dir)
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
-    splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed)
+    params = dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
+                  test_ratio=test_ratio, seed=seed, max_users=max_users,
+                  rating_scale=list(table.rating_scale if table is not None else (RATING_MIN, RATING_MAX)))
+    params.update({"features": features} if features else {})
+    params.update({"retrieval_history": True} if retrieval else {})
+    head = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
+            "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique())}
+    if fmt == "session":
+        return prepare_sessions(Path(out_dir), ratings, titles, head, params, session_len, features, genres, retrieval)
+    splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
+                            features=features, genres=genres, retrieval=retrieval)
     if not splits["train"]:
         raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
     kept = sorted(ratings.movie_id.unique().tolist())
@@ -276,12 +487,31 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         write_jsonl_atomic(tmp / "test_raw.jsonl", splits["test"])
         ratings[COLUMNS].reset_index(drop=True).to_parquet(tmp / "interactions.parquet", index=False)
         items[items.movie_id.isin(kept)].reset_index(drop=True).to_parquet(tmp / "items.parquet", index=False)
-        stats = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
-                 "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique()),
-                 "params": dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
-                                test_ratio=test_ratio, seed=seed, max_users=max_users,
-                                rating_scale=list(table.rating_scale if table is not None else (RATING_MIN, RATING_MAX))),
+        stats = {**head, "params": params,
                  "splits": {name: split_stats(examples) for name, examples in splits.items()},
                  "build_id": build_id}
         write_json_atomic(tmp / "stats.json", stats)
     return stats
+
+
+def prepare_sessions(out: Path, ratings: pd.DataFrame, titles: dict[int, str], head: dict, params: dict,
+                     session_len: int, features: list[str], genres, retrieval: bool) -> dict:
+    """The session files of :func:`prepare` (each written atomically; the single format's manifest is left alone)."""
+    p = params
+    splits = build_sessions(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"], p["test_ratio"],
+                            p["seed"], session_len, features, genres, retrieval=retrieval)
+    if not splits["train"]:
+        raise DataError(f"no training examples: no user has more than history_len={p['history_len']} ratings")
+    write_json_atomic(out / "session_train.json", splits["train"], indent=None)
+    write_json_atomic(out / "session_eval.json", splits["eval"], indent=None)
+    write_jsonl_atomic(out / "session_test.jsonl", splits["test"])
+    stats = {**head, "format": "session", "params": {**params, "session_len": session_len},
+             "splits": {name: session_stats(records) for name, records in splits.items()}}
+    write_json_atomic(out / "session_stats.json", stats)
+    return stats
+
+
+def session_stats(records: list[dict]) -> dict:
+    answers = [t["answer"] for r in records for t in r["turns"]]
+    yes = sum(a == "Yes" for a in answers)
+    return {"examples": len(records), "answers": len(answers), "yes_share": round(yes / max(len(answers), 1), 4)}

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .formatting import chat_texts, format_prompt, render_records, resolve_dataset
+from .formatting import chat_texts, format_prompt, render_records, resolve_dataset, session_texts
 from .io import DataError, check_in_set, load_data, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,16 @@ def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, syste
                      "labels": pa.LargeListArray.from_arrays(row_offsets, pa.array(labels))})
 
 
+def tokenize_any(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
+                 enable_thinking: bool = False, source: str = "data"):
+    """:func:`tokenize_sessions_to_arrow` for session records (field ``turns``), else :func:`tokenize_to_arrow`."""
+    sessions = sum(isinstance(r, dict) and "turns" in r for r in records)
+    if sessions and sessions != len(records):
+        raise DataError(f"{source}: mixes session records (field 'turns') with single-question records")
+    fn = tokenize_sessions_to_arrow if sessions else tokenize_to_arrow
+    return fn(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=source)
+
+
 def _answer_ids(ids: list[int], eos_id: int | None, cutoff_len: int) -> list[int]:
     if eos_id is not None and eos_id not in ids:
         ids = ids + [eos_id]
@@ -182,6 +192,68 @@ def tokenize_records(records: Sequence[dict], tokenizer, cutoff_len: int, system
     """Batched equivalent of ``tokenize_func`` as Python lists: ``{"input_ids": [...], "labels": [...]}``."""
     table = tokenize_to_arrow(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source, batch_size)
     return table.to_pydict()
+
+
+# -------------------------------------------------------------------------------------- session format
+def plan_sessions(turn_lens: list[list[tuple[int, int, int]]], cutoff_len: int) -> list[list[tuple[int, int]]]:
+    """Cut every session into examples that fit ``cutoff_len`` without cutting through an answer.
+
+    ``turn_lens[r][j]`` = (tokens of the turn as an opening question, as a continuation, of its answer).
+    Returns per example a list of ``(record, turn)``; an example's first turn is an opening question (its
+    prompt is cut from the left when even one question does not fit, as in the single format).
+    """
+    examples: list[list[tuple[int, int]]] = []
+    for r, turns in enumerate(turn_lens):
+        used = cutoff_len + 1
+        for j, (opening, cont, answer) in enumerate(turns):
+            if j and used + cont + answer <= cutoff_len:
+                examples[-1].append((r, j))
+                used += cont + answer
+            else:
+                examples.append([(r, j)])
+                used = min(opening + answer, cutoff_len)
+    return examples
+
+
+def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
+                               enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
+    """Session records -> a pyarrow Table (``input_ids``, ``labels``): labels on every answer's tokens.
+
+    A session longer than ``cutoff_len`` becomes several examples, split between turns; the split-off part
+    opens with its turn's full question (15-movie history), so no answer is ever truncated.
+    """
+    import pyarrow as pa
+
+    texts = session_texts(records, tokenizer, system_prompt, enable_thinking, source)
+    flat = [t for turns in texts for t in turns]
+    kinds = sorted({a for _, _, a in flat})
+    ans_ids = {a: _answer_ids(tokenizer(a, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id, cutoff_len)
+               for a in kinds}
+    cont_vals, cont_off = encode_texts([c for _, c, _ in flat], tokenizer, batch_size)
+    open_vals, open_off = encode_texts([o for o, _, _ in flat], tokenizer, batch_size)
+    starts = np.cumsum([0] + [len(t) for t in texts])
+    lens = [[(int(open_off[k + 1] - open_off[k]), int(cont_off[k + 1] - cont_off[k]), len(ans_ids[flat[k][2]]))
+             for k in range(starts[r], starts[r + 1])] for r in range(len(texts))]
+    budget = prompt_budget(tokenizer, cutoff_len, enable_thinking)
+    input_ids, labels = [], []
+    for example in plan_sessions(lens, cutoff_len):
+        ids: list[int] = []
+        lab: list[int] = []
+        for n, (r, j) in enumerate(example):
+            k = starts[r] + j
+            answer = ans_ids[flat[k][2]]
+            if n == 0:
+                prompt = open_vals[open_off[k]:open_off[k + 1]].tolist()
+                keep = min(cutoff_len - len(answer), budget)
+                prompt = prompt[max(0, len(prompt) - keep):]  # left truncation, as in the single format
+            else:
+                prompt = cont_vals[cont_off[k]:cont_off[k + 1]].tolist()
+            ids += prompt + answer
+            lab += [IGNORE_INDEX] * len(prompt) + answer
+        input_ids.append(ids)
+        labels.append(lab)
+    return pa.table({"input_ids": pa.array(input_ids, pa.large_list(pa.int32())),
+                     "labels": pa.array(labels, pa.large_list(pa.int32()))})
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -252,7 +324,7 @@ def load_or_build(split: str, data_path: str, tokenizer, cutoff_len: int, max_sa
     records = load_data(data_path)
     if max_samples:
         records = records[:max_samples]
-    table = tokenize_to_arrow(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=data_path)
+    table = tokenize_any(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=data_path)
     ds = Dataset(table)
     logger.info("Tokenized %s: %d examples in %.1fs (%.0f examples/s)", split, len(ds),
                 time.perf_counter() - t0, len(ds) / max(time.perf_counter() - t0, 1e-9))

@@ -61,7 +61,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> None:
         ax1.plot(*zip(*train), label="train loss")
     if evals:
         ax1.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
-        for key in ("eval_accuracy", "eval_f1", "eval_auc"):
+        for key in ("eval_accuracy", "eval_f1", "eval_auc", "eval_uauc"):
             pts = [(e["step"], e[key]) for e in evals if key in e and not math.isnan(e[key])]
             if pts:
                 ax2.plot(*zip(*pts), "o-", label=key.replace("eval_", ""))
@@ -94,7 +94,7 @@ def plot_length_histogram(lengths, cutoff: int, unit: str, path: str | Path) -> 
 # ------------------------------------------------------------------------------------- text and files
 def format_metrics(metrics: dict) -> str:
     """``accuracy 0.75 | f1 0.7 | ...``: the headline metrics present in ``metrics`` (NaNs left out)."""
-    keys = ("accuracy", "f1", "precision", "recall", "auc", "log_loss", "unparseable", "n", "examples_per_s")
+    keys = ("accuracy", "f1", "precision", "recall", "auc", "uauc", "log_loss", "unparseable", "n", "examples_per_s")
     return " | ".join(f"{k} {metrics[k]:.4g}" for k in keys
                       if k in metrics and not (isinstance(metrics[k], float) and math.isnan(metrics[k])))
 

@@ -46,6 +46,7 @@ class RecSFTTrainer(SFTTrainer):
 
     yes_id: int = -1
     no_id: int = -1
+    loss_type: str = "nll"  # nll | yes_no (see _yes_no_loss)
     answer_width: int = 0  # label tokens per example (the longer templated answer); 0 = use the boolean mask
 
     def __init__(self, *args, **kwargs):
@@ -71,6 +72,8 @@ class RecSFTTrainer(SFTTrainer):
         (whose size the host would have to read), and the logged counters stay on the device until a log step.
         """
         mode = "train" if model.training else "eval"
+        if self.loss_type == "yes_no":
+            return self._yes_no_loss(model, inputs, mode, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         fwd = {k: v for k, v in inputs.items() if k != "labels"}
         keep, _ = answer_positions(labels)
@@ -92,6 +95,32 @@ class RecSFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         self._count_tokens(mode, inputs, logits, targets, valid)
+        return (loss, outputs) if return_outputs else loss
+
+    def _yes_no_loss(self, model, inputs, mode: str, return_outputs: bool, num_items_in_batch=None):
+        """Binary cross-entropy on logit(Yes) - logit(No) at the first position of every answer.
+
+        The two logits are computed in float32 from the final (normed) hidden state and the two LM-head
+        rows, so bf16 rounding of the full-vocabulary logits does not blur the margin.
+        """
+        labels = inputs["labels"]
+        keep, starts = answer_positions(labels)
+        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        with AnswerLogits(model, self.yes_id, self.no_id) as head:
+            outputs = model(**fwd, use_cache=False, logits_to_keep=starts)  # the LM head only at answer starts
+            pair = head.pair(outputs.logits[:, [self.yes_id, self.no_id]])  # float32, with gradients
+        diff = pair[:, 0] - pair[:, 1]
+        gold = labels[:, 1:][starts[:, :-1]]
+        target = (gold == self.yes_id).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, target, reduction="sum")
+        count = torch.as_tensor(float(target.numel()), device=loss.device)
+        if num_items_in_batch is not None:  # answers in the whole accumulated batch (same tokens per answer)
+            count = num_items_in_batch * target.numel() / max(int(keep.sum()), 1)
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        agree = torch.stack([diff, torch.zeros_like(diff)], -1)  # argmax 0 = Yes: accuracy of the answers
+        self._count_tokens(mode, inputs, agree, (gold != self.yes_id).long(), torch.ones_like(target, dtype=torch.bool))
         return (loss, outputs) if return_outputs else loss
 
     def _count_tokens(self, mode: str, inputs, logits, targets, valid) -> None:
@@ -140,17 +169,55 @@ class RecSFTTrainer(SFTTrainer):
             pair = head.pair(model_logits[:, [self.yes_id, self.no_id]])  # float32 re-projection
         logits = model_logits.float()
         targets = labels[:, 1:][labels[:, 1:] != -100]
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
+        first = starts[keep]  # which kept rows are the first token of an answer
+        if self.loss_type == "yes_no":
+            diff = pair[first, 0] - pair[first, 1]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, (targets[first] == self.yes_id).float())
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
         if prediction_loss_only:
             return loss.detach(), None, None
-        first = starts[keep]  # which kept rows are the first token of an answer
         # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32
         preds = torch.stack([logits[first].argmax(-1).float(), pair[first, 0], pair[first, 1]], dim=-1)
         return loss.detach(), preds, targets[first]
 
 
-def make_compute_metrics(tokenizer):
-    """``compute_metrics`` for the Trainer: decode the answer-position argmax with the shared extractor."""
+def max_label_tokens(dataset) -> int:
+    """The most label tokens in one row of a tokenized dataset (3 for a single question, ~48 for a session)."""
+    col = dataset.data.column("labels").combine_chunks() if dataset is not None and len(dataset) else None
+    if col is None:
+        return 0
+    values = np.asarray(col.flatten()) != -100
+    offsets = np.asarray(col.offsets)
+    counts = np.add.reduceat(np.concatenate([values, [False]]).astype(np.int64), offsets[:-1])
+    counts[offsets[:-1] == offsets[1:]] = 0
+    return int(counts.max())
+
+
+def eval_users(data) -> list | None:
+    """:func:`answer_user_ids` of the eval records used during training (the first ``max_eval_samples``)."""
+    from .formatting import resolve_dataset
+    from .io import load_data
+
+    if not data.eval_dataset:
+        return None
+    records = load_data(resolve_dataset(data.eval_dataset, data.dataset_dir))
+    return answer_user_ids(records[:data.max_eval_samples] if data.max_eval_samples else records)
+
+
+def answer_user_ids(records: list[dict]) -> list | None:
+    """The user id of every answer of ``records`` in evaluation order (a session has one per turn), or None
+    when some record has no ``user_id`` (the single format's training files do not keep it)."""
+    if not records or not all(isinstance(r, dict) and "user_id" in r for r in records):
+        return None
+    return [r["user_id"] for r in records for _ in (r["turns"] if "turns" in r else [None])]
+
+
+def make_compute_metrics(tokenizer, user_ids: list | None = None):
+    """``compute_metrics`` for the Trainer: decode the answer-position argmax with the shared extractor.
+
+    ``user_ids``: one per eval answer, in order (:func:`answer_user_ids`) -> adds ``uauc``.
+    """
 
     def _compute(eval_pred) -> dict[str, float]:
         preds, label_ids = eval_pred.predictions, eval_pred.label_ids
@@ -162,8 +229,10 @@ def make_compute_metrics(tokenizer):
         gold = [extract_answer(tokenizer.decode([int(i)])) for i in label_ids]
         gap = preds[:, 1].astype(np.float64) - preds[:, 2].astype(np.float64)
         p_yes = 1.0 / (1.0 + np.exp(-gap))  # float64: float32 saturates at 1.0 past a gap of ~17
-        m = compute_metrics(gold, pred_text, p_yes.tolist())
-        return {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "auc", "unparseable", "n")}
+        users = user_ids if user_ids is not None and len(user_ids) == len(gold) else None
+        m = compute_metrics(gold, pred_text, p_yes.tolist(), users)
+        keys = ("accuracy", "f1", "precision", "recall", "auc", "uauc", "unparseable", "n")
+        return {k: m[k] for k in keys if k in m}
 
     return _compute
 
@@ -524,10 +593,12 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
     if train.early_stopping_patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = RecSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
+                            processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer, eval_users(cfg.data)),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)
-    trainer.answer_width = cfg.data.cutoff_len - prompt_budget(tokenizer, cfg.data.cutoff_len, cfg.model.enable_thinking)
+    trainer.loss_type = train.loss_type
+    width = cfg.data.cutoff_len - prompt_budget(tokenizer, cfg.data.cutoff_len, cfg.model.enable_thinking)
+    trainer.answer_width = max(width, max_label_tokens(train_ds))  # a session row holds many answers
     trainer.time_budget = budget
     if args.world_size > 1:
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,

@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
+from recsft.io import DataError
 
 
 def parse_args(argv: list[str] | None = None):
@@ -50,7 +51,7 @@ def main(args) -> dict:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in B.MODELS]
     if unknown:
-        raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(B.MODELS)}")
+        raise DataError(f"--models: unknown {unknown}; choose from {', '.join(B.MODELS)}")
     data = B.load_prepared(args.data_dir)
     test = data.splits["test"][: args.max_samples] if args.max_samples else data.splits["test"]
     train = B.train_ratings(data.ratings, data.splits)

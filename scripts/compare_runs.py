@@ -114,7 +114,10 @@ def main(args) -> dict:
     writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]
     out = Path(args.out)
-    users = set(load_json(args.users)) if args.users else None
+    users = load_json(args.users) if args.users else None
+    if users is not None and (not isinstance(users, list) or not all(isinstance(u, int) for u in users)):
+        raise DataError(f"--users {args.users}: expected a JSON list of integer user ids")
+    users = set(users) if users is not None else None
     results, curves, first_keys = [], {}, None
     for label, eval_dir, train_dir in specs:
         row, curve, keys = load_run(label, eval_dir, train_dir, users)

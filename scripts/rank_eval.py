@@ -29,6 +29,7 @@ from pathlib import Path
 
 from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
 from recsft.config import DEFAULT_CONFIG
+from recsft.io import DataError
 
 logger = logging.getLogger("rank_eval")
 
@@ -59,13 +60,13 @@ def check_args(args) -> list[str]:
     from recsft.baselines import MODELS
 
     if args.n_negatives < 1:
-        raise ValueError(f"--n-negatives must be >= 1, got {args.n_negatives}")
+        raise DataError(f"--n-negatives must be >= 1, got {args.n_negatives}")
     if args.max_users is not None and args.max_users < 1:
-        raise ValueError(f"--max-users must be >= 1, got {args.max_users}")
+        raise DataError(f"--max-users must be >= 1, got {args.max_users}")
     names = [] if args.models.strip().lower() == "none" else [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
-        raise ValueError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)} or none")
+        raise DataError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)} or none")
     return names
 
 
@@ -123,7 +124,7 @@ def main(args) -> dict:
     questions, counts = R.build_questions(data.splits["test"], rated, items, args.n_negatives, args.seed,
                                           args.sampling, popularity, args.max_users)
     if not questions:
-        raise ValueError(f"{args.data_dir}: no test user has a liked (Yes) test candidate; nothing to rank")
+        raise DataError(f"{args.data_dir}: no test user has a liked (Yes) test candidate; nothing to rank")
     protocol = {"n_negatives": args.n_negatives, "sampling": args.sampling, "seed": args.seed,
                 "max_users": args.max_users, "negatives": "movies the user never rated (any split), without replacement",
                 "popularity_weights": "1 + number of training ratings" if args.sampling == "popularity" else None,

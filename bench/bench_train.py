@@ -24,10 +24,11 @@ Variants (each one a fresh model loaded from the same random weights, the same L
 * ``ours_compile`` -- with ``--compile``: ours_padfree + ``torch_compile``; run last, with its own time budget
   (``--compile-budget``); reports the frames compiled, the graph breaks by reason and the first step's time.
 
-Differences other than those levers are kept equal: dtype (fp32 on CPU; bf16 weights + bf16 autocast on CUDA
--- TRL's default bf16=True is turned off on CPU), learning rate, batch, steps, seed. Tokens/s counts real
-(non-pad) tokens over the steps after ``--warmup`` steps. Before timing, a correctness check runs stock and
-ours on the same batch and compares the loss and every LoRA gradient.
+Differences other than those levers are kept equal: dtype (``auto``: fp32 on CPU, bf16 where the CPU computes
+it natively; bf16 weights + bf16 autocast on CUDA -- TRL's default bf16=True is turned off on CPU), learning
+rate, batch, steps, seed. Tokens/s counts real (non-pad) tokens over the steps after ``--warmup`` steps. Before
+timing, a correctness check runs stock and ours on the same batch (in fp32 on CPU) and compares the loss and
+every LoRA gradient.
 
 MFU (GPU): model FLOPs per trained token, the same for every variant (recomputation is not counted):
     4 * N_body  +  6 * N_lora  +  12 * L * n_heads * head_dim * ctx  +  4 * d_model * V * f_label
@@ -140,15 +141,15 @@ def flops_per_token(config, rank: int, ctx: float, label_frac: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- trainers
-def make_trainer(v: Variant, model_dir: str, tok, train_ds, args, max_steps: int, callbacks=(), lora_dropout=None):
+def make_trainer(v: Variant, model_dir: str, tok, train_ds, args, max_steps: int, callbacks=(), lora_dropout=None,
+                 dtype: str = "auto"):
     """A fresh model (same weights, same LoRA init) and the trainer of variant ``v``."""
     from transformers import set_seed
 
     from recsft.modeling import apply_lora, load_model
 
     set_seed(args.seed)
-    model = load_model(model_dir, args.device, "auto", v.attn,
-                       4 if v.qlora else None)
+    model = load_model(model_dir, args.device, dtype, v.attn, 4 if v.qlora else None)
     model = apply_lora(model, args.lora_rank, args.lora_alpha,
                        args.lora_dropout if lora_dropout is None else lora_dropout, "all", v.gc)
     out = tempfile.mkdtemp(prefix=f"bench_{v.name}_")
@@ -257,7 +258,9 @@ def loss_check(model_dir, tok, train_ds, args) -> dict:
     out = {}
     for v in (Variant("stock", ours=False, gc=True), Variant("ours", ours=True),
               Variant("ours_padfree", ours=True, padding_free=True)):
-        trainer = make_trainer(v, model_dir, tok, train_ds, args, 1, lora_dropout=0.0)
+        # fp32 on CPU: the tolerance below is for fp32 (dtype auto picks bf16 on CPUs with native bf16)
+        trainer = make_trainer(v, model_dir, tok, train_ds, args, 1, lora_dropout=0.0,
+                               dtype="float32" if args.device == "cpu" else "auto")
         try:
             model = trainer.model
             model.train()

@@ -23,14 +23,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsft.cli import run
+from recsft.cli import ArgumentParser, output_dir, run
 from recsft.io import DataError
+
+PREDICTION_KEYS = {"label": str, "p_yes": (int, float)}
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", action="append", required=True, metavar="LABEL=EVAL_DIR[@TRAIN_DIR]")
-    p.add_argument("--out", default="output/compare_runs")
+    p.add_argument("--out", type=output_dir, default="output/compare_runs")
     return p.parse_args(argv)
 
 
@@ -39,6 +41,9 @@ def parse_row(spec: str) -> tuple[str, Path, Path | None]:
     if not sep or not label.strip() or not paths:
         raise DataError(f"--row {spec!r}: expected LABEL=EVAL_DIR or LABEL=EVAL_DIR@TRAIN_DIR")
     eval_dir, _, train_dir = paths.partition("@")
+    for folder in (eval_dir, train_dir):
+        if folder and not Path(folder).is_dir():
+            raise DataError(f"--row {spec!r}: folder {folder!r} does not exist")
     return label.strip(), Path(eval_dir), Path(train_dir) if train_dir else None
 
 
@@ -53,16 +58,25 @@ def predictions_file(eval_dir: Path) -> Path:
 
 def load_run(label: str, eval_dir: Path, train_dir: Path | None):
     """(row, curve, test keys) of one run."""
-    from recsft.io import load_data, load_json
-    from recsft.metrics import compute_metrics
+    from recsft.io import load_data, load_json, require_keys
+    from recsft.metrics import compute_metrics, normalize_label
     from recsft.report import auc_curve, result_row
 
-    rows = load_data(predictions_file(eval_dir))
+    path = predictions_file(eval_dir)
+    rows = load_data(path)
     if any(r.get("p_yes") is None for r in rows):
         raise DataError(f"{eval_dir}: predictions without p_yes; evaluate with --eval_mode score")
+    require_keys(rows, PREDICTION_KEYS, path, "re-run infer_lora.py --eval_mode score")
+    bad = next((i for i, r in enumerate(rows, 1) if normalize_label(r["label"]) is None
+                or not 0.0 <= r["p_yes"] <= 1.0), None)
+    if bad:
+        raise DataError(f"{path}: record {bad}: label must be Yes/No and p_yes in [0, 1], got "
+                        f"{rows[bad - 1]['label']!r} / {rows[bad - 1]['p_yes']!r}; re-run infer_lora.py")
     summary_file = eval_dir / "metrics_summary.json"
-    threshold = (load_json(summary_file).get("at_eval_threshold") or {}).get("threshold") \
-        if summary_file.is_file() else None
+    summary = load_json(summary_file) if summary_file.is_file() else {}
+    if not isinstance(summary, dict) or not isinstance(summary.get("at_eval_threshold") or {}, dict):
+        raise DataError(f"{summary_file}: expected an infer_lora.py metrics object; re-run infer_lora.py")
+    threshold = (summary.get("at_eval_threshold") or {}).get("threshold")
     labels, p_yes = [r["label"] for r in rows], [float(r["p_yes"]) for r in rows]
     users = [r.get("user_id") for r in rows]
     metrics = compute_metrics(labels, ["Yes" if p >= (threshold or 0.5) else "No" for p in p_yes], p_yes,
@@ -71,6 +85,8 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None):
     training, data, curve = None, None, []
     if train_dir is not None:
         training = load_json(train_dir / "training_summary.json")
+        if not isinstance(training, dict):
+            raise DataError(f"{train_dir / 'training_summary.json'}: expected a JSON object (finetune_lora.py output)")
         data = training.get("data_stats") or {}
         cfg = training.get("config", {}).get("train", {})
         per_step = cfg.get("per_device_train_batch_size", 1) * cfg.get("gradient_accumulation_steps", 1)
@@ -87,9 +103,11 @@ def last_log_history(train_dir: Path) -> list[dict]:
 
 
 def main(args) -> dict:
-    from recsft.io import write_json_atomic
+    from recsft.io import write_json_atomic, write_text_atomic
     from recsft.report import plot_auc_curves, results_table
+    from recsft.validate import writable_dir
 
+    writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]
     out = Path(args.out)
     results, curves, first_keys = [], {}, None
@@ -103,8 +121,7 @@ def main(args) -> dict:
         if curve:
             curves[label] = curve
     table = results_table(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
+    write_text_atomic(out / "results.md", table + "\n")
     write_json_atomic(out / "results.json", {"rows": results, "curves": curves})
     if curves:
         plot_auc_curves(curves, out / "auc_vs_examples.png")

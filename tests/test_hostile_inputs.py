@@ -21,6 +21,7 @@ import analyze_differences
 import baselines
 import check_seq_len
 import compare_base_vs_lora
+import compare_runs
 import finetune_lora
 import infer_lora
 import prepare_data
@@ -547,6 +548,44 @@ def test_analyze_bad_flags(work, capsys):
     check_case(analyze_differences, ["--show", "-2"], ["--show"], capsys, work)
 
 
+# ------------------------------------------------------------------------------------------ compare_runs
+PRED = {"user_id": 1, "candidate_movie_id": 3, "label": "Yes", "p_yes": 0.7, "prediction": "Yes"}
+
+
+def _eval_dir(work: Path, rows: list[dict], summary=None) -> str:
+    folder = work / "ev"
+    folder.mkdir()
+    if rows:
+        (folder / "lora_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (folder / "metrics_summary.json").write_text(json.dumps(summary))
+    return str(folder)
+
+
+COMPARE_RUNS_CASES = {
+    "row_without_equals": (lambda w: ["--row", "just-a-label"], ["--row", "LABEL=EVAL_DIR"]),
+    "eval_dir_missing": (lambda w: ["--row", f"a={w / 'nowhere'}"], ["--row", "nowhere"]),
+    "train_dir_missing": (lambda w: ["--row", f"a={_eval_dir(w, [PRED])}@{w / 'no_train'}"], ["no_train"]),
+    "no_predictions": (lambda w: ["--row", f"a={_eval_dir(w, [])}"], ["ev", "predictions.jsonl"]),
+    "p_yes_text": (lambda w: ["--row", f"a={_eval_dir(w, [PRED, {**PRED, 'p_yes': 'high'}])}"],
+                   ["lora_predictions.jsonl", "record 2", "p_yes"]),
+    "p_yes_above_1": (lambda w: ["--row", f"a={_eval_dir(w, [PRED, {**PRED, 'p_yes': 3.0}])}"],
+                      ["lora_predictions.jsonl", "record 2", "p_yes"]),
+    "label_not_yes_no": (lambda w: ["--row", f"a={_eval_dir(w, [{**PRED, 'label': 'Maybe'}])}"],
+                         ["record 1", "Maybe"]),
+    "summary_not_object": (lambda w: ["--row", f"a={_eval_dir(w, [PRED], summary=[1])}"], ["metrics_summary.json"]),
+    "out_is_a_file": (lambda w: ["--row", f"a={_eval_dir(w, [PRED])}", "--out", _a_file(w)], ["--out"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPARE_RUNS_CASES))
+def test_compare_runs_bad_input(case, work, capsys):
+    make, names = COMPARE_RUNS_CASES[case]
+    argv = make(work)
+    argv += [] if "--out" in argv else ["--out", str(work / "cmp_out")]
+    check_case(compare_runs, argv, names, capsys, work)
+
+
 # ------------------------------------------------------------------------------------------ Ctrl-C
 def _interrupt(*a, **k):
     raise KeyboardInterrupt
@@ -708,3 +747,19 @@ def test_real_ctrl_c_during_prepare_data(tmp_path):
 
     assert not out.exists() or check_file_set(out) is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".data.tmp-")]
+
+
+def test_resume_lora_check_reads_peft_module_paths(tmp_path):
+    """peft stores target_modules as full module paths: the same layers pass, another rank or layer set fails."""
+    from recsft.config import ConfigError, LoraArgs
+    from recsft.training import check_resume_lora
+
+    layers = [f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj", "k_proj")]
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": layers}))
+    check_resume_lora(str(ckpt), LoraArgs(lora_rank=8, lora_target="all"), layers)
+    with pytest.raises(ConfigError, match="r=8 .* asks r=16"):
+        check_resume_lora(str(ckpt), LoraArgs(lora_rank=16, lora_target="all"), layers)
+    with pytest.raises(ConfigError, match=r"asks r=8 on \['q_proj', 'v_proj'\]"):
+        check_resume_lora(str(ckpt), LoraArgs(lora_rank=8, lora_target="qv"), layers)

@@ -101,7 +101,9 @@ def measure(args, model, tok, sync) -> dict:
     def shared():
         return [R.p_yes(R.llm_question_scores(model, tok, e, titles, args.batch)[0]) for e, titles in qs]
 
-    full(), shared()  # warm-up (and the results compared below)
+    p0, s0 = texts[0]
+    score(model, tok, [p0 + s for s in s0[: args.batch]], args.batch, progress=False)  # warm-up: one batch each
+    R.llm_question_scores(model, tok, qs[0][0], qs[0][1][: args.batch], args.batch)
     full_s, shared_s = [], []
     for _ in range(args.repeats):  # interleaved
         sync()

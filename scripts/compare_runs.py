@@ -92,9 +92,10 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
         if not isinstance(training, dict):
             raise DataError(f"{train_dir / 'training_summary.json'}: expected a JSON object (finetune_lora.py output)")
         data = training.get("data_stats") or {}
-        cfg = training.get("config", {}).get("train", {})
+        cfg = training.get("config", {})  # flat: every key of the effective config
         per_step = cfg.get("per_device_train_batch_size", 1) * cfg.get("gradient_accumulation_steps", 1)
-        curve = auc_curve(training.get("log_history") or last_log_history(train_dir), per_step)
+        curve = auc_curve(training.get("log_history") or last_log_history(train_dir), per_step,
+                          data.get("answers_per_example", 1.0))
     keys = sorted((r.get("user_id"), r.get("candidate_movie_id")) for r in rows)
     return result_row(label, metrics, training, data), curve, keys
 

@@ -134,6 +134,22 @@ def best_and_final(log_history: list[dict], metric: str) -> tuple[dict, dict]:
     return best, evals[-1]
 
 
+def data_stats(dataset: str, dataset_dir: str) -> dict:
+    """Format and prompt features of the training data, from the stats file prepare_data wrote next to it."""
+    from .formatting import resolve_dataset
+    from .io import load_json
+
+    train_file = Path(resolve_dataset(dataset, dataset_dir))
+    stats_file = train_file.with_name("session_stats.json" if train_file.name.startswith("session_") else "stats.json")
+    stats = load_json(stats_file) if stats_file.is_file() else None
+    if not isinstance(stats, dict):
+        return {}
+    params, train = stats.get("params", {}), stats.get("splits", {}).get("train", {})
+    per_example = train.get("answers", train.get("examples", 1)) / train["examples"] if train.get("examples") else 1.0
+    return {"format": stats.get("format", "single"), "features": params.get("features") or [],
+            "retrieval_history": bool(params.get("retrieval_history")), "answers_per_example": per_example}
+
+
 def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, device: str) -> dict:
     """Save the final (best) adapter, run the optional generation eval, write summary and curves."""
     from .evaluation import EvalSettings, generation_eval
@@ -153,10 +169,13 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
                    "tokens_per_s": tokens / runtime,
                    "train_examples_seen": state.global_step * cfg.train.per_device_train_batch_size
                    * cfg.train.gradient_accumulation_steps * trainer.args.world_size,
+                   "train_labels_seen": getattr(trainer, "_total_train_answers", None),
+                   "data_stats": data_stats(cfg.data.dataset, cfg.data.dataset_dir),
                    "budget_minutes_used": (trainer.time_budget.used_s / 60 if trainer.time_budget else None),
                    "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
                    "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
-                   "best_eval": best, "final_eval": final, "config": cfg.to_dict()}
+                   "best_eval": best, "final_eval": final, "config": cfg.to_dict(),
+                   "log_history": state.log_history}
         from .modeling import sharded_launch
 
         sharded = sharded_launch()
@@ -195,18 +214,24 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def result_row(label: str, metrics: dict, training: dict | None = None, data: dict | None = None) -> dict:
     """One row of the results table from an eval's metrics, the run's training summary and its data stats."""
     training, data = training or {}, data or {}
-    cfg = training.get("config", {})
-    train_cfg = cfg.get("train", {})
+    cfg = training.get("config", {})  # the flat effective config
     budget = training.get("budget_minutes_used")
     wall = training.get("wall_time_s")
-    seen = training.get("train_labels_seen") or training.get("train_examples_seen")
+    seen = training.get("train_labels_seen")
+    examples = training.get("train_examples_seen")
+    if seen:
+        seen_text = f"{seen:,}"
+    elif examples and data.get("answers_per_example", 1.0) != 1.0:  # runs from before answers were counted
+        seen_text = f"≈{examples * data['answers_per_example']:,.0f} ({examples:,} sessions)"
+    else:
+        seen_text = f"{examples:,}" if examples else "–"
     at = metrics.get("at_eval_threshold") or {}  # accuracy/F1 at the threshold chosen on eval data
     return {
         "model": label,
         "format": data.get("format", "single") if training else "–",
         "features": ", ".join(data.get("features") or []) or ("none" if training else "–"),
-        "loss": train_cfg.get("loss_type", "nll") if training else "–",
-        "train examples": f"{seen:,}" if seen else "–",
+        "loss": cfg.get("loss_type", "nll") if training else "–",
+        "train examples": seen_text,
         "train tokens": f"{int(training['train_tokens']):,}" if training.get("train_tokens") else "–",
         "train wall time": (f"{wall / 60:.0f} min" + (f" ({budget:.0f} CPU-min of steps)" if budget else ""))
         if wall else "–",
@@ -227,12 +252,17 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def auc_curve(log_history: list[dict], examples_per_step: int) -> list[tuple[int, float]]:
-    """(training examples seen, eval AUC) at every evaluation of a run; labels seen when the log has them."""
-    points = []
+def auc_curve(log_history: list[dict], examples_per_step: int,
+              answers_per_example: float = 1.0) -> list[tuple[int, float]]:
+    """(training answers seen, eval AUC) at every evaluation of a run.
+
+    Answers are counted by the trainer (``num_answers`` in the log); for runs logged without that count they
+    are estimated as steps x examples per step x the data's mean answers per example."""
+    points, answers = [], None
     for e in log_history:
+        answers = e.get("num_answers", answers)
         if "eval_auc" in e and "step" in e:
-            seen = e.get("train_labels_seen") or e["step"] * examples_per_step
+            seen = answers if answers is not None else e["step"] * examples_per_step * answers_per_example
             points.append((int(seen), float(e["eval_auc"])))
     return points
 

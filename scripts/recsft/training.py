@@ -133,6 +133,8 @@ class RecSFTTrainer(SFTTrainer):
                 mask = inputs.get("attention_mask")
                 local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
                 pending["tokens"].append(local.to(logits.device))
+                # answers (labels in the recommendation sense): one per example, several per session example
+                pending.setdefault("answers", []).append(answer_positions(inputs["labels"])[1].sum().to(logits.device))
 
     def _flush_counters(self) -> None:
         """Move the device counters into TRL's ``_metrics`` (one gather per kind, at a log step only).
@@ -153,6 +155,11 @@ class RecSFTTrainer(SFTTrainer):
             self._total_train_tokens += int(self.accelerator.gather(torch.stack(pending["tokens"]).sum()[None]).sum())
             pending["tokens"].clear()
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        if pending.get("answers"):
+            total = int(self.accelerator.gather(torch.stack(pending["answers"]).sum()[None]).sum())
+            self._total_train_answers = getattr(self, "_total_train_answers", 0) + total
+            pending["answers"].clear()
+            self._metrics["train"]["num_answers"] = [self._total_train_answers]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self._flush_counters()  # every rank calls log at the same steps, so the gathers line up

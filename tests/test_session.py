@@ -193,6 +193,7 @@ def test_session_training_evaluates_every_answer(tmp_path, tiny_qwen3, data):
     summary = finetune_lora.main(cfg)
     n_answers = sum(len(r["turns"]) for r in json.loads(Path(evals).read_text()))
     assert summary["final_eval"]["eval_n"] == n_answers and 0 < summary["train_loss"] < 20
+    assert summary["train_labels_seen"] > summary["train_examples_seen"]  # every answer of a session counts
 
 
 @pytest.mark.slow

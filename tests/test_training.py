@@ -157,6 +157,9 @@ def test_time_budget_stops_with_eval_and_checkpoint(tmp_path, tiny_qwen3):
     summary = finetune_lora.main(cfg)
     assert summary["global_step"] == 1  # the first step already spends the tiny budget
     assert summary["budget_minutes_used"] > 0 and summary["budget_clock"] == "cpu"
+    # single-question data: one answer per example; the data's format is recorded for result tables
+    assert summary["train_labels_seen"] == summary["train_examples_seen"]
+    assert summary["data_stats"].get("format", "single") == "single"
     assert summary["final_eval"].get("eval_auc") is not None  # the stop evaluated
     assert Path(cfg.train.output_dir, "checkpoint-1").is_dir()  # ... and saved
 

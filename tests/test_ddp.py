@@ -87,13 +87,19 @@ def rank_pid(launcher_pid: int, rank: str) -> int:
     raise AssertionError(f"no rank {rank} worker under the launcher")
 
 
-def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_then_resumes(tmp_path, tiny_qwen3):
-    """SIGTERM reaches rank 1 only, twice (like pkill + the launcher forwarding it): all ranks checkpoint and stop."""
-    config_file, cfg = write_config(tmp_path, "kill.yaml", tiny_qwen3, max_steps=40, eval_strategy="no",
+def start_40_step_run(tmp_path, name: str, tiny_qwen3):
+    """A 2-process, 40-step run without evaluation, launched in its own session (to signal it as a group)."""
+    config_file, cfg = write_config(tmp_path, name, tiny_qwen3, max_steps=40, eval_strategy="no",
                                     save_steps=1000, load_best_model_at_end="false",
                                     per_device_train_batch_size=2, gradient_accumulation_steps=2)
     proc = subprocess.Popen(launch_cmd(config_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=ENV, start_new_session=True)
+    return config_file, cfg, proc
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_then_resumes(tmp_path, tiny_qwen3):
+    """SIGTERM reaches rank 1 only, twice (like pkill + the launcher forwarding it): all ranks checkpoint and stop."""
+    config_file, cfg, proc = start_40_step_run(tmp_path, "kill.yaml", tiny_qwen3)
     lines: list[str] = []
     try:
         for line in proc.stdout:
@@ -132,11 +138,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_then_resumes(tmp_
 def test_sigterm_to_the_launcher_saves_one_checkpoint_then_resume_continues(tmp_path, tiny_qwen3):
     """`kill <launcher>` (or Ctrl-C): the elastic agent forwards SIGTERM to every worker and SIGKILLs them 30 s
     later; the workers agree on the step, save one checkpoint within that time and exit."""
-    config_file, cfg = write_config(tmp_path, "term.yaml", tiny_qwen3, max_steps=40, eval_strategy="no",
-                                    save_steps=1000, load_best_model_at_end="false",
-                                    per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    proc = subprocess.Popen(launch_cmd(config_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV, start_new_session=True)
+    config_file, cfg, proc = start_40_step_run(tmp_path, "term.yaml", tiny_qwen3)
     lines: list[str] = []
     try:
         for line in proc.stdout:

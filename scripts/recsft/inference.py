@@ -169,16 +169,20 @@ def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progre
             enc = _encode(tokenizer, batch, device, max_prompt_tokens)
             position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = model(**enc, position_ids=position_ids, logits_to_keep=1, use_cache=False).logits[:, -1, :]
-            model_pair = logits[:, [yes_id, no_id]]
-            pair = head.pair(model_pair)
-            p_yes = p_yes_from_pair(pair)
-            says_yes = greedy_says_yes(model_pair[:, 0], model_pair[:, 1], yes_id, no_id)
-            top = logits.argmax(dim=-1)
-            for i in range(len(batch)):
-                out.append({"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]), "logit_no": float(pair[i, 1]),
-                            "answer": "Yes" if bool(says_yes[i]) else "No",
-                            "top_token": tokenizer.decode([int(top[i])])})
+            out.extend(_answer_rows(logits, head, yes_id, no_id, tokenizer))
     return out
+
+
+def _answer_rows(logits, head, yes_id: int, no_id: int, tokenizer) -> list[dict]:
+    """One row per answer position: float32 P(Yes) and logits, greedy's answer (its tie rule), the top token."""
+    model_pair = logits[:, [yes_id, no_id]]
+    pair = head.pair(model_pair)
+    p_yes = p_yes_from_pair(pair)
+    says_yes = greedy_says_yes(model_pair[:, 0], model_pair[:, 1], yes_id, no_id)
+    top = logits.argmax(dim=-1)
+    return [{"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]), "logit_no": float(pair[i, 1]),
+             "answer": "Yes" if bool(says_yes[i]) else "No", "top_token": tokenizer.decode([int(top[i])])}
+            for i in range(len(pair))]
 
 
 def session_answer_starts(labels):
@@ -224,15 +228,7 @@ def score_sessions(model, tokenizer, records: Sequence[dict], cutoff_len: int | 
             starts = session_answer_starts(labels).to(device)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=starts,
                            use_cache=False).logits  # (N_answers, V)
-            model_pair = logits[:, [yes_id, no_id]]
-            pair = head.pair(model_pair)
-            p_yes = p_yes_from_pair(pair)
-            says_yes = greedy_says_yes(model_pair[:, 0], model_pair[:, 1], yes_id, no_id)
-            top = logits.argmax(dim=-1)
-            for i in range(len(pair)):
-                out.append({"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]), "logit_no": float(pair[i, 1]),
-                            "answer": "Yes" if bool(says_yes[i]) else "No",
-                            "top_token": tokenizer.decode([int(top[i])])})
+            out.extend(_answer_rows(logits, head, yes_id, no_id, tokenizer))
     return out
 
 

@@ -85,6 +85,8 @@ def test_rank_eval_llm_row(small_data, tmp_path, tiny_qwen3):
     (label, m), = res["results"].items()
     assert label.endswith("zero-shot") and m["sampled"]["n"] == res["counts"]["questions"] > 0
     assert f"| {label} |" in (tmp_path / "o" / "rank_table.md").read_text()
-    with pytest.raises(FileNotFoundError, match="adapter_dir"):
+    from recsft.io import DataError
+
+    with pytest.raises(DataError, match="adapter_dir"):
         rank_eval.main(rank_eval.parse_args(["--data_dir", str(small_data), "--models", "none", "--config", str(cfg),
                                              "--adapter", str(tmp_path / "missing")]))

@@ -87,7 +87,9 @@ def test_eval_metrics_match_an_independent_forward(tmp_path, tiny_qwen3):
     from recsft.io import load_data
     from recsft.metrics import compute_metrics, extract_answer
 
-    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=1)
+    # float32: the reference below reads the model's own logits (dtype auto is bf16 on a CPU with native bf16,
+    # where bf16 logits tie and the trainer's float32 Yes/No re-projection would rightly differ)
+    cfg = tiny_config(tmp_path, tiny_qwen3, max_steps=1, dtype="float32")
     train_path, eval_path = resolve_data(cfg.data)
     tok = tokenizer_for(cfg.model)
     train_ds, eval_ds = datasets_for(cfg.data, False, tok, train_path, eval_path, False, cpu=True)

@@ -72,6 +72,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
         trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
         with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
             T.restore_budget(trainer.time_budget, ckpt)
+            T.restore_counters(trainer, ckpt)
             result = trainer.train(resume_from_checkpoint=ckpt)
         if stopper.requested:
             return T.stopped_early(trainer, stopper.requested)

@@ -182,3 +182,7 @@ def test_time_budget_survives_resume(tmp_path, tiny_qwen3):
     shutil.copytree(Path(first.train.output_dir) / "checkpoint-2", Path(resumed.train.output_dir) / "checkpoint-2")
     summary = finetune_lora.main(resumed, resume=True)
     assert summary["global_step"] == 3 and summary["budget_minutes_used"] > used
+    # token and answer counts continue from the checkpoint's log instead of restarting at zero
+    first_summary = json.loads(Path(first.train.output_dir, "training_summary.json").read_text())
+    assert summary["train_tokens"] > first_summary["train_tokens"]
+    assert summary["train_labels_seen"] > first_summary["train_labels_seen"]

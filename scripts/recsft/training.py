@@ -354,6 +354,17 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
 
 
 # --------------------------------------------------------------------------------------------- resume
+def restore_counters(trainer, checkpoint: str | None) -> None:
+    """On resume, continue the token and answer counts of the checkpoint's log (TRL starts them at zero)."""
+    if not checkpoint:
+        return
+    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("log_history", [])
+    for key, attr in (("num_tokens", "_total_train_tokens"), ("num_answers", "_total_train_answers")):
+        last = next((e[key] for e in reversed(history) if key in e), None)
+        if last is not None:
+            setattr(trainer, attr, int(last))
+
+
 def restore_budget(budget: TimeBudgetCallback | None, checkpoint: str | None) -> None:
     """On resume, count the training time the checkpoint already used against the (current) budget."""
     if budget is None or not checkpoint:

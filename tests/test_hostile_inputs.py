@@ -465,7 +465,9 @@ BASELINE_CASES = {
     "stats_not_an_object": (lambda f: (f / "stats.json").write_text("[1, 2]"), ["stats.json", "object"]),
     "stats_bad_threshold": (lambda f: _edit_stats(f, lambda s: {**s, "params": {**s["params"], "like_threshold": 9}}),
                             ["stats.json", "like-threshold"]),
-    "stats_source_gone": (lambda f: _edit_stats(f, lambda s: {**s, "source": "/no/raw/ml-100k"}),
+    # a folder without interactions.parquet (written before it existed) reloads its source, which is gone
+    "stats_source_gone": (lambda f: [(f / n).unlink() for n in ("interactions.parquet", "items.parquet")]
+                          and _edit_stats(f, lambda s: {**s, "source": "/no/raw/ml-100k"}),
                           ["stats.json", "/no/raw/ml-100k"]),
     "test_record_missing_key": (lambda f: _drop_key(f / "test_raw.jsonl", "candidate_movie_id"),
                                 ["test_raw.jsonl", "record 2", "candidate_movie_id"]),
@@ -482,7 +484,7 @@ def test_baselines_bad_input(case, work, small_data, capsys):
 
 BASELINE_FLAG_CASES = {
     "max_samples_0": (["--max_samples", "0"], ["--max_samples"]),
-    "svd_rank_0": (["--svd_rank", "0"], ["--svd_rank"]),
+    "epochs_0": (["--epochs", "0"], ["--epochs"]),
     "data_dir_missing": (["--data_dir", "nowhere"], ["--data_dir", "nowhere"]),
     "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir"]),
 }

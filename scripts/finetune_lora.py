@@ -71,8 +71,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
         model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
         trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
         with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
-            T.restore_budget(trainer.time_budget, ckpt)
-            T.restore_counters(trainer, ckpt)
+            T.restore_progress(trainer, ckpt)
             result = trainer.train(resume_from_checkpoint=ckpt)
         if stopper.requested:
             return T.stopped_early(trainer, stopper.requested)

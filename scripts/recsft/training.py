@@ -324,7 +324,7 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
     Only the time between step begin and step end counts, so evaluation and checkpoint saving do not eat the
     budget; ``clock="cpu"`` counts this process's CPU time, a fair budget on a machine shared with other jobs.
     The time used is saved in every checkpoint (``trainer_state.json``, ``stateful_callbacks``) and
-    :func:`restore_budget` reads it back on resume, so a resumed run spends only what is left.
+    :func:`restore_progress` reads it back on resume, so a resumed run spends only what is left.
     """
 
     def __init__(self, minutes: float, clock: str = "wall"):
@@ -354,34 +354,33 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
 
 
 # --------------------------------------------------------------------------------------------- resume
-def restore_counters(trainer, checkpoint: str | None) -> None:
-    """On resume, continue the token and answer counts of the checkpoint's log (TRL starts them at zero)."""
-    if not checkpoint:
+def restore_progress(trainer, checkpoint: str | None) -> None:
+    """On resume, carry over what TRL/Trainer start from zero: the time budget used and the token/answer counts."""
+    state = _read_state(Path(checkpoint) / "trainer_state.json") if checkpoint else None
+    if state is None:
         return
-    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("log_history", [])
+    history = state.get("log_history", [])
     for key, attr in (("num_tokens", "_total_train_tokens"), ("num_answers", "_total_train_answers")):
         last = next((e[key] for e in reversed(history) if key in e), None)
         if last is not None:
             setattr(trainer, attr, int(last))
+    if trainer.time_budget is not None:
+        _restore_budget(trainer.time_budget, state, Path(checkpoint).name)
 
 
-def restore_budget(budget: TimeBudgetCallback | None, checkpoint: str | None) -> None:
-    """On resume, count the training time the checkpoint already used against the (current) budget."""
-    if budget is None or not checkpoint:
-        return
-    state_file = Path(checkpoint) / "trainer_state.json"
-    saved = json.loads(state_file.read_text()).get("stateful_callbacks", {}).get("TimeBudgetCallback")
+def _restore_budget(budget: TimeBudgetCallback, state: dict, name: str) -> None:
+    """Count the training time the checkpoint already used against the (current) budget."""
+    saved = state.get("stateful_callbacks", {}).get("TimeBudgetCallback")
     saved = saved[0] if isinstance(saved, list) and saved else saved
     if not isinstance(saved, dict):
-        logger.info("%s holds no training-time record: the time budget starts from zero", checkpoint)
+        logger.info("%s holds no training-time record: the time budget starts from zero", name)
         return
     if saved.get("args", {}).get("clock", budget.clock) != budget.clock:
         logger.info("%s counted %s time, this run counts %s time: the time budget starts from zero",
-                    checkpoint, saved["args"]["clock"], budget.clock)
+                    name, saved["args"]["clock"], budget.clock)
         return
     budget.used_s = float(saved.get("attributes", {}).get("used_s", 0.0))
-    logger.info("Time budget: %.1f of %.1f min already used by %s", budget.used_s / 60, budget.limit_s / 60,
-                Path(checkpoint).name)
+    logger.info("Time budget: %.1f of %.1f min already used by %s", budget.used_s / 60, budget.limit_s / 60, name)
 
 
 def checkpoint_info(checkpoint: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Training cost per label: the session format (multi-turn runs of candidates) vs single questions.
+"""Training cost per label: the session format (multi-turn runs of candidates) and candidate blocks (one shared
+history, each candidate answered on its own) vs single questions.
 
 Copy-paste:
 
@@ -6,13 +7,14 @@ Copy-paste:
     python bench/bench_session.py --session-len 32 --cutoff-len 2048 --steps 6 --json-out output/bench/session.json
     python bench/bench_session.py --quick                                      # tiny random Qwen3; the smoke test
 
-Both formats are built in-process from the bundled MovieLens-100K with the same candidates: the first
-``--sessions`` training runs of ``--session-len`` candidates, and the same candidates as single questions. Both
-are tokenized by ``recsft.preprocess`` and trained by the project's trainer loss (``RecSFTTrainer.compute_loss``,
-LoRA, AdamW), on one model and device, steps interleaved (single, session, single, ...) so machine load hits
-both alike. Reported: trained tokens per label over the whole tokenized sets (exact, no timing) and labels/s
-over the timed steps, with their ratios. A session batch is ``--session-batch`` examples (default 1 x ~900
-tokens), a single batch ``--single-batch`` (default 2 x ~450 tokens): about the same tokens per step.
+The three formats are built in-process from the bundled MovieLens-100K with the same candidates: the first
+``--sessions`` training runs of ``--session-len`` candidates, the same runs as candidate-block records (blocks of
+the same size) and the same candidates as single questions. All are tokenized by ``recsft.preprocess`` and trained
+by the project's trainer loss (``RecSFTTrainer.compute_loss``, LoRA, AdamW), on one model and device, steps
+interleaved (single, session, blocks, single, ...) so machine load hits all alike. Reported: trained tokens per
+label over the whole tokenized sets (exact, no timing) and labels/s over the timed steps, with their ratios to
+single. A session or blocks batch is ``--session-batch`` examples (default 1 x ~900 tokens), a single batch
+``--single-batch`` (default 2 x ~450 tokens): about the same tokens per step.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from _common import (QWEN3_TOKENIZER, SMOLLM2_GGUF, bench_main, device_info, med
                      random_qwen3_dir, versions, write_json)
 
 
-def build_records(n_sessions: int, session_len: int, users: int, seed: int = 42) -> tuple[list[dict], list[dict]]:
-    """``(single training records, session records)`` holding exactly the same training candidates."""
+def build_records(n_sessions: int, session_len: int, users: int, seed: int = 42) -> dict[str, list[dict]]:
+    """Single training records, session records and candidate-block records holding the same training candidates."""
     from recsft import movielens
 
     ratings, titles = movielens.load_ratings("bundled")
@@ -34,7 +36,10 @@ def build_records(n_sessions: int, session_len: int, users: int, seed: int = 42)
     singles = movielens.build_examples(ratings, titles, seed=seed)["train"]
     by_key = {(e["user_id"], e["candidate_movie_id"]): e for e in singles}
     chosen = [by_key[(r["user_id"], t["candidate_movie_id"])] for r in sessions for t in r["turns"]]
-    return [movielens.to_train_record(e) for e in chosen], sessions
+    blocks = movielens.build_blocks(ratings, titles, block_size=session_len, seed=seed)["train"]
+    first = {(r["user_id"], r["blocks"][0]["candidate_movie_id"]): r for r in blocks}
+    same = [first[(r["user_id"], r["turns"][0]["candidate_movie_id"])] for r in sessions]
+    return {"single": [movielens.to_train_record(e) for e in chosen], "session": sessions, "blocks": same}
 
 
 def load(args):
@@ -95,24 +100,24 @@ def run(args) -> dict:
     quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
-    single_recs, session_recs = build_records(args.sessions, args.session_len, args.users, args.seed)
+    records = build_records(args.sessions, args.session_len, args.users, args.seed)
     model_path, tok = load(args)
     data = {}
-    for name, recs in (("single", single_recs), ("session", session_recs)):
+    for name, recs in records.items():
         table = tokenize_any(recs, tok, args.cutoff_len).to_pydict()
         labels = sum(int(session_answer_starts(torch.tensor([lab])).sum()) for lab in table["labels"])
         tokens = sum(map(len, table["input_ids"]))
         data[name] = {"ds": Dataset.from_dict(table), "examples": len(table["input_ids"]), "labels": labels,
                       "tokens": tokens, "tokens_per_label": tokens / labels}
-    trainer, model, opt = make_trainer(model_path, tok, data["single"]["ds"], args)
+    trainer, model, opt = make_trainer(model_path, tok, data["blocks"]["ds"], args)
     from recsft.training import max_label_tokens
 
     trainer.answer_width = max(trainer.answer_width, max_label_tokens(data["session"]["ds"]))  # every answer
-    sizes = {"single": args.single_batch, "session": args.session_batch}
+    sizes = {"single": args.single_batch, "session": args.session_batch, "blocks": args.session_batch}
     plan = {name: batches(d["ds"], sizes[name]) for name, d in data.items()}
     timed = {name: [] for name in data}
     for i in range(args.warmup + args.steps):
-        for name in ("single", "session"):
+        for name in data:
             rows = plan[name][i % len(plan[name])]
             s, labels, tokens = step(trainer, model, opt, rows)
             if i >= args.warmup:
@@ -133,10 +138,12 @@ def run(args) -> dict:
                        ("labels", "labels", "d"), ("tokens_per_label", "tokens/label", ".1f"),
                        ("labels_per_s", "labels/s", ".2f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("step_s_median", "step s", ".2f")])
-    out["tokens_per_label_ratio"] = out["session"]["tokens_per_label"] / out["single"]["tokens_per_label"]
-    out["labels_per_s_ratio"] = out["session"]["labels_per_s"] / out["single"]["labels_per_s"]
-    print(f"RATIO session/single tokens per label {out['tokens_per_label_ratio']:.3f} "
-          f"(1/{1 / out['tokens_per_label_ratio']:.1f}); labels/s {out['labels_per_s_ratio']:.2f}x")
+    for name in ("session", "blocks"):
+        tag = "" if name == "session" else "blocks_"
+        out[f"{tag}tokens_per_label_ratio"] = out[name]["tokens_per_label"] / out["single"]["tokens_per_label"]
+        out[f"{tag}labels_per_s_ratio"] = out[name]["labels_per_s"] / out["single"]["labels_per_s"]
+        print(f"RATIO {name}/single tokens per label {out[f'{tag}tokens_per_label_ratio']:.3f} "
+              f"(1/{1 / out[f'{tag}tokens_per_label_ratio']:.1f}); labels/s {out[f'{tag}labels_per_s_ratio']:.2f}x")
     write_json(args.json_out, out)
     return out
 

@@ -67,8 +67,9 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     tokenizer = tokenizer_for(cfg.model)
     train_ds, eval_ds = datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
                                      clear_cache, cpu=get_device() == "cpu")
+    model_args = T.check_blocks(cfg, train_ds, eval_ds)  # candidate blocks: no packing, no flash-attn
     with run_lock(cfg.train.output_dir):  # one run per output_dir (a stale lock of a dead run is taken over)
-        model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
+        model, device = model_for(model_args, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
         trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
         with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
             T.restore_progress(trainer, ckpt)

@@ -75,7 +75,8 @@ def main(args) -> dict:
     if mode == "score" and args.calibration_samples:
         calibration, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
     settings = E.EvalSettings.from_config(cfg)
-    model, tok = E.load_for_eval(cfg.model, adapter, merge=not args.compare_base)
+    model_args = E.check_record_mode(records, source, mode, args.compare_modes, cfg.model)  # before the model loads
+    model, tok = E.load_for_eval(model_args, adapter, merge=not args.compare_base)
 
     def run_one(name: str, primary: bool = False):
         rows, metrics = E.evaluate_with_thresholds(model, tok, records, mode, settings, source,

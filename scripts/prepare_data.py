@@ -7,6 +7,8 @@ Copy-paste:
     python scripts/prepare_data.py --source download                 # ml-100k from grouplens.org (online)
     python scripts/prepare_data.py --history-len 10 --like-threshold 4 --seed 1 --out-dir data/ml_h10
     python scripts/prepare_data.py --format session --session-len 16     # multi-turn runs of 16 candidates
+    python scripts/prepare_data.py --format blocks --history-from train --features item_stats user_stats genres
+                                                     # 16 candidates per shared history, no eval/test rating shown
     python scripts/prepare_data.py --features item_stats user_stats genres --out-dir data/movielens_feat
     python scripts/prepare_data.py --retrieval-history --out-dir data/movielens_retrieval
     # your own ratings: a ratings table (user, item, rating, timestamp) and an items table (id, title[, genres])
@@ -26,7 +28,10 @@ as one set with a ``manifest.json`` (one build id, a sha256 per file) that reade
 errors exit with code 2, Ctrl-C with 130.
 ``--format session`` writes ``<out-dir>/{session_train.json, session_eval.json, session_test.jsonl,
 session_stats.json}`` instead: one example per run of up to ``--session-len`` consecutive candidates of a
-user, as a multi-turn chat (docs/data.md). ``--features`` adds prompt lines computed from earlier ratings only.
+user, as a multi-turn chat (docs/data.md). ``--format blocks`` adds ``<out-dir>/{blocks_train.json,
+blocks_eval.json, blocks_test.jsonl, blocks_stats.json}`` to the set: one shared history followed by up to
+``--block-size`` candidates, each answered from the history alone. ``--features`` adds prompt lines computed from
+earlier ratings only.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from recsft.cli import ArgumentParser, finite_float, non_negative_int, output_di
 
 def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", type=output_dir, default="data/movielens_qwen3")
+    p.add_argument("--out-dir", type=output_dir, default=None,
+                   help="default: data/movielens_qwen3 (data/movielens_blocks for --format blocks)")
     p.add_argument("--source", choices=["bundled", "download"], default="bundled")
     p.add_argument("--raw-dir", default=None, help="extracted ml-100k, ml-1m or ml-latest-small folder")
     p.add_argument("--history-len", type=positive_int, default=15)
@@ -49,9 +55,14 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--test-ratio", type=finite_float, default=0.1)
     p.add_argument("--seed", type=non_negative_int, default=42)
     p.add_argument("--max-users", type=positive_int, default=None, help="only the first N users (quick runs)")
-    p.add_argument("--format", choices=["single", "session"], default="single",
-                   help="single: one question per example (default); session: multi-turn runs of candidates")
+    p.add_argument("--format", choices=["single", "session", "blocks"], default="single",
+                   help="single: one question per example (default); session: multi-turn runs of candidates; "
+                        "blocks: one shared history and up to --block-size candidates, each asked on its own")
     p.add_argument("--session-len", type=int, default=16, help="--format session: candidates per example (max)")
+    p.add_argument("--block-size", type=int, default=16, help="--format blocks: candidates per example (max)")
+    p.add_argument("--history-from", choices=["all", "train"], default="all",
+                   help="--format blocks: all = the ratings before the candidates (online protocol); train = "
+                        "training-split ratings only, so no eval/test rating is ever shown (static protocol)")
     p.add_argument("--features", nargs="+", default=[], metavar="NAME",
                    help="prompt lines from earlier ratings: item_stats, user_stats, genres (space or comma list)")
     p.add_argument("--retrieval-history", action="store_true",
@@ -94,6 +105,7 @@ def main(args) -> dict:
     from recsft.movielens import check_features, check_params, prepare
     from recsft.validate import writable_dir
 
+    args.out_dir = args.out_dir or ("data/movielens_blocks" if args.format == "blocks" else "data/movielens_qwen3")
     features = check_features([f for item in args.features for f in item.split(",") if f])
     if args.session_len < 1:
         raise DataError(f"--session-len must be >= 1, got {args.session_len}")
@@ -104,7 +116,8 @@ def main(args) -> dict:
     start = time.perf_counter()
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
                     args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table, fmt=args.format,
-                    session_len=args.session_len, features=features, retrieval=args.retrieval_history)
+                    session_len=args.session_len, features=features, retrieval=args.retrieval_history,
+                    block_size=args.block_size, history_from=args.history_from)
     print(f"{'Ratings' if table else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, "
           f"{stats['users']} users, {stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     for name, s in stats["splits"].items():

@@ -66,6 +66,26 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
     return model.eval(), tok
 
 
+def check_record_mode(records: Sequence[dict], source: str, mode: str, compare_modes: bool, model_args):
+    """Session and candidate-block records are scored only (one pass per example); returns the model settings to
+    load with (candidate blocks: SDPA/eager attention, see :func:`recsft.modeling.attention_for_blocks`)."""
+    import dataclasses
+
+    from .io import DataError
+    from .modeling import attention_for_blocks
+
+    key = next((k for k in ("turns", "blocks") if records and all(k in r for r in records)), None)
+    if key is None:
+        return model_args
+    kind = {"turns": "session", "blocks": "candidate-block"}[key]
+    if mode != "score" or compare_modes:
+        raise DataError(f"{source}: {kind} records are evaluated with --eval_mode score only (one pass per example, "
+                        f"no generation); drop --compare_modes / use --eval_mode score")
+    if key == "blocks":
+        return dataclasses.replace(model_args, flash_attn=attention_for_blocks(model_args.flash_attn))
+    return model_args
+
+
 def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16, max_new_tokens: int = 8,
             temperature: float = 0.0, top_p: float = 1.0, desc: str = "",
             cutoff_len: int | None = None) -> list[dict[str, Any]]:
@@ -89,8 +109,9 @@ def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSetti
     Session records (field ``turns``) give one row per answer (score mode only). Metrics include UAUC
     when every row has a ``user_id``.
     """
-    if records and all("turns" in r for r in records):
-        return evaluate_sessions(model, tok, records, mode, settings, source, desc)
+    for key in ("turns", "blocks"):
+        if records and all(key in r for r in records):
+            return evaluate_many(model, tok, records, key, mode, settings, source, desc)
     prompts, labels = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
     start = time.perf_counter()
     preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,
@@ -112,27 +133,30 @@ def row_metrics(rows: list[dict], mode: str, seconds: float) -> dict[str, float]
     return metrics
 
 
-def evaluate_sessions(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings,
-                      source: str = "data", desc: str = "") -> tuple[list[dict], dict[str, float]]:
-    """Score every answer of session records in one forward pass per session (true earlier answers in context).
+def evaluate_many(model, tok, records: Sequence[dict], key: str, mode: str, settings: EvalSettings,
+                  source: str = "data", desc: str = "") -> tuple[list[dict], dict[str, float]]:
+    """Score every answer of session records (``key="turns"``: true earlier answers in context) or candidate-block
+    records (``key="blocks"``: each block on the shared history alone), one forward pass per example.
 
     Rows carry ``user_id`` and ``candidate_movie_id`` so they join one to one with the single format's test rows.
     """
-    from .inference import score_sessions
+    from .inference import score_blocks, score_sessions
     from .io import DataError
 
+    kind = {"turns": "session", "blocks": "candidate-block"}[key]
     if mode != "score":
-        raise DataError(f"{source}: session records are evaluated with --eval_mode score (one pass per session)")
+        raise DataError(f"{source}: {kind} records are evaluated with --eval_mode score (one pass per example)")
     start = time.perf_counter()
-    scores = score_sessions(model, tok, records, settings.cutoff_len, settings.system_prompt,
-                            settings.enable_thinking, settings.batch_size, desc=desc or "Scoring sessions",
-                            source=source)
+    scorer = score_sessions if key == "turns" else score_blocks
+    scores = scorer(model, tok, records, settings.cutoff_len, settings.system_prompt, settings.enable_thinking,
+                    settings.batch_size, desc=desc or f"Scoring {kind} records", source=source)
     seconds = time.perf_counter() - start
-    turns = [(rec, j, t) for rec in records for j, t in enumerate(rec["turns"])]
+    items = [(rec, j, t) for rec in records for j, t in enumerate(rec[key])]
+    position = "turn" if key == "turns" else "block"
     rows = [{"user_id": rec.get("user_id"), "candidate_movie_id": t.get("candidate_movie_id"),
-             "candidate_title": t.get("candidate_title"), "turn": j, "label": normalize_label(t["answer"]),
+             "candidate_title": t.get("candidate_title"), position: j, "label": normalize_label(t["answer"]),
              "response": s["top_token"], "prediction": s["answer"], "p_yes": s["p_yes"]}
-            for (rec, j, t), s in zip(turns, scores)]
+            for (rec, j, t), s in zip(items, scores)]
     return rows, row_metrics(rows, mode, seconds)
 
 

@@ -68,11 +68,37 @@ def session_next_text(previous_rating: float, candidate_title: str, candidate_fe
     return "\n".join(lines)
 
 
+BLOCK_QUESTION = "Will the user like the candidate movie below? Answer Yes or No."
+
+
+def block_prefix_text(history_titles: list[str], history_ratings: list[float], user_features: list[str] | None = None,
+                      history_header: str | None = None) -> str:
+    """The shared part of a candidate-block record's user message: instruction, history, user lines, question.
+
+    It ends with a newline, so the first token of every candidate block starts a new pre-token and the prefix
+    tokenizes the same alone as in front of any block.
+    """
+    header = history_header or "User's last {n} watched movies:"
+    lines = [INSTRUCTION, "", header.format(n=len(history_titles))]
+    lines += [f"{i}. {t} (rating ≈ {float(r):.1f})" for i, (t, r) in enumerate(zip(history_titles, history_ratings), 1)]
+    lines += ["", *(user_features or []), BLOCK_QUESTION, ""]
+    return "\n".join(lines)
+
+
+
+def block_candidate_text(candidate_title: str, candidate_features: list[str] | None = None) -> str:
+    """One candidate block's part of the user message: only what differs between candidates."""
+    return "\n".join([f"Candidate movie: {candidate_title}", *(candidate_features or [])])
+
+
 def record_format(record: dict[str, Any]) -> str:
-    """``"train"`` (instruction/input/output), ``"test"`` (history_titles/candidate_title/label) or
-    ``"session"`` (a multi-turn run of candidates under ``turns``)."""
+    """``"train"`` (instruction/input/output), ``"test"`` (history_titles/candidate_title/label),
+    ``"session"`` (a multi-turn run of candidates under ``turns``) or ``"blocks"`` (one shared ``prefix`` and
+    candidate ``blocks``)."""
     if "turns" in record:
         return "session"
+    if "blocks" in record:
+        return "blocks"
     if "instruction" in record or "input" in record or "output" in record:
         return "train"
     if "history_titles" in record or "candidate_title" in record:
@@ -109,6 +135,9 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
     if kind == "session":
         raise DataError("session record (field 'turns'): holds several questions; train on it with the session "
                         "dataset entries (movielens_session_*), score it with infer_lora --eval_mode score")
+    if kind == "blocks":
+        raise DataError("candidate-block record (field 'blocks'): holds several questions; train on it with the "
+                        "blocks dataset entries (movielens_blocks_*), score it with infer_lora --eval_mode score")
     if kind == "train":
         missing = [k for k in ("instruction", "input") if not isinstance(record.get(k), str)]
         if missing:
@@ -154,6 +183,9 @@ def validate_records(records: list[dict[str, Any]], path: str, need_label: bool 
         try:
             if isinstance(rec, dict) and "turns" in rec:
                 check_session_record(rec, "session record")
+                continue
+            if isinstance(rec, dict) and "blocks" in rec:
+                check_blocks_record(rec, "candidate-block record")
                 continue
             p = format_prompt(rec)
             if need_label and p["answer"] is None:
@@ -340,3 +372,54 @@ def session_texts(records: Sequence[dict], tokenizer, system_prompt: str | None 
                                 "cannot be used with it")
         out.append(turns)
     return out
+
+
+# ------------------------------------------------------------------------------------ candidate blocks
+def check_blocks_record(rec: Any, where: str) -> None:
+    """One line naming the record and key when a candidate-block record is malformed."""
+    blocks = rec.get("blocks") if isinstance(rec, dict) else None
+    if not isinstance(rec.get("prefix") if isinstance(rec, dict) else None, str):
+        raise DataError(f"{where}: needs a string 'prefix' (the shared history part of the question)")
+    if not isinstance(blocks, list) or not blocks:
+        raise DataError(f"{where}: 'blocks' must be a non-empty list")
+    for j, b in enumerate(blocks):
+        if not isinstance(b, dict) or not isinstance(b.get("text"), str) or not b["text"].strip():
+            raise DataError(f"{where}: blocks[{j}] needs a non-empty string 'text'")
+        if normalize_label(b.get("answer")) is None:
+            raise DataError(f"{where}: blocks[{j}].answer {b.get('answer')!r} is not Yes/No")
+
+
+def block_texts(records: Sequence[dict], tokenizer, system_prompt: str | None = None, enable_thinking: bool = False,
+                source: str = "data") -> list[tuple[str, list[tuple[str, str]]]]:
+    """Per record: ``(prefix text, [(block prompt text, answer text), ...])``, rendered by the chat template.
+
+    ``prefix + block prompt`` is exactly the prompt of one ordinary question whose user message is
+    ``record["prefix"] + block["text"]`` (checked against the real template on the first records), and the
+    answer text is the single format's answer, so a block is scored like that question.
+    """
+    cache = _TemplateCache(tokenizer, enable_thinking)
+    out = []
+    for i, rec in enumerate(records):
+        check_blocks_record(rec, f"{source}: record {i + 1}")
+        system = system_prompt or rec.get("system") or DEFAULT_SYSTEM_PROMPT
+        pieces = cache.get(system)
+        if pieces is None:
+            raise DataError("the chat template cannot be split around the user message; the blocks format needs a "
+                            "ChatML-like template (Qwen3, SmolLM2)")
+        p0, p1, a0, a1 = pieces
+        blocks = [(b["text"] + p1, a0 + normalize_label(b["answer"]) + a1) for b in rec["blocks"]]
+        if i < _VERIFY_FIRST:
+            first = chat_texts(tokenizer, system, rec["prefix"] + rec["blocks"][0]["text"],
+                               normalize_label(rec["blocks"][0]["answer"]), enable_thinking)
+            if first != (p0 + rec["prefix"] + blocks[0][0], blocks[0][1]):
+                raise DataError("the chat template renders a candidate block differently from one question; the "
+                                "blocks format cannot be used with it")
+        out.append((p0 + rec["prefix"], blocks))
+    return out
+
+
+def block_question(record: dict, j: int) -> dict:
+    """Block ``j`` of a candidate-block record as one ordinary training-format question (the same text)."""
+    block = record["blocks"][j]
+    return {"instruction": "", "input": record["prefix"] + block["text"], "output": block["answer"],
+            "system": record.get("system") or DEFAULT_SYSTEM_PROMPT}

@@ -232,6 +232,91 @@ def score_sessions(model, tokenizer, records: Sequence[dict], cutoff_len: int | 
     return out
 
 
+def block_attention(block_ids, dtype):
+    """``(attention_mask, position_ids)`` of candidate-block rows, for the model's forward pass.
+
+    ``block_ids`` ``(B, T)``: 0 on the shared prefix, ``j > 0`` on block j, -1 on padding. A token attends
+    causally to the prefix and to its own block only; every block's positions continue from the end of the
+    prefix (sibling blocks share offsets), so each block sees exactly what it would as one ordinary prompt.
+    The mask is additive ``(B, 1, T, T)`` in ``dtype`` (0 = attend, dtype min = not): eager attention adds it,
+    SDPA takes it as is (a boolean mask would be *added* as 0/1 by eager attention). Padding rows attend to
+    themselves, so no row is fully masked (that gives NaN). transformers passes a 4D mask through unchanged;
+    it must always go with these explicit ``position_ids``.
+    """
+    import torch
+
+    t = block_ids.shape[1]
+    q, k = block_ids[:, :, None], block_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=block_ids.device).tril()
+    pad = q < 0
+    allowed = causal & ((k == q) | (k == 0)) & (k >= 0) & ~pad
+    position_ids = (allowed.sum(-1) - 1).clamp(min=0)
+    allowed |= pad & torch.eye(t, dtype=torch.bool, device=block_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=block_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None], position_ids
+
+
+def mask_dtype(model):
+    """The dtype attention computes in: autocast's when it is on, else the input embeddings'."""
+    import torch
+
+    device = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return model.get_input_embeddings().weight.dtype
+
+
+def block_inputs(model, inputs: dict) -> dict:
+    """Model inputs with ``block_ids`` (if present) turned into the block mask and position ids."""
+    if "block_ids" not in inputs:
+        return inputs
+    out = {k: v for k, v in inputs.items() if k not in ("block_ids", "attention_mask", "position_ids")}
+    out["attention_mask"], out["position_ids"] = block_attention(inputs["block_ids"], mask_dtype(model))
+    return out
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int):
+    """Right-padded ``(B, T)`` long tensor of integer rows."""
+    import torch
+
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def score_blocks(model, tokenizer, records: Sequence[dict], cutoff_len: int | None = None,
+                 system_prompt: str | None = None, enable_thinking: bool = False, batch_size: int = 4,
+                 progress: bool = True, desc: str = "Scoring blocks", source: str = "data") -> list[dict]:
+    """P(Yes) for every candidate block of candidate-block records: one forward pass per example.
+
+    Each block attends to the shared prefix and itself only (:func:`block_attention`), so its P(Yes) is that of
+    the same prefix and candidate asked as one ordinary question. Returns one dict per block, in record and
+    block order: ``{"p_yes", "logit_yes", "logit_no", "answer", "top_token"}``.
+    """
+    import torch
+
+    from .preprocess import tokenize_blocks_to_arrow
+
+    table = tokenize_blocks_to_arrow(records, tokenizer, cutoff_len or (1 << 30), system_prompt, enable_thinking,
+                                     source).to_pydict()
+    yes_id, no_id = answer_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = list(zip(table["input_ids"], table["labels"], table["block_ids"]))
+    out: list[dict] = []
+    model.eval()
+    with torch.inference_mode(), AnswerLogits(model, yes_id, no_id) as head:
+        for batch in _batches(rows, batch_size, desc, progress):
+            ids, labels, blocks = (pad_rows([r[i] for r in batch], v) for i, v in ((0, pad), (1, -100), (2, -1)))
+            starts = session_answer_starts(labels).to(device)
+            fwd = block_inputs(model, {"input_ids": ids.to(device), "block_ids": blocks.to(device)})
+            logits = model(**fwd, logits_to_keep=starts, use_cache=False).logits  # (N_answers, V)
+            out.extend(_answer_rows(logits, head, yes_id, no_id, tokenizer))
+    return out
+
+
 # The one prompt budget: training truncates to it (preprocess), inference cuts prompts to it here.
 max_prompt_tokens = prompt_budget
 

@@ -142,6 +142,16 @@ def resolve_attn_implementation(flash_attn: str, device: str) -> str | None:
     return "sdpa"
 
 
+def attention_for_blocks(flash_attn: str) -> str:
+    """The ``flash_attn`` knob for candidate-block data: flash-attn cannot take the block mask, so SDPA (or eager
+    when asked for) is used instead, with a log line."""
+    if flash_attn in ("sdpa", "eager"):
+        return flash_attn
+    logger.info("Candidate blocks need a 4D attention mask, which flash-attn cannot take: attention is PyTorch "
+                "SDPA (flash_attn: %s ignored for this data)", flash_attn)
+    return "sdpa"
+
+
 def cuda_auto_dtype() -> tuple[str, str]:
     """``(dtype name, reason)`` for ``dtype: auto`` on a CUDA GPU."""
     import torch

@@ -430,7 +430,8 @@ def split_stats(examples: list[dict]) -> dict:
 def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = None, history_len: int = 15,
             like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
             seed: int = 42, max_users: int | None = None, table=None, fmt: str = "single",
-            session_len: int = 16, features=None, retrieval: bool = False) -> dict:
+            session_len: int = 16, features=None, retrieval: bool = False, block_size: int = 16,
+            history_from: str = "all") -> dict:
     """Write train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet and items.parquet to
     ``out_dir``; return the stats.
 
@@ -439,12 +440,24 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
     The two parquet files hold the cleaned ratings and the titles, for the classical baselines.
     ``fmt="session"`` writes session_train.json, session_eval.json, session_test.jsonl and session_stats.json
     instead (:func:`build_sessions`); ``features`` adds prompt lines, ``retrieval`` a genre-similar history.
+    ``fmt="blocks"`` writes blocks_train.json, blocks_eval.json, blocks_test.jsonl and blocks_stats.json beside
+    the single format's files, in the same set (:func:`build_blocks`; ``history_from`` picks the protocol).
     """
     check_params(history_len, eval_ratio, test_ratio, like_threshold, max_users,
                  table.rating_scale if table is not None else None)
     features = check_features(features)
-    if fmt not in ("single", "session"):
-        raise DataError(f"--format: {fmt!r} is not one of single, session")
+    if fmt not in ("single", "session", "blocks"):
+        raise DataError(f"--format: {fmt!r} is not one of single, session, blocks")
+    if fmt == "blocks" and retrieval:
+        raise DataError("--retrieval-history picks a history per candidate, and --format blocks shares one history "
+                        "between candidates; drop one of the two flags")
+    if fmt == "blocks" and block_size < 1:
+        raise DataError(f"--block-size must be >= 1, got {block_size}")
+    if history_from not in HISTORY_FROM:
+        raise DataError(f"--history-from: {history_from!r} is not one of {', '.join(HISTORY_FROM)}")
+    if history_from != "all" and fmt != "blocks":
+        raise DataError("--history-from train (the static protocol) is a setting of --format blocks; add "
+                        "--format blocks or drop --history-from")
     if session_len < 1:
         raise DataError(f"--session-len must be >= 1, got {session_len}")
     if table is not None:
@@ -491,6 +504,24 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
                  "splits": {name: split_stats(examples) for name, examples in splits.items()},
                  "build_id": build_id}
         write_json_atomic(tmp / "stats.json", stats)
+        if fmt == "blocks":
+            stats = write_blocks(tmp, ratings, titles, head, params, block_size, history_from, features, genres)
+    return stats
+
+
+def write_blocks(folder: Path, ratings: pd.DataFrame, titles: dict, head: dict, params: dict, block_size: int,
+                 history_from: str, features: list[str], genres) -> dict:
+    """The candidate-block files of :func:`prepare` into ``folder`` (published with the rest of the set)."""
+    p = params
+    splits = build_blocks(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"], p["test_ratio"],
+                          p["seed"], block_size, features, genres, history_from=history_from)
+    write_json_atomic(folder / "blocks_train.json", splits["train"], indent=None)
+    write_json_atomic(folder / "blocks_eval.json", splits["eval"], indent=None)
+    write_jsonl_atomic(folder / "blocks_test.jsonl", splits["test"])
+    stats = {**head, "format": "blocks",
+             "params": {**params, "block_size": block_size, "history_from": history_from},
+             "splits": {name: blocks_stats(records) for name, records in splits.items()}}
+    write_json_atomic(folder / "blocks_stats.json", stats)
     return stats
 
 
@@ -513,5 +544,117 @@ def prepare_sessions(out: Path, ratings: pd.DataFrame, titles: dict[int, str], h
 
 def session_stats(records: list[dict]) -> dict:
     answers = [t["answer"] for r in records for t in r["turns"]]
+    yes = sum(a == "Yes" for a in answers)
+    return {"examples": len(records), "answers": len(answers), "yes_share": round(yes / max(len(answers), 1), 4)}
+
+
+# ---------------------------------------------------------------------------------------- candidate blocks
+HISTORY_FROM = ("all", "train")
+
+
+def counts_before(ref_keys: np.ndarray, ref_ts: np.ndarray, ref_liked: np.ndarray, keys: np.ndarray,
+                  ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query ``(keys[i], ts[i])``: how many reference rows have the same key and a strictly smaller time,
+    and how many of those liked. ``ts`` may be ``+inf`` (every reference row of the key).
+
+    Keys and times are replaced by their ranks first, so any id type and time unit works and the packed
+    (key, time) sort key cannot overflow.
+    """
+    _, key_code = np.unique(np.concatenate([np.asarray(ref_keys), np.asarray(keys)]), return_inverse=True)
+    _, t_rank = np.unique(np.concatenate([np.asarray(ref_ts, float), np.asarray(ts, float)]), return_inverse=True)
+    width = np.int64(t_rank.max(initial=0)) + 1
+    packed = key_code.astype(np.int64) * width + t_rank
+    ref, query = packed[:len(ref_keys)], packed[len(ref_keys):]
+    order = np.argsort(ref, kind="stable")
+    cum = np.concatenate([[0], np.cumsum(np.asarray(ref_liked)[order].astype(np.int64))])
+    lo = np.searchsorted(ref[order], key_code[len(ref_keys):].astype(np.int64) * width, "left")
+    end = np.searchsorted(ref[order], query, "left")
+    return end - lo, cum[end] - cum[lo]
+
+
+def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, like_threshold: float = 4.0,
+                 eval_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 42, block_size: int = 16,
+                 features=None, genres: dict | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 history_from: str = "all") -> dict[str, list[dict]]:
+    """Candidate-block records: one shared prefix (the user's history) and up to ``block_size`` candidates.
+
+    The candidates, labels and splits are those of :func:`build_examples`; a record holds consecutive
+    candidates of one user and one split. Its prefix shows the ``history_len`` ratings before the record's first
+    candidate (``history_from="all"``, the online protocol) or the user's latest training-split ratings before it
+    (``"train"``, the static protocol: no eval/test rating is ever shown, like the classical baselines' input).
+    ``user_stats`` goes in the prefix, ``item_stats`` and ``genres`` in each candidate's block; under the static
+    protocol their counts use training-split ratings only (a training row: those strictly before it).
+    """
+    from .formatting import block_candidate_text, block_prefix_text
+
+    features = check_features(features)
+    check_params(history_len, eval_ratio, test_ratio)
+    if block_size < 1:
+        raise DataError(f"--block-size must be >= 1, got {block_size}")
+    if history_from not in HISTORY_FROM:
+        raise DataError(f"--history-from: {history_from!r} is not one of {', '.join(HISTORY_FROM)}")
+    df = ratings.sort_values(["user_id", "timestamp", "movie_id"], kind="stable").reset_index(drop=True)
+    names = df.movie_id.map(titles).to_numpy(object)
+    if pd.isna(names).any():
+        raise DataError(f"movie ids without a title: {sorted(set(df.movie_id[pd.isna(names)]))[:10]}")
+    k = df.groupby("user_id").cumcount().to_numpy() - history_len
+    n = df.groupby("user_id").user_id.transform("size").to_numpy() - history_len
+    split = np.where(k >= 0, split_names(k, n, eval_ratio, test_ratio), "history")
+    static = history_from == "train"
+    liked = df.rating.to_numpy(float) >= like_threshold
+    ts = df.timestamp.to_numpy(np.int64).astype(float)
+    in_train = np.isin(split, ["history", "train"]) if static else np.ones(len(df), bool)
+    # a row's "seen" time: counts include reference rows strictly before it; eval/test rows under the static
+    # protocol see every training-split rating (what the baselines are fit on)
+    seen_at = np.where(static & ~np.isin(split, ["history", "train"]), np.inf, ts)
+    item_n, item_k = counts_before(df.movie_id.to_numpy()[in_train], ts[in_train], liked[in_train],
+                                   df.movie_id.to_numpy(), seen_at)
+    user_n, user_k = counts_before(df.user_id.to_numpy()[in_train], ts[in_train], liked[in_train],
+                                   df.user_id.to_numpy(), seen_at)
+    # per user: first row and the end of its training-split rows (the splits are contiguous in time)
+    first_row = df.groupby("user_id").cumcount().to_numpy()
+    start_of_user = np.arange(len(df)) - first_row
+    train_end = start_of_user + history_len + (df.assign(t=split == "train").groupby("user_id").t
+                                               .transform("sum").to_numpy())
+    stars = df.rating.to_numpy(float)
+    out: dict[str, list[dict]] = {"train": [], "eval": [], "test": []}
+    cand = np.flatnonzero(k >= 0)
+    runs: list[list[int]] = []
+    for r in cand.tolist():  # consecutive candidates of one user and split, up to block_size
+        if not runs or df.user_id.iat[r] != df.user_id.iat[runs[-1][0]] or split[r] != split[runs[-1][0]] \
+                or len(runs[-1]) >= block_size:
+            runs.append([])
+        runs[-1].append(r)
+    for run in runs:
+        first = run[0]
+        end = min(first, int(train_end[first])) if static else first
+        hist = np.arange(end - history_len, end)
+        user_lines = [_rate_line("This user", int(user_n[first]), int(user_k[first]))] if "user_stats" in features else []
+        blocks = []
+        for r in run:
+            lines = []
+            if "genres" in features:
+                lines.append(f"Genres: {', '.join((genres or {}).get(df.movie_id.iat[r], [])) or 'unknown'}")
+            if "item_stats" in features:
+                lines.append(_rate_line("Candidate movie, all users", int(item_n[r]), int(item_k[r])))
+            blocks.append({"candidate_movie_id": _plain(df.movie_id.iat[r]), "candidate_title": names[r],
+                           "candidate_timestamp": int(df.timestamp.iat[r]),
+                           "text": block_candidate_text(names[r], lines), "answer": "Yes" if liked[r] else "No"})
+        out[str(split[first])].append({
+            "user_id": _plain(df.user_id.iat[first]), "split": str(split[first]),
+            "system": system_prompt, "history_from": history_from,
+            "prefix": block_prefix_text(names[hist].tolist(), stars[hist].tolist(), user_lines), "blocks": blocks})
+    for name in out:
+        random.Random(seed).shuffle(out[name])
+    return out
+
+
+def _plain(value):
+    """A numpy scalar as the Python value (JSON-ready); anything else as is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def blocks_stats(records: list[dict]) -> dict:
+    answers = [b["answer"] for r in records for b in r["blocks"]]
     yes = sum(a == "Yes" for a in answers)
     return {"examples": len(records), "answers": len(answers), "yes_share": round(yes / max(len(answers), 1), 4)}

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .formatting import chat_texts, format_prompt, render_records, resolve_dataset, session_texts
+from .formatting import block_texts, chat_texts, format_prompt, render_records, resolve_dataset, session_texts
 from .io import DataError, check_in_set, load_data, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -171,10 +171,11 @@ def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, syste
 def tokenize_any(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
                  enable_thinking: bool = False, source: str = "data"):
     """:func:`tokenize_sessions_to_arrow` for session records (field ``turns``), else :func:`tokenize_to_arrow`."""
-    sessions = sum(isinstance(r, dict) and "turns" in r for r in records)
-    if sessions and sessions != len(records):
-        raise DataError(f"{source}: mixes session records (field 'turns') with single-question records")
-    fn = tokenize_sessions_to_arrow if sessions else tokenize_to_arrow
+    kinds = {("turns" in r) + 2 * ("blocks" in r) if isinstance(r, dict) else 0 for r in records}
+    if len(kinds) > 1:
+        raise DataError(f"{source}: mixes record formats (session records with field 'turns', candidate-block "
+                        f"records with field 'blocks', single questions); use one format per file")
+    fn = {1: tokenize_sessions_to_arrow, 2: tokenize_blocks_to_arrow}.get(kinds.pop() if kinds else 0, tokenize_to_arrow)
     return fn(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=source)
 
 
@@ -254,6 +255,67 @@ def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: i
         labels.append(lab)
     return pa.table({"input_ids": pa.array(input_ids, pa.large_list(pa.int32())),
                      "labels": pa.array(labels, pa.large_list(pa.int32()))})
+
+
+# ------------------------------------------------------------------------------------ candidate blocks
+def plan_blocks(prefix_len: int, block_lens: list[int], cutoff_len: int) -> list[list[int]]:
+    """Cut one record's blocks into examples of ``prefix + blocks`` that fit ``cutoff_len`` (the prefix repeated
+    in each); a block is never cut. A block that fits only after a shorter prefix gets an example of its own."""
+    examples: list[list[int]] = []
+    used = cutoff_len + 1
+    for j, n in enumerate(block_lens):
+        if examples and used + n <= cutoff_len:
+            examples[-1].append(j)
+            used += n
+        else:
+            examples.append([j])
+            used = prefix_len + n
+    return examples
+
+
+def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
+                             enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
+    """Candidate-block records -> a pyarrow Table (``input_ids``, ``labels``, ``block_ids``).
+
+    ``block_ids`` is 0 on the shared prefix and ``j + 1`` on the j-th block of the example (its candidate text,
+    generation prompt and answer, the answer labelled); the model attends each block to the prefix and itself
+    only (:func:`recsft.inference.block_attention`). A record longer than ``cutoff_len`` becomes several
+    examples, each with the whole prefix; a prefix that cannot fit beside one block loses tokens from the left.
+    """
+    import pyarrow as pa
+
+    texts = block_texts(records, tokenizer, system_prompt, enable_thinking, source)
+    kinds = sorted({a for _, blocks in texts for _, a in blocks})
+    ans_ids = {a: _answer_ids(tokenizer(a, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id, cutoff_len)
+               for a in kinds}
+    pre_vals, pre_off = encode_texts([p for p, _ in texts], tokenizer, batch_size)
+    blk_vals, blk_off = encode_texts([b for _, blocks in texts for b, _ in blocks], tokenizer, batch_size)
+    budget = prompt_budget(tokenizer, cutoff_len, enable_thinking)
+    input_ids, labels, block_ids = [], [], []
+    k = 0
+    for r, (_, blocks) in enumerate(texts):
+        prefix = pre_vals[pre_off[r]:pre_off[r + 1]].tolist()
+        pieces = [(blk_vals[blk_off[k + j]:blk_off[k + j + 1]].tolist(), ans_ids[a]) for j, (_, a) in enumerate(blocks)]
+        k += len(blocks)
+        for example in plan_blocks(len(prefix), [len(p) + len(a) for p, a in pieces], cutoff_len):
+            keep = len(prefix)
+            if len(example) == 1:  # alone, the block keeps the single format's prompt budget
+                keep = min(keep, budget - len(pieces[example[0]][0]))
+                if keep < 0:
+                    raise DataError(f"{source}: record {r + 1}: candidate block {example[0]} alone is longer than "
+                                    f"cutoff_len={cutoff_len}; raise cutoff_len")
+            ids, lab, bid = prefix[len(prefix) - keep:], [IGNORE_INDEX] * keep, [0] * keep
+            for n, j in enumerate(example, 1):
+                prompt, answer = pieces[j]
+                ids += prompt + answer
+                lab += [IGNORE_INDEX] * len(prompt) + answer
+                bid += [n] * (len(prompt) + len(answer))
+            input_ids.append(ids)
+            labels.append(lab)
+            block_ids.append(bid)
+    return pa.table({"input_ids": pa.array(input_ids, pa.large_list(pa.int32())),
+                     "labels": pa.array(labels, pa.large_list(pa.int32())),
+                     "block_ids": pa.array(block_ids, pa.large_list(pa.int32()))})
 
 
 # ---------------------------------------------------------------------------------------------- cache

@@ -140,7 +140,8 @@ def data_stats(dataset: str, dataset_dir: str) -> dict:
     from .io import load_json
 
     train_file = Path(resolve_dataset(dataset, dataset_dir))
-    stats_file = train_file.with_name("session_stats.json" if train_file.name.startswith("session_") else "stats.json")
+    kind = next((k for k in ("session", "blocks") if train_file.name.startswith(f"{k}_")), None)
+    stats_file = train_file.with_name(f"{kind}_stats.json" if kind else "stats.json")
     stats = load_json(stats_file) if stats_file.is_file() else None
     if not isinstance(stats, dict):
         return {}

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 
-from .inference import AnswerLogits
+from .inference import AnswerLogits, block_inputs, pad_rows
 from .metrics import compute_metrics, extract_answer
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class RecSFTTrainer(SFTTrainer):
     answer_width: int = 0  # label tokens per example (the longer templated answer); 0 = use the boolean mask
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("data_collator") is None and _has_blocks(kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
+            kwargs["data_collator"] = BlockCollator(pad_token_id=_pad_id(kwargs.get("processing_class")))
         super().__init__(*args, **kwargs)
         from .modeling import keep_trainable_fp32
 
@@ -57,6 +59,17 @@ class RecSFTTrainer(SFTTrainer):
         cast = keep_trainable_fp32(self.model)
         if cast:
             logger.info("LoRA weights kept in float32 for the optimizer (%d tensors cast back)", cast)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "block_ids" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "block_ids"]
+
+    @staticmethod
+    def model_inputs(model, inputs: dict) -> dict:
+        """What the model's forward gets from a batch: everything but the labels; candidate-block rows get their
+        block attention mask and position ids (:func:`recsft.inference.block_inputs`)."""
+        return block_inputs(model, {k: v for k, v in inputs.items() if k != "labels"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
@@ -75,7 +88,7 @@ class RecSFTTrainer(SFTTrainer):
         if self.loss_type == "yes_no":
             return self._yes_no_loss(model, inputs, mode, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        fwd = self.model_inputs(model, inputs)
         keep, _ = answer_positions(labels)
         next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         if self.answer_width and not (self.args.packing or self.args.padding_free):
@@ -105,7 +118,7 @@ class RecSFTTrainer(SFTTrainer):
         """
         labels = inputs["labels"]
         keep, starts = answer_positions(labels)
-        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        fwd = self.model_inputs(model, inputs)
         with AnswerLogits(model, self.yes_id, self.no_id) as head:
             outputs = model(**fwd, use_cache=False, logits_to_keep=starts)  # the LM head only at answer starts
             pair = head.pair(outputs.logits[:, [self.yes_id, self.no_id]])  # float32, with gradients
@@ -169,7 +182,7 @@ class RecSFTTrainer(SFTTrainer):
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
         keep, starts = answer_positions(labels)
-        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        fwd = self.model_inputs(model, inputs)
         with torch.no_grad(), self.compute_loss_context_manager(), \
                 AnswerLogits(model, self.yes_id, self.no_id) as head:
             model_logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits  # (N_label, V)
@@ -186,7 +199,64 @@ class RecSFTTrainer(SFTTrainer):
             return loss.detach(), None, None
         # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32
         preds = torch.stack([logits[first].argmax(-1).float(), pair[first, 0], pair[first, 1]], dim=-1)
-        return loss.detach(), preds, targets[first]
+        return loss.detach(), *per_row(starts, preds, targets[first])
+
+
+def per_row(starts: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer predictions ``(N, 3)`` and targets ``(N,)`` regrouped as ``(B, A, 3)`` / ``(B, A)`` by batch row (-100
+    where a row has fewer answers): the eval loop (accelerate's ``gather_for_metrics``) treats dim 0 as examples
+    and cuts the last batch to the examples left, which would drop answers of rows holding several."""
+    rows = starts.nonzero()[:, 0]  # the row of every answer, in the order of preds
+    counts = torch.bincount(rows, minlength=starts.shape[0])
+    slot = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    width = max(int(counts.max()) if len(rows) else 0, 1)
+    out = preds.new_full((starts.shape[0], width, preds.shape[-1]), -100.0)
+    out[rows, slot] = preds
+    gold = targets.new_full((starts.shape[0], width), -100)
+    gold[rows, slot] = targets
+    return out, gold
+
+
+def _has_blocks(*datasets) -> bool:
+    return any(ds is not None and "block_ids" in getattr(ds, "column_names", ()) for ds in datasets)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else getattr(tokenizer, "eos_token_id", 0)
+
+
+class BlockCollator:
+    """TRL's language-modeling collator plus the ``block_ids`` column of candidate-block rows (padded with -1)."""
+
+    def __init__(self, pad_token_id: int):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.base = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if "block_ids" not in examples[0]:
+            return self.base(examples)
+        batch = self.base([{k: v for k, v in e.items() if k != "block_ids"} for e in examples])
+        width = batch["input_ids"].shape[1]
+        blocks = pad_rows([e["block_ids"] for e in examples], -1)
+        batch["block_ids"] = torch.nn.functional.pad(blocks, (0, width - blocks.shape[1]), value=-1)
+        return batch
+
+
+def check_blocks(cfg, train_ds, eval_ds):
+    """The model settings to load with: candidate-block data cannot be packed and uses SDPA/eager attention."""
+    import dataclasses
+
+    from .config import ConfigError
+    from .modeling import attention_for_blocks
+
+    if not _has_blocks(train_ds, eval_ds):
+        return cfg.model
+    if cfg.train.packing:
+        raise ConfigError(["packing: true cannot be used with candidate-block data (each row already holds many "
+                           "answers on one shared history); set packing=false"])
+    return dataclasses.replace(cfg.model, flash_attn=attention_for_blocks(cfg.model.flash_attn))
 
 
 def max_label_tokens(dataset) -> int:
@@ -213,11 +283,11 @@ def eval_users(data) -> list | None:
 
 
 def answer_user_ids(records: list[dict]) -> list | None:
-    """The user id of every answer of ``records`` in evaluation order (a session has one per turn), or None
+    """The user id of every answer of ``records`` in evaluation order (one per session turn or block), or None
     when some record has no ``user_id`` (the single format's training files do not keep it)."""
     if not records or not all(isinstance(r, dict) and "user_id" in r for r in records):
         return None
-    return [r["user_id"] for r in records for _ in (r["turns"] if "turns" in r else [None])]
+    return [r["user_id"] for r in records for _ in (r.get("turns") or r.get("blocks") or [None])]
 
 
 def make_compute_metrics(tokenizer, user_ids: list | None = None):

@@ -17,88 +17,25 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .io import DataError
+from .cf import SEQUENTIAL, fit_cornac
 
 logger = logging.getLogger(__name__)
 Scorer = Callable[[dict, np.ndarray], np.ndarray]
 MODELS = ("item-rate", "user-rate", "mostpop", "biases", "mf", "bpr", "sasrec")
-SEQUENTIAL = ("sasrec",)
 LABELS = {"item-rate": "item like-rate (hand-written)", "user-rate": "user like-rate (hand-written)",
           "mostpop": "MostPop (Cornac)", "biases": "BaselineOnly: user+item biases (Cornac)",
           "mf": "MF, biased matrix factorisation (Cornac)", "bpr": "BPR on liked (Cornac)",
           "sasrec": "SASRec, sequential (Cornac)"}
-PER_USER_CONSTANT = ("user-rate",)
-TEST_KEYS = {"user_id": (int, str), "candidate_movie_id": (int, str), "label": str, "candidate_timestamp": int}  # same score for every item of a user: chance when ranking
+PER_USER_CONSTANT = ("user-rate",)  # same score for every item of a user: chance when ranking
 
 
 # --------------------------------------------------------------------------------------------- data
-@dataclass
-class Prepared:
-    ratings: pd.DataFrame  # user_id, movie_id, rating, timestamp (every cleaned rating)
-    titles: dict
-    splits: dict  # train / eval / test examples (test format, with candidate_timestamp)
-    params: dict
-    source: str
-
-
-def load_prepared(data_dir: str | Path) -> Prepared:
-    """The ratings and split behind a folder written by prepare_data.py, checked against its test_raw.jsonl.
-
-    Uses the folder's ``interactions.parquet`` / ``items.parquet`` when present (any source, e.g. a
-    ratings CSV), else reloads the MovieLens source named in ``stats.json``; the split is rebuilt with the
-    stats' parameters and must give the same test candidates as ``test_raw.jsonl``.
-    """
-    from . import movielens
-    from .io import check_file_set, load_data, load_json, require_keys
-
-    data = Path(data_dir)
-    if not data.is_dir():
-        raise DataError(f"--data_dir {str(data)!r}: folder does not exist; run `python scripts/prepare_data.py` "
-                        f"or pass the folder it wrote")
-    for name in ("stats.json", "test_raw.jsonl"):
-        if not (data / name).is_file():
-            raise DataError(f"{data / name} not found; run `python scripts/prepare_data.py --out-dir {data}` first")
-    check_file_set(data)
-    stats = movielens.check_stats(load_json(data / "stats.json"), data / "stats.json")
-    p, source = stats["params"], stats["source"]
-    if (data / "interactions.parquet").is_file() and (data / "items.parquet").is_file():
-        ratings = pd.read_parquet(data / "interactions.parquet")
-        items = pd.read_parquet(data / "items.parquet")
-        titles = dict(zip(items.movie_id.tolist(), items.title.tolist()))
-    else:  # a folder written before the parquet files existed: reload its MovieLens source
-        if source not in ("bundled", "download") and not Path(source).is_dir():
-            raise DataError(f"{data / 'stats.json'}: the data was prepared from {source!r}, which no longer exists; "
-                            f"restore that folder or re-run prepare_data.py")
-        ratings, titles = movielens.load_ratings("bundled" if source == "bundled" else "download",
-                                                 None if source in ("bundled", "download") else source)
-        if p.get("max_users"):
-            ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[: p["max_users"]])]
-    splits = movielens.build_examples(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"],
-                                      p["test_ratio"], p["seed"])
-    test = load_data(data / "test_raw.jsonl")
-    require_keys(test, TEST_KEYS, data / "test_raw.jsonl", "re-run `python scripts/prepare_data.py`")
-    if [e["candidate_movie_id"] for e in splits["test"]] != [e["candidate_movie_id"] for e in test]:
-        raise DataError(f"{data}: test_raw.jsonl does not match the split rebuilt from stats.json; "
-                        f"re-run prepare_data.py")
-    return Prepared(ratings.reset_index(drop=True), titles, splits, p, str(source))
-
-
-def train_ratings(ratings: pd.DataFrame, splits: dict) -> pd.DataFrame:
-    """Ratings visible at training time: every rating that is not an eval or test candidate."""
-    held = pd.MultiIndex.from_tuples([(e["user_id"], e["candidate_movie_id"]) for s in ("eval", "test")
-                                      for e in splits[s]])
-    keys = pd.MultiIndex.from_arrays([ratings.user_id, ratings.movie_id])
-    return ratings[~keys.isin(held)].reset_index(drop=True)
-
-
 def rated_sets(ratings: pd.DataFrame) -> dict:
     """user -> set of every movie the user rated (any split)."""
     return ratings.groupby("user_id").movie_id.agg(set).to_dict()
@@ -188,31 +125,6 @@ def liked_histories(ratings: pd.DataFrame, threshold: float) -> dict:
     for user, g in liked.groupby("user_id", sort=False):
         out[user] = (list(zip(g.timestamp.tolist(), g.movie_id.tolist())), g.movie_id.tolist())
     return out
-
-
-def fit_cornac(name: str, train: pd.DataFrame, threshold: float, seed: int, progress: bool, epochs: int):
-    """A fitted Cornac model for ``name`` on the training interactions."""
-    import cornac
-    from cornac.data import Dataset, SequentialDataset
-
-    liked = train[train.rating >= threshold].sort_values(["user_id", "timestamp", "movie_id"], kind="stable")
-    if name in SEQUENTIAL:
-        data = list(zip(liked.user_id.tolist(), liked.user_id.tolist(), liked.movie_id.tolist(),
-                        liked.timestamp.tolist()))
-        dataset = SequentialDataset.build(data, fmt="USIT", seed=seed)
-        model = cornac.models.SASRec(embedding_dim=64, n_epochs=epochs, max_len=20, batch_size=256, n_sample=256,
-                                     seed=seed, verbose=progress)
-        return model.fit(dataset)
-    rows = liked if name == "bpr" else train
-    dataset = Dataset.from_uir(list(zip(rows.user_id.tolist(), rows.movie_id.tolist(),
-                                        rows.rating.astype(float).tolist())), seed=seed)
-    model = {"mostpop": lambda: cornac.models.MostPop(),
-             "biases": lambda: cornac.models.BaselineOnly(max_iter=30, seed=seed, verbose=progress),
-             "mf": lambda: cornac.models.MF(k=20, max_iter=50, learning_rate=0.01, lambda_reg=0.02, seed=seed,
-                                            verbose=progress),
-             "bpr": lambda: cornac.models.BPR(k=50, max_iter=200, learning_rate=0.01, lambda_reg=0.01, seed=seed,
-                                              verbose=progress)}[name]()
-    return model.fit(dataset)
 
 
 def fit_scorers(names, train: pd.DataFrame, ratings: pd.DataFrame, threshold: float, seed: int = 0,

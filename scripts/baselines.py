@@ -14,7 +14,10 @@ log-loss and the 0.5 threshold); accuracy/F1 use the threshold chosen on eval, l
 AUC over users with both classes), log-loss.
 
 Models (``--models``): item-rate, user-rate (hand-written smoothed like-rates: no library has them),
-mostpop, biases, mf, bpr, sasrec (Cornac). Ranking metrics: scripts/rank_eval.py.
+mostpop, biases, mf, bpr, sasrec (Cornac); cf-biases, cf-mf: the collaborative-filtering residual alone
+(``recsft.cf``: Cornac BaselineOnly / MF whose predicted rating is turned into a like-logit by a calibration
+fitted on 5-fold out-of-fold predictions of the training interactions); their P(Yes) is sigmoid(logit), not
+Platt-calibrated on eval. Ranking metrics: scripts/rank_eval.py.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def main(args) -> dict:
     for name, fn in scorers.items():
         ev = B.pointwise_scores(fn, data.splits["eval"], f"{name} eval", progress=True)
         te = B.pointwise_scores(fn, test, f"{name} test", progress=True)
-        m = B.evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True)
+        m = B.evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True,
+                              calibrated=getattr(fn, "calibrated", False))
         files[name] = B.prediction_files(test, m.pop("p_yes"), m)
         results[B.LABELS[name]] = m
     print(f"{'model':42s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'UAUC':>6s} {'logloss':>7s}  (n={len(test)})")

@@ -23,15 +23,17 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .cf import SEQUENTIAL, fit_cornac
+from .cf import SEQUENTIAL, CFTable, fit_cf, fit_cornac
 
 logger = logging.getLogger(__name__)
 Scorer = Callable[[dict, np.ndarray], np.ndarray]
-MODELS = ("item-rate", "user-rate", "mostpop", "biases", "mf", "bpr", "sasrec")
+MODELS = ("item-rate", "user-rate", "mostpop", "biases", "mf", "bpr", "sasrec", "cf-biases", "cf-mf")
+CF_MODELS = {"cf-biases": "biases", "cf-mf": "mf"}  # recsft.cf tables: scores are calibrated like-logits
 LABELS = {"item-rate": "item like-rate (hand-written)", "user-rate": "user like-rate (hand-written)",
           "mostpop": "MostPop (Cornac)", "biases": "BaselineOnly: user+item biases (Cornac)",
           "mf": "MF, biased matrix factorisation (Cornac)", "bpr": "BPR on liked (Cornac)",
-          "sasrec": "SASRec, sequential (Cornac)"}
+          "sasrec": "SASRec, sequential (Cornac)", "cf-biases": "CF residual alone: biases (recsft.cf)",
+          "cf-mf": "CF residual alone: MF (recsft.cf)"}
 PER_USER_CONSTANT = ("user-rate",)  # same score for every item of a user: chance when ranking
 
 
@@ -118,6 +120,18 @@ def sasrec_scorer(model, histories: dict, batch_size: int = 256) -> Scorer:
     return scorer
 
 
+def cf_scorer(table: CFTable) -> Scorer:
+    """Scorer of a CF table: its like-logit. ``scorer.calibrated``: the logit is already a calibrated P(Yes)
+    logit; ``scorer.pointwise(examples)`` scores every example's own candidate in one call."""
+    def scorer(e, items):
+        return table.logit([e["user_id"]] * len(items), items)
+
+    scorer.calibrated = True
+    scorer.pointwise = lambda examples: table.logit([e["user_id"] for e in examples],
+                                                    [e["candidate_movie_id"] for e in examples])
+    return scorer
+
+
 def liked_histories(ratings: pd.DataFrame, threshold: float) -> dict:
     """user -> (sorted (timestamp, movie_id) keys, movie ids) of the user's liked ratings (all splits)."""
     liked = ratings[ratings.rating >= threshold].sort_values(["user_id", "timestamp", "movie_id"], kind="stable")
@@ -140,6 +154,10 @@ def fit_scorers(names, train: pd.DataFrame, ratings: pd.DataFrame, threshold: fl
         if name in rates:
             out[name] = rates[name]
             continue
+        if name in CF_MODELS:
+            logger.info("fitting %s", LABELS[name])
+            out[name] = cf_scorer(fit_cf(CF_MODELS[name], train, threshold, seed))
+            continue
         logger.info("fitting %s", LABELS[name])
         model = fit_cornac(name, train, threshold, seed, progress, epochs)
         out[name] = sasrec_scorer(model, histories) if name in SEQUENTIAL else user_scorer(model)
@@ -148,22 +166,29 @@ def fit_scorers(names, train: pd.DataFrame, ratings: pd.DataFrame, threshold: fl
 
 # -------------------------------------------------------------------------------------- pointwise
 def pointwise_scores(scorer: Scorer, examples: list[dict], desc: str = "", progress: bool = False) -> np.ndarray:
+    if hasattr(scorer, "pointwise"):
+        return np.asarray(scorer.pointwise(examples), dtype=float)
     if hasattr(scorer, "warm"):
         scorer.warm(examples, progress)
     return np.array([float(scorer(e, np.array([e["candidate_movie_id"]]))[0])
                      for e in tqdm(examples, desc=desc, disable=not progress, leave=False)])
 
 
-def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None, keep_probs: bool = False) -> dict:
+def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None, keep_probs: bool = False,
+                    calibrated: bool = False) -> dict:
     """Platt-calibrate on eval, threshold on eval, metrics on test (the shared compute_metrics).
 
-    ``keep_probs``: also return the calibrated test P(Yes) under ``p_yes`` (for a predictions file)."""
+    ``keep_probs``: also return the calibrated test P(Yes) under ``p_yes`` (for a predictions file).
+    ``calibrated``: the scores are already P(Yes) logits; P(Yes) = sigmoid(score), no Platt step."""
+    from scipy.special import expit
     from sklearn.linear_model import LogisticRegression
 
     from .metrics import best_threshold, compute_metrics
 
     ev, te = np.asarray(eval_scores, float).reshape(-1, 1), np.asarray(test_scores, float).reshape(-1, 1)
-    if np.ptp(ev) == 0:
+    if calibrated:
+        p_eval, p_test = expit(ev[:, 0]), expit(te[:, 0])
+    elif np.ptp(ev) == 0:
         p_eval, p_test = np.full(len(ev), np.mean(eval_y)), np.full(len(te), np.mean(eval_y))
     else:
         lr = LogisticRegression().fit(ev, eval_y)

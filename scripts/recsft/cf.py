@@ -251,7 +251,7 @@ def _ids(mapping: dict) -> list:
 
 def fit_table(kind: str, train: pd.DataFrame, seed: int) -> CFTable:
     """The Cornac ``kind`` model fit on ``train`` as an uncalibrated table (logit = predicted rating)."""
-    model = fit_cornac(kind, train, 0.0, seed, False, 1)
+    model = fit_cornac(kind, train, 0.0, seed, False, 1)  # threshold and epochs: unused by biases and mf
     n_users = len(model.uid_map)
     factors = (np.asarray(model.u_factors, float), np.asarray(model.i_factors, float)) if kind == "mf" else \
         (np.zeros((n_users, 0)), np.zeros((len(model.iid_map), 0)))

@@ -6,7 +6,7 @@ Copy-paste:
     python scripts/baselines.py --max_samples 200 --output_dir output/baselines_200
     python scripts/baselines.py --models item-rate,biases,mf,sasrec --epochs 5
 
-The split is rebuilt from the data folder (see ``recsft.baselines.load_prepared``) and checked against
+The split is rebuilt from the data folder (see ``recsft.movielens.load_prepared``) and checked against
 test_raw.jsonl, so the training interactions are exactly the ratings that are not eval/test candidates and
 the test examples are those of test_raw.jsonl. Each model's score is Platt-calibrated on the eval split (for
 log-loss and the 0.5 threshold); accuracy/F1 use the threshold chosen on eval, like
@@ -14,7 +14,10 @@ log-loss and the 0.5 threshold); accuracy/F1 use the threshold chosen on eval, l
 AUC over users with both classes), log-loss.
 
 Models (``--models``): item-rate, user-rate (hand-written smoothed like-rates: no library has them),
-mostpop, biases, mf, bpr, sasrec (Cornac). Ranking metrics: scripts/rank_eval.py.
+mostpop, biases, mf, bpr, sasrec (Cornac); cf-biases, cf-mf: the collaborative-filtering residual alone
+(``recsft.cf``: Cornac BaselineOnly / MF whose predicted rating is turned into a like-logit by a calibration
+fitted on 5-fold out-of-fold predictions of the training interactions); their P(Yes) is sigmoid(logit), not
+Platt-calibrated on eval. Ranking metrics: scripts/rank_eval.py.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def parse_args(argv: list[str] | None = None):
 
 def main(args) -> dict:
     from recsft import baselines as B
+    from recsft import movielens
     from recsft.io import write_json_atomic, write_jsonl_atomic
     from recsft.validate import writable_dir
 
@@ -52,9 +56,9 @@ def main(args) -> dict:
     unknown = [n for n in names if n not in B.MODELS]
     if unknown:
         raise DataError(f"--models: unknown {unknown}; choose from {', '.join(B.MODELS)}")
-    data = B.load_prepared(args.data_dir)
+    data = movielens.load_prepared(args.data_dir)
     test = data.splits["test"][: args.max_samples] if args.max_samples else data.splits["test"]
-    train = B.train_ratings(data.ratings, data.splits)
+    train = movielens.train_ratings(data.ratings, data.splits)
     scorers = B.fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
     eval_y = [e["label"] == "Yes" for e in data.splits["eval"]]
     test_y = [e["label"] == "Yes" for e in test]
@@ -64,7 +68,8 @@ def main(args) -> dict:
     for name, fn in scorers.items():
         ev = B.pointwise_scores(fn, data.splits["eval"], f"{name} eval", progress=True)
         te = B.pointwise_scores(fn, test, f"{name} test", progress=True)
-        m = B.evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True)
+        m = B.evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True,
+                              calibrated=getattr(fn, "calibrated", False))
         files[name] = B.prediction_files(test, m.pop("p_yes"), m)
         results[B.LABELS[name]] = m
     print(f"{'model':42s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'UAUC':>6s} {'logloss':>7s}  (n={len(test)})")

@@ -104,6 +104,7 @@ def llm_rows(args, questions, titles) -> tuple[str, dict]:
 
 def main(args) -> dict:
     from recsft import baselines as B
+    from recsft import movielens
     from recsft import ranking as R
     from recsft.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
@@ -116,8 +117,8 @@ def main(args) -> dict:
         from recsft.config import load_config
 
         load_config(args.config, args.overrides)  # a bad config fails before any work
-    data = B.load_prepared(args.data_dir)
-    train = B.train_ratings(data.ratings, data.splits)
+    data = movielens.load_prepared(args.data_dir)
+    train = movielens.train_ratings(data.ratings, data.splits)
     rated = B.rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())
     popularity = train.movie_id.value_counts().to_dict()

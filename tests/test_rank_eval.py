@@ -11,6 +11,7 @@ import prepare_data
 import rank_eval
 from conftest import tiny_config, write_config_yaml
 from recsft import baselines as B
+from recsft import movielens
 from recsft.metrics import compute_metrics, uauc
 
 
@@ -38,7 +39,7 @@ def test_rank_eval_baselines_same_questions(small_data, tmp_path):
     pop = res["results"][B.LABELS["mostpop"]]
     assert pop["sampled"]["hr@10"] > 10 / 21  # popularity beats chance among unrated movies (real data)
     assert pop["full"]["hr@10"] <= pop["sampled"]["hr@10"]  # ranking among all unrated movies is harder
-    data = B.load_prepared(small_data)
+    data = movielens.load_prepared(small_data)
     rated = B.rated_sets(data.ratings)
     saved = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
     assert len(saved) == res["counts"]["questions"] == sum(e["label"] == "Yes" for e in data.splits["test"])
@@ -66,8 +67,8 @@ def test_rank_eval_bad_arguments(small_data, tmp_path, flags, message):
 
 
 def test_sasrec_scores_follow_history(small_data):
-    data = B.load_prepared(small_data)
-    train = B.train_ratings(data.ratings, data.splits)
+    data = movielens.load_prepared(small_data)
+    train = movielens.train_ratings(data.ratings, data.splits)
     scorer = B.fit_scorers(["sasrec"], train, data.ratings, 4.0, epochs=1, progress=False)["sasrec"]
     test = data.splits["test"][:20]
     scores = B.pointwise_scores(scorer, test)

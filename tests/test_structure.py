@@ -14,7 +14,8 @@ STAGES = {
     "foundation": ["config", "errors", "io", "runtime", "cli", "metrics"],
     "prompt": ["formatting", "movielens", "ratings_table"],  # movielens writes records in the prompt format
     "tokens": ["preprocess"],
-    "model": ["modeling", "validate", "inference"],  # validate: settings checked against the model, up front
+    "model": ["modeling", "validate", "inference", "cf"],  # validate: settings checked against the model, up front;
+    # cf: the collaborative-filtering residual (a Cornac model as arrays + the two-scalar head)
     "train": ["training"],
     "score": ["evaluation", "baselines", "ranking"],
     "report": ["report"],

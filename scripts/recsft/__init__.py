@@ -6,9 +6,10 @@ One module per pipeline stage; a module imports only its own stage or earlier on
   dtype choice), ``cli`` (entry point),
   ``metrics`` (the one Yes/No extractor and metrics function)
 * prompt     -- ``formatting`` (record formats, prompt text, chat-template rendering, dataset loading),
-  ``movielens`` (MovieLens-100K -> records)
+  ``movielens`` (MovieLens-100K -> records, and a prepared folder read back)
 * tokens     -- ``preprocess`` (tokenization, label masking, the dataset cache, training datasets)
-* model      -- ``modeling`` (device, tokenizer, model, LoRA), ``inference`` (batched generation and scoring)
+* model      -- ``modeling`` (device, tokenizer, model, LoRA), ``inference`` (batched generation and scoring),
+  ``cf`` (the collaborative-filtering residual: a Cornac model as arrays, cross-fitted logits, the a/b head)
 * train      -- ``training`` (the trainer, callbacks, resume)
 * score      -- ``evaluation`` (predictions and metrics on a dataset, thresholds, mode comparison)
 * report     -- ``report`` (figures, metric lines, prediction files, the training summary)

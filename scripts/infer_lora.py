@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None):
 def main(args) -> dict:
     from recsft import evaluation as E
     from recsft.formatting import load_records
+    from recsft.io import DataError
     from recsft.report import save_eval
     from recsft.validate import preflight_inference, writable_dir
 
@@ -76,11 +77,19 @@ def main(args) -> dict:
         calibration, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
     settings = E.EvalSettings.from_config(cfg)
     model_args = E.check_record_mode(records, source, mode, args.compare_modes, cfg.model)  # before the model loads
+    residual = E.load_residual(adapter)  # an adapter trained with a CF residual scores with it
+    if residual is not None:
+        if mode != "score" or args.compare_modes:
+            raise DataError(f"{adapter}: trained with a CF residual, whose P(Yes) needs --eval_mode score "
+                            f"(without --compare_modes)")
+        E.check_residual_records(records, source)
+        E.check_residual_records(calibration or [], cfg.data.eval_dataset)
     model, tok = E.load_for_eval(model_args, adapter, merge=not args.compare_base)
 
     def run_one(name: str, primary: bool = False):
         rows, metrics = E.evaluate_with_thresholds(model, tok, records, mode, settings, source,
-                                                   f"{name} ({mode})", calibration)
+                                                   f"{name} ({mode})", calibration,
+                                                   residual if name == "lora" else None)
         metrics.update({"model": cfg.model.model_name_or_path,
                         "adapter": args.adapter_dir if name == "lora" else None, "test_file": source})
         save_eval(out, name, rows, metrics, primary)

@@ -77,7 +77,7 @@ def llm_rows(args, questions, titles) -> tuple[str, dict]:
 
     from recsft import ranking as R
     from recsft.config import load_config
-    from recsft.evaluation import load_for_eval
+    from recsft.evaluation import load_for_eval, load_residual
     from recsft.inference import max_prompt_tokens
     from recsft.modeling import check_adapter
 
@@ -85,6 +85,7 @@ def llm_rows(args, questions, titles) -> tuple[str, dict]:
     adapter = None if args.adapter in (None, "none") else args.adapter
     if adapter:
         check_adapter(adapter, cfg.model.model_name_or_path)
+    residual = load_residual(adapter)  # an adapter trained with a CF residual ranks by c + a * margin + b
     model, tok = load_for_eval(cfg.model, adapter, merge=True)
     budget = max_prompt_tokens(tok, cfg.data.cutoff_len)
     rows, cut = [], 0
@@ -93,7 +94,11 @@ def llm_rows(args, questions, titles) -> tuple[str, dict]:
                                                 args.batch_size, cfg.data.system_prompt, cfg.model.enable_thinking,
                                                 budget)
         cut += was_cut
-        rows.append(R.rank_metrics(margin[0], np.asarray(margin[1:])))
+        margin = np.asarray(margin, dtype=float)
+        if residual is not None:
+            users = [q["example"]["user_id"]] * len(q["candidates"])
+            margin = residual.table.logit(users, list(q["candidates"])) + residual.a * margin + residual.b
+        rows.append(R.rank_metrics(margin[0], margin[1:]))
     if cut:
         logger.warning(f"{cut} questions: prompt longer than cutoff_len={cfg.data.cutoff_len}; history cut from the "
                        f"left by the same amount for every candidate")

@@ -39,6 +39,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 STRATEGIES = ("no", "steps", "epoch")
 EVAL_MODES = ("generate", "score")
 LOSS_TYPES = ("nll", "yes_no")
+CF_RESIDUALS = ("none", "biases", "mf")
 
 
 LORA_TARGET_ITEM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -173,6 +174,10 @@ class TrainArgs(_Section):
     # nll = token cross-entropy on the answer tokens (Yes/No, end-of-turn); yes_no = binary cross-entropy on
     # logit(Yes) - logit(No) at each answer's first position (float32), i.e. directly the P(Yes) scoring uses.
     loss_type: str = "nll"
+    # Collaborative-filtering residual: P(Yes) = sigmoid(c(u,i) + a * (logit Yes - logit No) + b), c = the like-logit
+    # of a Cornac model (biases: user+item biases; mf: matrix factorisation) fit on the training split, a and b
+    # learned. none = the LLM alone. Needs loss_type yes_no and candidate-block data (user and movie ids).
+    cf_residual: str = "none"
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -209,6 +214,11 @@ class TrainArgs(_Section):
         self._check(self.budget_clock in ("wall", "cpu"), f"budget_clock: must be wall or cpu, got {self.budget_clock!r}")
         self._check(self.loss_type in LOSS_TYPES,
                     f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        self._check(self.cf_residual in CF_RESIDUALS,
+                    f"cf_residual: {self.cf_residual!r} is not one of {', '.join(CF_RESIDUALS)}")
+        self._check(self.cf_residual == "none" or self.loss_type == "yes_no",
+                    f"cf_residual: {self.cf_residual} adds a CF logit to logit(Yes) - logit(No), which only the "
+                    f"yes_no loss trains; set loss_type=yes_no")
         if self.load_best_model_at_end and self.eval_strategy != "no":
             self._check(self.save_strategy == self.eval_strategy,
                         "load_best_model_at_end needs save_strategy == eval_strategy")

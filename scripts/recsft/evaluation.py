@@ -96,22 +96,25 @@ def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16,
     budget = max_prompt_tokens(tok, cutoff_len)
     if mode == "score":
         rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
-        return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"]} for r in rows]
+        return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"],
+                 "margin": r["logit_yes"] - r["logit_no"]} for r in rows]
     responses = generate(model, tok, prompts, max_new_tokens, temperature, top_p, batch_size,
                          desc=desc or "Generating", max_prompt_tokens=budget)
     return [{"response": r, "prediction": extract_answer(r)} for r in responses]
 
 
 def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str = "data",
-             desc: str = "") -> tuple[list[dict], dict[str, float]]:
+             desc: str = "", residual: "Residual | None" = None) -> tuple[list[dict], dict[str, float]]:
     """Predictions (one row per record, with its ids and label) and metrics on labelled records.
 
-    Session records (field ``turns``) give one row per answer (score mode only). Metrics include UAUC
-    when every row has a ``user_id``.
+    Session records (field ``turns``) and candidate-block records (``blocks``) give one row per answer (score mode
+    only). Metrics include UAUC when every row has a ``user_id``. ``residual``: the adapter's CF residual, applied
+    to every score row (:func:`apply_residual`).
     """
     for key in ("turns", "blocks"):
         if records and all(key in r for r in records):
-            return evaluate_many(model, tok, records, key, mode, settings, source, desc)
+            rows, metrics = evaluate_many(model, tok, records, key, mode, settings, source, desc)
+            return (rows, metrics) if residual is None else residual_metrics(rows, residual, metrics)
     prompts, labels = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
     start = time.perf_counter()
     preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,
@@ -121,7 +124,63 @@ def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSetti
     for rec, label, pred in zip(records, labels, preds):
         row = {k: rec[k] for k in KEEP_FIELDS if k in rec}
         rows.append({**row, "label": label, **pred})
-    return rows, row_metrics(rows, mode, seconds)
+    metrics = row_metrics(rows, mode, seconds)
+    return (rows, metrics) if residual is None else residual_metrics(rows, residual, metrics)
+
+
+# ------------------------------------------------------------------------------------ CF residual
+@dataclass(frozen=True)
+class Residual:
+    """An adapter's CF residual: ``P(Yes) = sigmoid(c(user, movie) + a * margin + b)``, ``margin`` = the LLM's
+    logit(Yes) - logit(No), ``c`` the like-logit of the saved CF table (recsft.cf)."""
+
+    table: Any
+    a: float
+    b: float
+
+
+def load_residual(adapter_dir: str | None) -> Residual | None:
+    """The CF residual saved with an adapter (``cf_residual.json``/``.safetensors``, ``cf_head.safetensors``), else
+    None. A partial or corrupt set is a DataError naming the file."""
+    from pathlib import Path
+
+    from .cf import META_FILE, CFTable, ResidualHead
+
+    if not adapter_dir or not (Path(adapter_dir) / META_FILE).is_file():
+        return None
+    fix = "the adapter folder is incomplete; copy it again from the training output_dir"
+    table, head = CFTable.load(adapter_dir, fix=fix), ResidualHead.load(adapter_dir, fix=fix)
+    return Residual(table, float(head.a), float(head.b))
+
+
+def check_residual_records(records: Sequence[dict], source: str) -> None:
+    """An adapter trained with a CF residual scores only records that name their user and candidate movie."""
+    from .io import DataError
+
+    for i, rec in enumerate(records, 1):
+        items = rec.get("blocks") or rec.get("turns") or [rec] if isinstance(rec, dict) else []
+        if not isinstance(rec, dict) or "user_id" not in rec or not all("candidate_movie_id" in x for x in items):
+            raise DataError(f"{source}: record {i} has no user_id / candidate_movie_id, which this adapter's CF "
+                            f"residual needs; score the test-format, candidate-block or session files of "
+                            f"prepare_data.py (they keep both ids)")
+
+
+def apply_residual(rows: list[dict], residual: Residual) -> None:
+    """In place: ``p_yes`` and ``prediction`` from the residual; the LLM's own P(Yes) kept as ``llm_p_yes``."""
+    import numpy as np
+
+    margin = np.array([r["margin"] for r in rows], dtype=np.float64)
+    c = residual.table.logit([r["user_id"] for r in rows], [r["candidate_movie_id"] for r in rows])
+    logit = c + residual.a * margin + residual.b
+    p = 1.0 / (1.0 + np.exp(-logit))
+    for row, ci, pi, li in zip(rows, c.tolist(), p.tolist(), logit.tolist()):
+        row.update(llm_p_yes=row["p_yes"], cf_logit=ci, p_yes=pi, prediction="Yes" if li >= 0 else "No")
+
+
+def residual_metrics(rows: list[dict], residual: Residual, metrics: dict) -> tuple[list[dict], dict]:
+    apply_residual(rows, residual)
+    return rows, {**row_metrics(rows, metrics["mode"], metrics["seconds"]),
+                  "cf_residual": {"kind": residual.table.kind, "a": residual.a, "b": residual.b}}
 
 
 def row_metrics(rows: list[dict], mode: str, seconds: float) -> dict[str, float]:
@@ -155,7 +214,8 @@ def evaluate_many(model, tok, records: Sequence[dict], key: str, mode: str, sett
     position = "turn" if key == "turns" else "block"
     rows = [{"user_id": rec.get("user_id"), "candidate_movie_id": t.get("candidate_movie_id"),
              "candidate_title": t.get("candidate_title"), position: j, "label": normalize_label(t["answer"]),
-             "response": s["top_token"], "prediction": s["answer"], "p_yes": s["p_yes"]}
+             "response": s["top_token"], "prediction": s["answer"], "p_yes": s["p_yes"],
+             "margin": s["logit_yes"] - s["logit_no"]}
             for (rec, j, t), s in zip(items, scores)]
     return rows, row_metrics(rows, mode, seconds)
 
@@ -166,23 +226,26 @@ def threshold_metrics(labels: Sequence[str], p_yes: Sequence[float], threshold: 
     return {"threshold": threshold, "accuracy": m["accuracy"], "f1": m["f1"]}
 
 
-def choose_threshold(model, tok, eval_records: Sequence[dict], settings: EvalSettings) -> float:
+def choose_threshold(model, tok, eval_records: Sequence[dict], settings: EvalSettings,
+                     residual: Residual | None = None) -> float:
     """P(Yes) threshold maximising accuracy on eval records (never on the test records)."""
-    rows, _ = evaluate(model, tok, eval_records, "score", settings, desc="Scoring eval (threshold)")
+    rows, _ = evaluate(model, tok, eval_records, "score", settings, desc="Scoring eval (threshold)",
+                       residual=residual)
     return best_threshold([r["label"] == "Yes" for r in rows], [r["p_yes"] for r in rows])
 
 
 def evaluate_with_thresholds(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings,
                              source: str = "data", desc: str = "",
-                             calibration_records: Sequence[dict] | None = None) -> tuple[list[dict], dict]:
+                             calibration_records: Sequence[dict] | None = None,
+                             residual: Residual | None = None) -> tuple[list[dict], dict]:
     """:func:`evaluate`; in score mode also accuracy/F1 at P(Yes) >= 0.5 (``at_0.5``) and, with
     ``calibration_records`` (eval data), at the threshold chosen on them (``at_eval_threshold``)."""
-    rows, metrics = evaluate(model, tok, records, mode, settings, source, desc)
+    rows, metrics = evaluate(model, tok, records, mode, settings, source, desc, residual)
     if mode == "score":
         labels, p_yes = [r["label"] for r in rows], [r["p_yes"] for r in rows]
         metrics["at_0.5"] = threshold_metrics(labels, p_yes, 0.5)
         if calibration_records is not None:
-            t = choose_threshold(model, tok, calibration_records, settings)
+            t = choose_threshold(model, tok, calibration_records, settings, residual)
             metrics["at_eval_threshold"] = threshold_metrics(labels, p_yes, t)
     return rows, metrics
 

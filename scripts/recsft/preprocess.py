@@ -33,7 +33,7 @@ from .io import DataError, check_in_set, load_data, sha256_file
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-PREPROCESS_VERSION = "2"  # bump when the preprocessing logic changes: invalidates every cache
+PREPROCESS_VERSION = "3"  # bump when the preprocessing logic changes: invalidates every cache
 
 
 def prompt_budget(tokenizer, cutoff_len: int | None, enable_thinking: bool = False) -> int | None:
@@ -275,12 +275,14 @@ def plan_blocks(prefix_len: int, block_lens: list[int], cutoff_len: int) -> list
 
 def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
                              enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
-    """Candidate-block records -> a pyarrow Table (``input_ids``, ``labels``, ``block_ids``).
+    """Candidate-block records -> a pyarrow Table (``input_ids``, ``labels``, ``block_ids``, ``answer_keys``).
 
     ``block_ids`` is 0 on the shared prefix and ``j + 1`` on the j-th block of the example (its candidate text,
     generation prompt and answer, the answer labelled); the model attends each block to the prefix and itself
-    only (:func:`recsft.inference.block_attention`). A record longer than ``cutoff_len`` becomes several
-    examples, each with the whole prefix; a prefix that cannot fit beside one block loses tokens from the left.
+    only (:func:`recsft.inference.block_attention`). ``answer_keys``: per answer, ``json.dumps([user_id,
+    candidate_movie_id])`` (ids keep their type; null when the record lacks them). A record longer than
+    ``cutoff_len`` becomes several examples, each with the whole prefix; a prefix that cannot fit beside one block
+    loses tokens from the left.
     """
     import pyarrow as pa
 
@@ -291,9 +293,10 @@ def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int
     pre_vals, pre_off = encode_texts([p for p, _ in texts], tokenizer, batch_size)
     blk_vals, blk_off = encode_texts([b for _, blocks in texts for b, _ in blocks], tokenizer, batch_size)
     budget = prompt_budget(tokenizer, cutoff_len, enable_thinking)
-    input_ids, labels, block_ids = [], [], []
+    input_ids, labels, block_ids, keys = [], [], [], []
     k = 0
     for r, (_, blocks) in enumerate(texts):
+        user = records[r].get("user_id")
         prefix = pre_vals[pre_off[r]:pre_off[r + 1]].tolist()
         pieces = [(blk_vals[blk_off[k + j]:blk_off[k + j + 1]].tolist(), ans_ids[a]) for j, (_, a) in enumerate(blocks)]
         k += len(blocks)
@@ -313,9 +316,11 @@ def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int
             input_ids.append(ids)
             labels.append(lab)
             block_ids.append(bid)
+            keys.append([json.dumps([user, records[r]["blocks"][j].get("candidate_movie_id")]) for j in example])
     return pa.table({"input_ids": pa.array(input_ids, pa.large_list(pa.int32())),
                      "labels": pa.array(labels, pa.large_list(pa.int32())),
-                     "block_ids": pa.array(block_ids, pa.large_list(pa.int32()))})
+                     "block_ids": pa.array(block_ids, pa.large_list(pa.int32())),
+                     "answer_keys": pa.array(keys, pa.list_(pa.string()))})
 
 
 # ---------------------------------------------------------------------------------------------- cache

@@ -49,9 +49,10 @@ class RecSFTTrainer(SFTTrainer):
     loss_type: str = "nll"  # nll | yes_no (see _yes_no_loss)
     answer_width: int = 0  # label tokens per example (the longer templated answer); 0 = use the boolean mask
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, cf_table=None, **kwargs):
         if kwargs.get("data_collator") is None and _has_blocks(kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
             kwargs["data_collator"] = BlockCollator(pad_token_id=_pad_id(kwargs.get("processing_class")))
+        self.cf_table = cf_table  # CF residual (recsft.cf.CFTable): saved with every checkpoint beside model.cf_head
         super().__init__(*args, **kwargs)
         from .modeling import keep_trainable_fp32
 
@@ -62,14 +63,50 @@ class RecSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "block_ids" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "block_ids"]
+        extra = [c for c in ("block_ids", "cf") if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     @staticmethod
     def model_inputs(model, inputs: dict) -> dict:
         """What the model's forward gets from a batch: everything but the labels; candidate-block rows get their
         block attention mask and position ids (:func:`recsft.inference.block_inputs`)."""
-        return block_inputs(model, {k: v for k, v in inputs.items() if k != "labels"})
+        return block_inputs(model, {k: v for k, v in inputs.items() if k not in ("labels", "cf")})
+
+    def answer_logit(self, model, inputs: dict, margin: torch.Tensor) -> torch.Tensor:
+        """The logit P(Yes) is scored from: the LLM's margin logit(Yes) - logit(No), or with a CF residual
+        ``c + a * margin + b`` (``inputs["cf"]``: c per answer, row-major, NaN-padded; ``model.cf_head``: a, b)."""
+        if "cf" not in inputs:
+            return margin
+        cf = inputs["cf"][~torch.isnan(inputs["cf"])]
+        if cf.numel() != margin.numel():
+            raise RuntimeError(f"{cf.numel()} CF logits for {margin.numel()} answers in a batch")
+        return getattr(model, "module", model).cf_head(cf.to(margin.device), margin)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.cf_table is not None:  # the residual travels with every checkpoint and the final adapter
+            output_dir = output_dir or self.args.output_dir
+            self.cf_table.save(output_dir)
+            getattr(self.model, "module", self.model).cf_head.save(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_head(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        self._load_head(self.state.best_model_checkpoint)
+
+    def _load_head(self, folder) -> None:
+        if self.cf_table is None or not folder:
+            return
+        from .cf import ResidualHead
+
+        saved = ResidualHead.load(folder, fix="resume from another checkpoint or start fresh in a new output_dir")
+        head = getattr(self.model, "module", self.model).cf_head
+        with torch.no_grad():
+            head.a.copy_(saved.a)
+            head.b.copy_(saved.b)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token NLL over the label positions only: the LM head runs on ~0.7% of the tokens.
@@ -122,7 +159,7 @@ class RecSFTTrainer(SFTTrainer):
         with AnswerLogits(model, self.yes_id, self.no_id) as head:
             outputs = model(**fwd, use_cache=False, logits_to_keep=starts)  # the LM head only at answer starts
             pair = head.pair(outputs.logits[:, [self.yes_id, self.no_id]])  # float32, with gradients
-        diff = pair[:, 0] - pair[:, 1]
+        diff = self.answer_logit(model, inputs, pair[:, 0] - pair[:, 1])
         gold = labels[:, 1:][starts[:, :-1]]
         target = (gold == self.yes_id).float()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, target, reduction="sum")
@@ -190,15 +227,21 @@ class RecSFTTrainer(SFTTrainer):
         logits = model_logits.float()
         targets = labels[:, 1:][labels[:, 1:] != -100]
         first = starts[keep]  # which kept rows are the first token of an answer
+        with torch.no_grad():
+            diff = self.answer_logit(model, inputs, pair[first, 0] - pair[first, 1])
         if self.loss_type == "yes_no":
-            diff = pair[first, 0] - pair[first, 1]
             loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, (targets[first] == self.yes_id).float())
         else:
             loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
         if prediction_loss_only:
             return loss.detach(), None, None
-        # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32
-        preds = torch.stack([logits[first].argmax(-1).float(), pair[first, 0], pair[first, 1]], dim=-1)
+        # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32.
+        # With a CF residual: the answer its P(Yes) gives, and (residual logit, 0) as the pair
+        if "cf" in inputs:
+            top = torch.where(diff >= 0, float(self.yes_id), float(self.no_id))
+            preds = torch.stack([top, diff.float(), torch.zeros_like(diff, dtype=torch.float32)], dim=-1)
+        else:
+            preds = torch.stack([logits[first].argmax(-1).float(), pair[first, 0], pair[first, 1]], dim=-1)
         return loss.detach(), *per_row(starts, preds, targets[first])
 
 
@@ -237,11 +280,43 @@ class BlockCollator:
     def __call__(self, examples: list[dict]) -> dict:
         if "block_ids" not in examples[0]:
             return self.base(examples)
-        batch = self.base([{k: v for k, v in e.items() if k != "block_ids"} for e in examples])
+        batch = self.base([{k: v for k, v in e.items() if k not in ("block_ids", "cf")} for e in examples])
         width = batch["input_ids"].shape[1]
         blocks = pad_rows([e["block_ids"] for e in examples], -1)
         batch["block_ids"] = torch.nn.functional.pad(blocks, (0, width - blocks.shape[1]), value=-1)
+        if "cf" in examples[0]:  # one CF logit per answer, NaN-padded
+            cf = torch.full((len(examples), max(len(e["cf"]) for e in examples)), float("nan"))
+            for i, e in enumerate(examples):
+                cf[i, :len(e["cf"])] = torch.as_tensor(e["cf"], dtype=torch.float32)
+            batch["cf"] = cf
         return batch
+
+
+def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int):
+    """CF residual set-up, before the model loads: fit the CF model on the training split of ``train_path``'s data
+    folder and add each answer's ``cf`` logit to the datasets (training rows: 5-fold out-of-fold logits).
+    Returns ``(table, train_ds, eval_ds)``; :func:`build_trainer` adds the learned head to the model."""
+    from .cf import cf_lookups
+    from .config import ConfigError
+
+    if "answer_keys" not in train_ds.column_names or (eval_ds is not None and "answer_keys" not in eval_ds.column_names):
+        raise ConfigError([f"cf_residual: {kind} needs each answer's user and movie id: train and evaluate on "
+                           f"candidate-block data (prepare_data.py --format blocks), or set cf_residual=none"])
+    lookup, table = cf_lookups(Path(train_path).parent, kind, seed)
+    logger.info("CF residual: %s fit on %s (%d training interactions, out-of-fold logits for training rows)",
+                kind, Path(train_path).parent, len(lookup))
+
+    def add(ds, oof: bool):
+        def cf_of(batch):
+            out = []
+            for keys in batch["answer_keys"]:
+                pairs = [tuple(json.loads(k)) for k in keys]
+                full = table.logit([u for u, _ in pairs], [m for _, m in pairs])
+                out.append([lookup.get(p, f) if oof else f for p, f in zip(pairs, full.tolist())])
+            return {"cf": out}
+        return None if ds is None else ds.map(cf_of, batched=True, desc="CF logits")
+
+    return table, add(train_ds, True), add(eval_ds, False)
 
 
 def check_blocks(cfg, train_ds, eval_ds):
@@ -657,7 +732,7 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
     return SFTConfig(**(kwargs | extra))
 
 
-def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_epochs: float = 0.0):
+def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_epochs: float = 0.0, cf_table=None):
     """The trainer with our eval step, metrics and callbacks; returns ``(trainer, graceful_stop_callback)``."""
     from transformers import EarlyStoppingCallback
     from transformers.integrations import TensorBoardCallback
@@ -679,7 +754,11 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
         callbacks.append(budget)
     if train.early_stopping_patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    trainer = RecSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    if cf_table is not None:  # the residual's learned a and b, trained with the LoRA weights
+        from .cf import ResidualHead
+
+        model.cf_head = ResidualHead().to(next(model.parameters()).device)
+    trainer = RecSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, cf_table=cf_table,
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer, eval_users(cfg.data)),
                             callbacks=callbacks)
     trainer.yes_id, trainer.no_id = answer_token_ids(tokenizer)

@@ -173,8 +173,10 @@ def tokenize_any(records: Sequence[dict], tokenizer, cutoff_len: int, system_pro
     """:func:`tokenize_sessions_to_arrow` for session records (field ``turns``), else :func:`tokenize_to_arrow`."""
     kinds = {("turns" in r) + 2 * ("blocks" in r) if isinstance(r, dict) else 0 for r in records}
     if len(kinds) > 1:
-        raise DataError(f"{source}: mixes record formats (session records with field 'turns', candidate-block "
-                        f"records with field 'blocks', single questions); use one format per file")
+        names = {1: "session records (field 'turns')", 2: "candidate-block records (field 'blocks')",
+                 0: "single-question records"}
+        raise DataError(f"{source}: mixes {' with '.join(names[k] for k in sorted(kinds, key=lambda k: -k))}; "
+                        f"use one format per file")
     fn = {1: tokenize_sessions_to_arrow, 2: tokenize_blocks_to_arrow}.get(kinds.pop() if kinds else 0, tokenize_to_arrow)
     return fn(records, tokenizer, cutoff_len, system_prompt, enable_thinking, source=source)
 

@@ -236,8 +236,12 @@ class RecSFTTrainer(SFTTrainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         # argmax of the model's own logits (first maximum: what greedy decoding emits); Yes/No logits in float32.
-        # With a CF residual: the answer its P(Yes) gives, and (residual logit, 0) as the pair
-        if "cf" in inputs:
+        # The yes_no loss trains only the two logits, so its answer is the one P(Yes) gives; with a CF residual the
+        # pair is (residual logit, 0)
+        if self.loss_type == "yes_no" and "cf" not in inputs:
+            top = torch.where(diff >= 0, float(self.yes_id), float(self.no_id))
+            preds = torch.stack([top, pair[first, 0], pair[first, 1]], dim=-1)
+        elif "cf" in inputs:
             top = torch.where(diff >= 0, float(self.yes_id), float(self.no_id))
             preds = torch.stack([top, diff.float(), torch.zeros_like(diff, dtype=torch.float32)], dim=-1)
         else:

@@ -5,6 +5,8 @@ Copy-paste:
     python scripts/baselines.py                                   # all models, full test split (~2 min on CPU)
     python scripts/baselines.py --max_samples 200 --output_dir output/baselines_200
     python scripts/baselines.py --models item-rate,biases,mf,sasrec --epochs 5
+    python scripts/baselines.py --data_dir data/movielens_blocks --predictions --output_dir output/rows/baselines \
+        --models biases,mf,bpr,cf-biases,history-mean,last-label,prompt-lr
 
 The split is rebuilt from the data folder (see ``recsft.movielens.load_prepared``) and checked against
 test_raw.jsonl, so the training interactions are exactly the ratings that are not eval/test candidates and
@@ -17,7 +19,10 @@ Models (``--models``): item-rate, user-rate (hand-written smoothed like-rates: n
 mostpop, biases, mf, bpr, sasrec (Cornac); cf-biases, cf-mf: the collaborative-filtering residual alone
 (``recsft.cf``: Cornac BaselineOnly / MF whose predicted rating is turned into a like-logit by a calibration
 fitted on 5-fold out-of-fold predictions of the training interactions); their P(Yes) is sigmoid(logit), not
-Platt-calibrated on eval. Ranking metrics: scripts/rank_eval.py.
+Platt-calibrated on eval. On a folder prepared with ``--format blocks`` also history-mean, last-label and
+prompt-lr: predictors that read only the numbers the candidate-block prompts show (the history ratings, the
+user's and the candidate's like-rates and counts), the logistic regression fit on the training answers.
+Ranking metrics: scripts/rank_eval.py.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ from recsft.io import DataError
 
 
 def parse_args(argv: list[str] | None = None):
-    from recsft.baselines import MODELS
+    from recsft.baselines import MODELS, PROMPT_MODELS
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data/movielens_qwen3", help="folder written by prepare_data.py")
     p.add_argument("--max_samples", type=positive_int, default=None, help="first N test examples (as infer_lora)")
     p.add_argument("--output_dir", type=output_dir, default="output/baselines")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma list of {', '.join(MODELS)}; on candidate-block data also {', '.join(PROMPT_MODELS)}")
     p.add_argument("--epochs", type=positive_int, default=5, help="epochs of SASRec")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--predictions", action="store_true",
@@ -53,13 +59,16 @@ def main(args) -> dict:
 
     writable_dir(args.output_dir, "--output_dir")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in B.MODELS]
+    unknown = [n for n in names if n not in B.MODELS + B.PROMPT_MODELS]
     if unknown:
-        raise DataError(f"--models: unknown {unknown}; choose from {', '.join(B.MODELS)}")
+        raise DataError(f"--models: unknown {unknown}; choose from {', '.join(B.MODELS + B.PROMPT_MODELS)}")
     data = movielens.load_prepared(args.data_dir)
     test = data.splits["test"][: args.max_samples] if args.max_samples else data.splits["test"]
     train = movielens.train_ratings(data.ratings, data.splits)
-    scorers = B.fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
+    prompt = [n for n in names if n in B.PROMPT_MODELS]
+    scorers = B.prompt_scorers(args.data_dir, prompt, args.seed) if prompt else {}
+    scorers.update(B.fit_scorers([n for n in names if n not in prompt], train, data.ratings,
+                                 data.params["like_threshold"], args.seed, epochs=args.epochs))
     eval_y = [e["label"] == "Yes" for e in data.splits["eval"]]
     test_y = [e["label"] == "Yes" for e in test]
     users = [e["user_id"] for e in test]
@@ -71,7 +80,7 @@ def main(args) -> dict:
         m = B.evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True,
                               calibrated=getattr(fn, "calibrated", False))
         files[name] = B.prediction_files(test, m.pop("p_yes"), m)
-        results[B.LABELS[name]] = m
+        results[B.LABELS.get(name) or B.PROMPT_LABELS[name]] = m
     print(f"{'model':42s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'UAUC':>6s} {'logloss':>7s}  (n={len(test)})")
     for name, m in results.items():
         print(f"{name:42s} {m['accuracy']:8.4f} {m['f1']:6.4f} {m['auc']:6.4f} {m['uauc']:6.4f} {m['log_loss']:7.4f}")

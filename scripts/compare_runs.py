@@ -15,7 +15,10 @@ output_dir: its ``training_summary.json`` gives the training budget columns (exa
 wall time, CPU minutes of steps, device) and its last checkpoint's log the AUC-vs-examples curve. Rows that
 are compared must be evaluated on the same test file: the script refuses rows whose test rows differ.
 
-Outputs in --out: results.md, results.json, auc_vs_examples.png.
+With ``--reference LABEL`` every other row also gets ΔAUC and ΔUAUC against that row with a 95% interval from a
+paired bootstrap over users (the same resampled users score both rows; ``scipy.stats.bootstrap``, BCa).
+
+Outputs in --out: results.md, results.json, auc_vs_examples.png (eval AUC and UAUC against answers trained).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", action="append", required=True, metavar="LABEL=EVAL_DIR[@TRAIN_DIR]")
     p.add_argument("--out", type=output_dir, default="output/compare_runs")
+    p.add_argument("--reference", default=None, metavar="LABEL",
+                   help="a row's label: every other row gets ΔAUC and ΔUAUC against it with a 95%% interval from a "
+                        "paired bootstrap over users (scipy.stats.bootstrap, --resamples)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (with --reference)")
     p.add_argument("--users", default=None, help="JSON list of user ids: keep only these users' test rows in "
                                                  "every row (a fixed subset when some rows are too slow for all)")
     return p.parse_args(argv)
@@ -59,10 +66,11 @@ def predictions_file(eval_dir: Path) -> Path:
 
 
 def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None):
-    """(row, curve, test keys) of one run (only the test rows of ``keep_users`` when given)."""
+    """(row, (AUC curve, UAUC curve), test keys, {key: (label, p_yes)}) of one run (only the test rows of
+    ``keep_users`` when given)."""
     from recsft.io import load_data, load_json, require_keys
     from recsft.metrics import compute_metrics, normalize_label
-    from recsft.report import auc_curve, result_row
+    from recsft.report import auc_curve, result_row, uauc_curve
 
     path = predictions_file(eval_dir)
     rows = load_data(path)
@@ -86,7 +94,7 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
     metrics = compute_metrics(labels, ["Yes" if p >= (threshold or 0.5) else "No" for p in p_yes], p_yes,
                               user_ids=users if None not in users else None)
     metrics["at_eval_threshold"] = {"accuracy": metrics["accuracy"], "f1": metrics["f1"]} if threshold else {}
-    training, data, curve = None, None, []
+    training, data, curve, ucurve = None, None, [], []
     if train_dir is not None:
         training = load_json(train_dir / "training_summary.json")
         if not isinstance(training, dict):
@@ -94,13 +102,36 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
         data = training.get("data_stats") or {}
         cfg = training.get("config", {})  # flat: every key of the effective config
         per_step = cfg.get("per_device_train_batch_size", 1) * cfg.get("gradient_accumulation_steps", 1)
-        curve = auc_curve(training.get("log_history") or last_log_history(train_dir), per_step,
-                          data.get("answers_per_example", 1.0))
+        history = training.get("log_history") or last_log_history(train_dir)
+        curve = auc_curve(history, per_step, data.get("answers_per_example", 1.0))
+        ucurve = uauc_curve(history)
     keys = sorted((r.get("user_id"), r.get("candidate_movie_id")) for r in rows)
-    return result_row(label, metrics, training, data), curve, keys
+    scores = {(r.get("user_id"), r.get("candidate_movie_id")): (r["label"], float(r["p_yes"])) for r in rows}
+    return result_row(label, metrics, training, data), (curve, ucurve), keys, scores
 
 
-def last_log_history(train_dir: Path) -> list[dict]:
+def add_deltas(results: list[dict], scores: dict, reference: str, resamples: int) -> dict:
+    """In place: each row but the reference gets ΔAUC / ΔUAUC against it (paired user bootstrap, same rows);
+    returns the bootstrap results by row label."""
+    from recsft.metrics import paired_user_bootstrap
+    from recsft.report import delta_columns
+
+    ref = scores[reference]
+    keys = sorted(ref, key=repr)
+    out = {}
+    y = [ref[k][0] == "Yes" for k in keys]
+    for row in results:
+        if row["model"] == reference:
+            continue
+        mine = scores[row["model"]]
+        if any(mine[k][0] != ref[k][0] for k in keys):
+            raise DataError(f"--row {row['model']!r}: its labels differ from {reference!r}'s on the same test rows "
+                            f"(data prepared with another like-threshold?); compare runs of one data folder")
+        d = paired_user_bootstrap(y, [mine[k][1] for k in keys], [ref[k][1] for k in keys], [k[0] for k in keys],
+                                  n_resamples=resamples)
+        row.update(delta_columns(reference, d))
+        out[row["model"]] = d
+    return out
     from recsft.io import load_json
 
     states = sorted(train_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
@@ -119,9 +150,12 @@ def main(args) -> dict:
     if users is not None and (not isinstance(users, list) or not all(isinstance(u, int) for u in users)):
         raise DataError(f"--users {args.users}: expected a JSON list of integer user ids")
     users = set(users) if users is not None else None
-    results, curves, first_keys = [], {}, None
+    if args.reference is not None and args.reference not in [label for label, _, _ in specs]:
+        raise DataError(f"--reference {args.reference!r}: no --row has that label; give one of "
+                        f"{', '.join(label for label, _, _ in specs)}")
+    results, curves, ucurves, first_keys, scores = [], {}, {}, None, {}
     for label, eval_dir, train_dir in specs:
-        row, curve, keys = load_run(label, eval_dir, train_dir, users)
+        row, (curve, ucurve), keys, scores[label] = load_run(label, eval_dir, train_dir, users)
         if first_keys is not None and keys != first_keys:
             raise DataError(f"--row {label!r}: its test rows differ from the first row's; compare runs evaluated "
                             "on the same test file")
@@ -129,11 +163,15 @@ def main(args) -> dict:
         results.append(row)
         if curve:
             curves[label] = curve
+        if ucurve:
+            ucurves[label] = ucurve
+    deltas = add_deltas(results, scores, args.reference, args.resamples) if args.reference is not None else {}
     table = results_table(results)
     write_text_atomic(out / "results.md", table + "\n")
-    write_json_atomic(out / "results.json", {"rows": results, "curves": curves})
+    write_json_atomic(out / "results.json", {"rows": results, "curves": curves, "uauc_curves": ucurves,
+                                             "bootstrap": {"reference": args.reference, "rows": deltas}})
     if curves:
-        plot_auc_curves(curves, out / "auc_vs_examples.png")
+        plot_auc_curves(curves, out / "auc_vs_examples.png", ucurves)
     print(table)
     return {"rows": results}
 

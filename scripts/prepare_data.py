@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--history-from", choices=["all", "train"], default="all",
                    help="--format blocks: all = the ratings before the candidates (online protocol); train = "
                         "training-split ratings only, so no eval/test rating is ever shown (static protocol)")
+    p.add_argument("--shuffle-history-titles", type=non_negative_int, default=None, metavar="SEED",
+                   help="--format blocks ablation: each history shows another user's titles (same split, seeded "
+                        "permutation) with its own ratings, to measure what the titles add")
     p.add_argument("--features", nargs="+", default=[], metavar="NAME",
                    help="prompt lines from earlier ratings: item_stats, user_stats, genres (space or comma list)")
     p.add_argument("--retrieval-history", action="store_true",
@@ -117,7 +120,8 @@ def main(args) -> dict:
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
                     args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table, fmt=args.format,
                     session_len=args.session_len, features=features, retrieval=args.retrieval_history,
-                    block_size=args.block_size, history_from=args.history_from)
+                    block_size=args.block_size, history_from=args.history_from,
+                    shuffle_titles=args.shuffle_history_titles)
     print(f"{'Ratings' if table else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, "
           f"{stats['users']} users, {stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     for name, s in stats["splits"].items():

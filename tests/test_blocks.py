@@ -289,3 +289,23 @@ def test_blocks_config_trains_evaluates_and_scores_end_to_end(tmp_path, tiny_qwe
     rows = load_data(tmp_path / "eval" / "lora_predictions.jsonl")
     assert len(rows) == sum(len(r["blocks"]) for r in load_data(data / "blocks_test.jsonl")[:5])
     assert all(0 <= r["p_yes"] <= 1 and "candidate_movie_id" in r for r in rows)
+
+
+def test_shuffled_titles_ablation_keeps_ratings_labels_and_counts(ml):
+    ratings, titles, genres = ml
+    kw = dict(block_size=K, features=FEATURES, genres=genres, history_from="train")
+    plain = movielens.build_blocks(ratings, titles, H, **kw)
+    mixed = movielens.build_blocks(ratings, titles, H, shuffle_titles=3, **kw)
+    for split in plain:
+        a, b = plain[split], mixed[split]
+        assert [r["blocks"] for r in a] == [r["blocks"] for r in b]  # candidates, features, labels unchanged
+        strip = lambda p: re.sub(r"^\d+\. .* \(rating", "(rating", p, flags=re.M)  # noqa: E731
+        assert [strip(r["prefix"]) for r in a] == [strip(r["prefix"]) for r in b]  # ratings and counts unchanged
+        assert sorted(map(_history_titles, (r["prefix"] for r in a))) == \
+            sorted(map(_history_titles, (r["prefix"] for r in b)))  # the same titles, moved between records
+        moved = sum(_history_titles(x["prefix"]) != _history_titles(y["prefix"]) for x, y in zip(a, b))
+        assert moved >= 0.9 * len(a)  # every record gets another's titles (equal only for a user's twin records)
+
+
+def _history_titles(prefix: str) -> list[str]:
+    return [re.sub(r" \(rating ≈ [0-9.]+\)$", "", h) for h in _history(prefix)]

@@ -193,3 +193,22 @@ def test_get_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     assert utils.get_device() == expected
+
+
+def test_paired_user_bootstrap_brackets_the_difference_and_is_zero_for_a_copy():
+    import numpy as np
+
+    from recsft.metrics import paired_user_bootstrap, uauc
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(60), 10)
+    y = rng.random(600) < 0.5
+    good = y + rng.normal(0, 0.8, 600)
+    weak = y + rng.normal(0, 2.0, 600)
+    r = paired_user_bootstrap(y, good, weak, users, n_resamples=100)
+    assert r["delta_auc"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, weak))
+    assert r["delta_uauc"] == pytest.approx(uauc(y, good, users) - uauc(y, weak, users))
+    assert 0 < r["delta_auc_low"] < r["delta_auc"] < r["delta_auc_high"] and r["delta_uauc_low"] > 0
+    same = paired_user_bootstrap(y, good, good, users, n_resamples=30)
+    assert same["delta_auc_low"] == same["delta_auc_high"] == 0.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import re
 from typing import Callable
 
 import numpy as np
@@ -209,3 +210,68 @@ def prediction_files(test: list[dict], p_yes: list[float], metrics: dict) -> tup
     rows = [{"user_id": e["user_id"], "candidate_movie_id": e["candidate_movie_id"], "label": e["label"],
              "p_yes": p} for e, p in zip(test, p_yes)]
     return rows, {**metrics, "at_eval_threshold": {"threshold": metrics["threshold"]}}
+
+
+# ------------------------------------------------------------------------------- what the prompt shows
+PROMPT_MODELS = ("history-mean", "last-label", "prompt-lr")
+PROMPT_LABELS = {"history-mean": "mean of the prompt's 15 history ratings",
+                 "last-label": "the prompt's most recent history rating",
+                 "prompt-lr": "logistic regression on the prompt's numbers"}
+_RATING = re.compile(r"\(rating ≈ ([0-9.]+)\)$", re.M)
+_RATE = re.compile(r"^(This user|Candidate movie, all users): (?:(\d+)% liked of (\d+) earlier ratings|no earlier ratings)$",
+                   re.M)
+
+
+def prompt_numbers(record: dict) -> dict:
+    """``{(user_id, movie_id): features}`` of a candidate-block record, read from its text: history mean, last
+    history rating, and (when the prompt shows them) the user's and the candidate's like-rate and log count."""
+    ratings = [float(x) for x in _RATING.findall(record["prefix"])]
+    base = [float(np.mean(ratings)) if ratings else 0.0, ratings[-1] if ratings else 0.0]
+    out = {}
+    for b in record["blocks"]:
+        rates = {who: (0.0 if n is None or n == "" else int(pct) / 100, np.log1p(int(n or 0)))
+                 for who, pct, n in _RATE.findall(record["prefix"] + "\n" + b["text"])}
+        extra = [x for who in ("This user", "Candidate movie, all users") for x in rates.get(who, ())]
+        out[(record["user_id"], b["candidate_movie_id"])] = np.array(base + extra, dtype=float)
+    return out
+
+
+def prompt_scorers(data_dir, names, seed: int = 0) -> dict[str, Scorer]:
+    """Predictors from the numbers a candidate-block prompt shows (the folder's blocks files): the LR is fit on the
+    training answers only. Pointwise: each scores only its example's own candidate."""
+    from pathlib import Path
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .io import load_data
+
+    folder = Path(data_dir)
+    files = {s: folder / f"blocks_{s}.{'jsonl' if s == 'test' else 'json'}" for s in ("train", "eval", "test")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise DataError(f"--models {','.join(names)}: {missing[0]} not found; these predictors read the prompts of "
+                        f"candidate-block data: run prepare_data.py --format blocks --out-dir {folder}")
+    feats = {s: {k: v for r in load_data(f) for k, v in prompt_numbers(r).items()} for s, f in files.items()}
+    table = {k: v for s in feats.values() for k, v in s.items()}
+    out: dict[str, Scorer] = {}
+    if "prompt-lr" in names:
+        train = feats["train"]
+        labels = {(r["user_id"], b["candidate_movie_id"]): b["answer"] == "Yes"
+                  for r in load_data(files["train"]) for b in r["blocks"]}
+        keys = list(train)
+        lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+        lr.fit(np.stack([train[k] for k in keys]), [labels[k] for k in keys])
+        out["prompt-lr"] = lambda e, items: lr.decision_function(table[_own(e, items)][None])
+    if "history-mean" in names:
+        out["history-mean"] = lambda e, items: np.array([table[_own(e, items)][0]])
+    if "last-label" in names:
+        out["last-label"] = lambda e, items: np.array([table[_own(e, items)][1]])
+    return out
+
+
+def _own(example: dict, items: np.ndarray) -> tuple:
+    """The (user, movie) key of a pointwise call (the example's own candidate, the only item)."""
+    item = items[0]
+    return example["user_id"], item.item() if isinstance(item, np.generic) else item

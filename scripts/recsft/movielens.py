@@ -433,7 +433,7 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
             like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
             seed: int = 42, max_users: int | None = None, table=None, fmt: str = "single",
             session_len: int = 16, features=None, retrieval: bool = False, block_size: int = 16,
-            history_from: str = "all") -> dict:
+            history_from: str = "all", shuffle_titles: int | None = None) -> dict:
     """Write train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet and items.parquet to
     ``out_dir``; return the stats.
 
@@ -457,6 +457,8 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         raise DataError(f"--block-size must be >= 1, got {block_size}")
     if history_from not in HISTORY_FROM:
         raise DataError(f"--history-from: {history_from!r} is not one of {', '.join(HISTORY_FROM)}")
+    if shuffle_titles is not None and fmt != "blocks":
+        raise DataError("--shuffle-history-titles is an ablation of --format blocks; add --format blocks")
     if history_from != "all" and fmt != "blocks":
         raise DataError("--history-from train (the static protocol) is a setting of --format blocks; add "
                         "--format blocks or drop --history-from")
@@ -507,21 +509,24 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
                  "build_id": build_id}
         write_json_atomic(tmp / "stats.json", stats)
         if fmt == "blocks":
-            stats = write_blocks(tmp, ratings, titles, head, params, block_size, history_from, features, genres)
+            stats = write_blocks(tmp, ratings, titles, head, params, block_size, history_from, features, genres,
+                                 shuffle_titles)
     return stats
 
 
 def write_blocks(folder: Path, ratings: pd.DataFrame, titles: dict, head: dict, params: dict, block_size: int,
-                 history_from: str, features: list[str], genres) -> dict:
+                 history_from: str, features: list[str], genres, shuffle_titles: int | None = None) -> dict:
     """The candidate-block files of :func:`prepare` into ``folder`` (published with the rest of the set)."""
     p = params
     splits = build_blocks(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"], p["test_ratio"],
-                          p["seed"], block_size, features, genres, history_from=history_from)
+                          p["seed"], block_size, features, genres, history_from=history_from,
+                          shuffle_titles=shuffle_titles)
     write_json_atomic(folder / "blocks_train.json", splits["train"], indent=None)
     write_json_atomic(folder / "blocks_eval.json", splits["eval"], indent=None)
     write_jsonl_atomic(folder / "blocks_test.jsonl", splits["test"])
     stats = {**head, "format": "blocks",
-             "params": {**params, "block_size": block_size, "history_from": history_from},
+             "params": {**params, "block_size": block_size, "history_from": history_from,
+                        **({"shuffle_titles": shuffle_titles} if shuffle_titles is not None else {})},
              "splits": {name: blocks_stats(records) for name, records in splits.items()}}
     write_json_atomic(folder / "blocks_stats.json", stats)
     return stats
@@ -577,7 +582,7 @@ def counts_before(ref_keys: np.ndarray, ref_ts: np.ndarray, ref_liked: np.ndarra
 def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, like_threshold: float = 4.0,
                  eval_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 42, block_size: int = 16,
                  features=None, genres: dict | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                 history_from: str = "all") -> dict[str, list[dict]]:
+                 history_from: str = "all", shuffle_titles: int | None = None) -> dict[str, list[dict]]:
     """Candidate-block records: one shared prefix (the user's history) and up to ``block_size`` candidates.
 
     The candidates, labels and splits are those of :func:`build_examples`; a record holds consecutive
@@ -586,6 +591,8 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
     (``"train"``, the static protocol: no eval/test rating is ever shown, like the classical baselines' input).
     ``user_stats`` goes in the prefix, ``item_stats`` and ``genres`` in each candidate's block; under the static
     protocol their counts use training-split ratings only (a training row: those strictly before it).
+    ``shuffle_titles`` (a seed; an ablation): every record's history titles are those of another record of the same
+    split (a seeded permutation), its ratings and counts its own, so a model can use the titles only as noise.
     """
     from .formatting import block_candidate_text, block_prefix_text
 
@@ -627,10 +634,11 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
                 or len(runs[-1]) >= block_size:
             runs.append([])
         runs[-1].append(r)
-    for run in runs:
+    hists = [np.arange(e - history_len, e) for e in
+             (min(run[0], int(train_end[run[0]])) if static else run[0] for run in runs)]
+    title_rows = _shuffled_within(hists, [split[run[0]] for run in runs], shuffle_titles)
+    for run, hist, title_hist in zip(runs, hists, title_rows):
         first = run[0]
-        end = min(first, int(train_end[first])) if static else first
-        hist = np.arange(end - history_len, end)
         user_lines = [_rate_line("This user", int(user_n[first]), int(user_k[first]))] if "user_stats" in features else []
         blocks = []
         for r in run:
@@ -645,9 +653,27 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
         out[str(split[first])].append({
             "user_id": _plain(df.user_id.iat[first]), "split": str(split[first]),
             "system": system_prompt, "history_from": history_from,
-            "prefix": block_prefix_text(names[hist].tolist(), stars[hist].tolist(), user_lines), "blocks": blocks})
+            "prefix": block_prefix_text(names[title_hist].tolist(), stars[hist].tolist(), user_lines), "blocks": blocks})
     for name in out:
         random.Random(seed).shuffle(out[name])
+    return out
+
+
+def _shuffled_within(items: list, groups: list, seed: int | None) -> list:
+    """``items`` moved among the entries of the same group along one seeded cycle (Sattolo's shuffle: no entry keeps
+    its own item when its group has two or more); unchanged when ``seed`` is None."""
+    if seed is None:
+        return items
+    out = list(items)
+    rng = np.random.default_rng(seed)
+    for g in sorted(set(groups)):
+        where = [i for i, x in enumerate(groups) if x == g]
+        order = list(where)
+        for k in range(len(order) - 1, 0, -1):
+            j = int(rng.integers(0, k))
+            order[k], order[j] = order[j], order[k]
+        for i, j in zip(where, order):
+            out[i] = items[j]
     return out
 
 

@@ -247,10 +247,19 @@ def result_row(label: str, metrics: dict, training: dict | None = None, data: di
 
 
 def results_table(rows: list[dict]) -> str:
-    """A markdown table of :func:`result_row` rows."""
-    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in RESULT_COLUMNS) + " |" for r in rows]
+    """A markdown table of :func:`result_row` rows (plus any extra columns the rows carry, e.g. bootstrap deltas)."""
+    columns = list(RESULT_COLUMNS) + [c for c in dict.fromkeys(k for r in rows for k in r) if c not in RESULT_COLUMNS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def delta_columns(reference: str, d: dict) -> dict:
+    """Table cells of a paired bootstrap (:func:`recsft.metrics.paired_user_bootstrap`) against ``reference``."""
+    pct = f"{d['confidence']:.0%}"
+    return {f"ΔAUC vs {reference} [{pct} CI]": f"{d['delta_auc']:+.3f} [{d['delta_auc_low']:+.3f}, {d['delta_auc_high']:+.3f}]",
+            f"ΔUAUC vs {reference} [{pct} CI]":
+                f"{d['delta_uauc']:+.3f} [{d['delta_uauc_low']:+.3f}, {d['delta_uauc_high']:+.3f}]"}
 
 
 def auc_curve(log_history: list[dict], examples_per_step: int,
@@ -268,16 +277,29 @@ def auc_curve(log_history: list[dict], examples_per_step: int,
     return points
 
 
-def plot_auc_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
-    """Eval AUC against training examples seen, one line per run, saved as a PNG."""
+def uauc_curve(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(training answers seen, eval UAUC) at every evaluation that logged both (see :func:`auc_curve`)."""
+    points, answers = [], None
+    for e in log_history:
+        answers = e.get("num_answers", answers)
+        if "eval_uauc" in e and answers is not None:
+            points.append((int(answers), float(e["eval_uauc"])))
+    return points
+
+
+def plot_auc_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
+                    uauc_curves: dict[str, list[tuple[int, float]]] | None = None) -> None:
+    """Eval AUC (and, when given, UAUC in a second panel) against training answers seen, one line per run (PNG)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in curves.items():
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.axhline(0.5, color="k", ls="--", alpha=0.4, label="chance")
-    ax.set(xlabel="training examples (answers) seen", ylabel="eval AUC", title="Eval AUC during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("eval AUC", curves)] + ([("eval UAUC", uauc_curves)] if uauc_curves else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (what, lines) in zip(axes[0], panels):
+        for name, points in lines.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.axhline(0.5, color="k", ls="--", alpha=0.4, label="chance")
+        ax.set(xlabel="training examples (answers) seen", ylabel=what, title=f"{what.capitalize()} during training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -215,22 +215,27 @@ def _trainer(model_path: str, tmp_path: Path, ds, loss_type: str):
     return trainer, model, tok
 
 
-@pytest.mark.parametrize("loss_type", ["nll", "yes_no"])
-def test_block_loss_equals_the_mean_single_loss(tiny_qwen3, qwen3_tokenizer, blocks, tmp_path, loss_type):
+def _block_and_single_losses(model_path: str, tok, rec: dict, tmp_path: Path, loss_type: str):
+    """The trainer's loss on one block example, and on each of its blocks asked as an ordinary question."""
     from datasets import Dataset
 
-    rec = blocks["train"]["test"][0]
-    block_ds = Dataset.from_dict(tokenize_any([rec], qwen3_tokenizer, 2048).to_pydict())
+    block_ds = Dataset.from_dict(tokenize_any([rec], tok, 2048).to_pydict())
     singles = [block_question(rec, j) for j in range(len(rec["blocks"]))]
-    single_ds = Dataset.from_dict(tokenize_any(singles, qwen3_tokenizer, 2048).to_pydict())
-    trainer, model, _ = _trainer(tiny_qwen3, tmp_path, block_ds, loss_type)
+    single_ds = Dataset.from_dict(tokenize_any(singles, tok, 2048).to_pydict())
+    trainer, model, _ = _trainer(model_path, tmp_path, block_ds, loss_type)
     trainer.answer_width = 3 * len(singles)
     model.eval()
     with torch.no_grad():
         got = trainer.compute_loss(model, dict(trainer.data_collator([block_ds[0]]))).item()
         each = [trainer.compute_loss(model, dict(trainer.data_collator([single_ds[i]]))).item()
                 for i in range(len(singles))]
-    assert got == pytest.approx(float(np.mean(each)), rel=1e-4, abs=1e-5)
+    return got, float(np.mean(each))
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "yes_no"])
+def test_block_loss_equals_the_mean_single_loss(tiny_qwen3, qwen3_tokenizer, blocks, tmp_path, loss_type):
+    got, mean = _block_and_single_losses(tiny_qwen3, qwen3_tokenizer, blocks["train"]["test"][0], tmp_path, loss_type)
+    assert got == pytest.approx(mean, rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -243,24 +248,12 @@ def test_smollm2_block_scores_equal_single_prompts(blocks):
 
 @pytest.mark.slow
 def test_smollm2_block_loss_equals_the_mean_single_loss(blocks, tmp_path):
-    from datasets import Dataset
-
     from recsft.modeling import load_tokenizer, local_model_path
 
     path = local_model_path(SMOLLM2_GGUF)
-    tok = load_tokenizer(path)
     rec = dict(blocks["train"]["test"][0], blocks=blocks["train"]["test"][0]["blocks"][:6])
-    block_ds = Dataset.from_dict(tokenize_any([rec], tok, 2048).to_pydict())
-    singles = [block_question(rec, j) for j in range(len(rec["blocks"]))]
-    single_ds = Dataset.from_dict(tokenize_any(singles, tok, 2048).to_pydict())
-    trainer, model, _ = _trainer(path, tmp_path, block_ds, "nll")
-    trainer.answer_width = 3 * len(singles)
-    model.eval()
-    with torch.no_grad():
-        got = trainer.compute_loss(model, dict(trainer.data_collator([block_ds[0]]))).item()
-        each = [trainer.compute_loss(model, dict(trainer.data_collator([single_ds[i]]))).item()
-                for i in range(len(singles))]
-    assert got == pytest.approx(float(np.mean(each)), rel=1e-4)
+    got, mean = _block_and_single_losses(path, load_tokenizer(path), rec, tmp_path, "nll")
+    assert got == pytest.approx(mean, rel=1e-4)
 
 
 # -------------------------------------------------------------------------------------------- end to end

@@ -20,7 +20,7 @@ class StepTimer(TrainerCallback):
 
         if self.device == "cuda":
             torch.cuda.synchronize()
-        self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens)))
+        self.marks.append((time.perf_counter(), int(self.trainer.train_tokens)))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._mark()

@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsft.cli import ArgumentParser, output_dir, run
-from recsft.io import DataError
+from utils import ArgumentParser, DataError, output_dir, run
 
 PREDICTION_KEYS = {"label": str, "p_yes": (int, float)}
 
@@ -60,9 +59,7 @@ def predictions_file(eval_dir: Path) -> Path:
 
 def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None):
     """(row, curve, test keys) of one run (only the test rows of ``keep_users`` when given)."""
-    from recsft.io import load_data, load_json, require_keys
-    from recsft.metrics import compute_metrics, normalize_label
-    from recsft.report import auc_curve, result_row
+    from utils import auc_curve, compute_metrics, load_data, load_json, normalize_label, require_keys, result_row
 
     path = predictions_file(eval_dir)
     rows = load_data(path)
@@ -101,16 +98,14 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
 
 
 def last_log_history(train_dir: Path) -> list[dict]:
-    from recsft.io import load_json
+    from utils import load_json
 
     states = sorted(train_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     return load_json(states[-1]).get("log_history", []) if states else []
 
 
 def main(args) -> dict:
-    from recsft.io import load_json, write_json_atomic, write_text_atomic
-    from recsft.report import plot_auc_curves, results_table
-    from recsft.validate import writable_dir
+    from utils import load_json, plot_auc_curves, results_table, writable_dir, write_json_atomic, write_text_atomic
 
     writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]

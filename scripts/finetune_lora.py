@@ -23,8 +23,7 @@ import argparse
 import logging
 import time
 
-from recsft.cli import ArgumentParser, non_negative_float, run
-from recsft.config import DEFAULT_CONFIG, Config, dump_config, load_config
+from utils import DEFAULT_CONFIG, ArgumentParser, Config, dump_config, load_config, non_negative_float, run
 
 logger = logging.getLogger("finetune_lora")
 
@@ -46,35 +45,26 @@ def parse_args(argv: list[str] | None = None):
 def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epochs: float = 0.0,
          resume_from_checkpoint: str | None = None) -> dict:
     """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
-    from recsft import training as T
-    from recsft.modeling import get_device, linear_layer_shapes, model_for, tokenizer_for
-    from recsft.preprocess import datasets_for, resolve_data
-    from recsft.report import finish_training
-    from recsft.validate import preflight_training, run_lock
+    from utils import (build_trainer, check_launch, datasets_for, finish_training, get_device, model_for, plan_resume,
+                       preflight_training, resolve_data, run_lock, stopped_early, tokenizer_for)
 
     start = time.perf_counter()
-    T.check_launch(cfg.model.quantization_bit)
-    preflight_training(cfg, extra_epochs, resume_from_checkpoint)  # settings, output_dir, model: before any work
-    if resume and not resume_from_checkpoint and (done := T.finished_run(cfg.train, extra_epochs)) is not None:
-        print(f"{cfg.train.output_dir} holds a finished run ({done.get('global_step')} steps); nothing to resume. "
-              f"Train longer with --extra-epochs N or a higher max_steps.", flush=True)
-        return done
-    ckpt = T.find_resume_checkpoint(cfg.train.output_dir, resume, resume_from_checkpoint)
-    if ckpt:
-        T.check_resume_lora(ckpt, cfg.lora, list(linear_layer_shapes(cfg.model.model_name_or_path,
-                                                                      cfg.model.trust_remote_code)))
+    check_launch(cfg.model.quantization_bit)
+    preflight_training(cfg, extra_epochs)  # settings, output_dir, model: before any work
+    plan = plan_resume(cfg, resume, resume_from_checkpoint, extra_epochs)
+    if plan.finished is not None:
+        return plan.finished
     train_path, eval_path = resolve_data(cfg.data)
     tokenizer = tokenizer_for(cfg.model)
     train_ds, eval_ds = datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
                                      clear_cache, cpu=get_device() == "cpu")
     with run_lock(cfg.train.output_dir):  # one run per output_dir (a stale lock of a dead run is taken over)
         model, device = model_for(cfg.model, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
-        trainer, stopper = T.build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
+        trainer, stopper = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs)
         with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
-            T.restore_progress(trainer, ckpt)
-            result = trainer.train(resume_from_checkpoint=ckpt)
+            result = plan.train(trainer)
         if stopper.requested:
-            return T.stopped_early(trainer, stopper.requested)
+            return stopped_early(trainer, stopper.requested)
         return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
 
 

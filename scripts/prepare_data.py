@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from recsft.cli import ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
+from utils import ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
 
 
 def parse_args(argv: list[str] | None = None):
@@ -72,8 +72,7 @@ def parse_args(argv: list[str] | None = None):
 
 def table_spec(args):
     """The ratings-table settings, or None for MovieLens; a half-given or bad pair of flags is an error."""
-    from recsft.io import DataError
-    from recsft.ratings_table import TableSpec
+    from utils import DataError, TableSpec
 
     if not args.ratings and not args.items:
         return None
@@ -90,9 +89,7 @@ def table_spec(args):
 
 
 def main(args) -> dict:
-    from recsft.io import DataError
-    from recsft.movielens import check_features, check_params, prepare
-    from recsft.validate import writable_dir
+    from utils import DataError, check_features, check_params, prepare, writable_dir
 
     features = check_features([f for item in args.features for f in item.split(",") if f])
     if args.session_len < 1:

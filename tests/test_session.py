@@ -16,7 +16,7 @@ from conftest import tiny_config
 from recsft import movielens
 from recsft.io import DataError
 from recsft.preprocess import IGNORE_INDEX, tokenize_any, tokenize_func
-from recsft.training import answer_positions
+from recsft.preprocess import answer_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 H, K = 15, 16

@@ -118,7 +118,7 @@ def test_label_position_loss_equals_full_logits_loss_padded_and_packed(tmp_path,
 
     from recsft.io import load_data
     from recsft.preprocess import tokenize_records
-    from recsft.training import answer_positions
+    from recsft.preprocess import answer_positions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, attn_implementation="sdpa").eval()
     cols = tokenize_records(load_data(write_data(tmp_path)[0])[:5], qwen3_tokenizer, cutoff_len=160)

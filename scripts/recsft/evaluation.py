@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
-from .inference import generate, max_prompt_tokens, prompts_for, score
+from .inference import generate, prompts_for, score
 from .metrics import best_threshold, compute_metrics, extract_answer, normalize_label
+from .preprocess import prompt_budget
 
 logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
@@ -57,7 +58,7 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
     model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
                        model_args.quantization_bit, model_args.trust_remote_code)
     if adapter_dir:
-        model = load_adapter(model, adapter_dir, model_args.model_name_or_path)
+        model = load_adapter(model, adapter_dir, model_args.model_name_or_path, checked=True)
         if merge and is_kbit(model):
             logger.info("Adapter not merged: the base is %d-bit and merging would re-quantize the LoRA update; "
                         "running it unmerged (same outputs, slightly slower)", 4 if model.is_loaded_in_4bit else 8)
@@ -73,7 +74,7 @@ def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16,
 
     Prompts are cut from the left to fit ``cutoff_len`` exactly as in training.
     """
-    budget = max_prompt_tokens(tok, cutoff_len)
+    budget = prompt_budget(tok, cutoff_len)  # the one prompt budget: training truncates to it too
     if mode == "score":
         rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
         return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"]} for r in rows]

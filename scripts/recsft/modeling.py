@@ -446,11 +446,13 @@ def _base_name(path: str) -> str:
     return name.lower()
 
 
-def load_adapter(model, adapter_dir: str, base_model: str | None = None):
-    """Attach a trained LoRA adapter (checked with :func:`check_adapter`) for inference."""
+def load_adapter(model, adapter_dir: str, base_model: str | None = None, checked: bool = False):
+    """Attach a trained LoRA adapter for inference, checked with :func:`check_adapter` unless ``checked`` (the
+    caller checked it already, before loading the model: ``recsft.evaluation.load_for_eval``)."""
     from peft import PeftModel
 
-    check_adapter(adapter_dir, base_model)
+    if not checked:
+        check_adapter(adapter_dir, base_model)
     return PeftModel.from_pretrained(model, adapter_dir)
 
 

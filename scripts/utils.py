@@ -49,9 +49,8 @@ def __getattr__(name: str):
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'utils' has no attribute {name!r} (not a public name of the recsft package)")
-    value = getattr(importlib.import_module(f"recsft.{module}"), name)
-    globals()[name] = value
-    return value
+    # looked up on every import, not cached here: what a script gets is what the module holds now
+    return getattr(importlib.import_module(f"recsft.{module}"), name)
 
 
 def __dir__() -> list[str]:

@@ -63,6 +63,32 @@ def write_config_yaml(cfg, path: Path, **extra) -> Path:
     return path
 
 
+_TOKENIZERS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def shared_tokenizers(request, monkeypatch):
+    """Fast tests share one loaded tokenizer per (path, settings): loading the 151k-token Qwen3 tokenizer takes
+    seconds, and many fast tests run a script up to the point where it fails. Slow tests load their own."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from recsft import modeling
+
+    real = modeling.load_tokenizer
+
+    def load_tokenizer(name_or_path, trust_remote_code=False, padding_side="right"):
+        key = (str(name_or_path), trust_remote_code, padding_side)
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = real(name_or_path, trust_remote_code, padding_side)
+        tok = _TOKENIZERS[key]
+        tok.padding_side = padding_side
+        return tok
+
+    monkeypatch.setattr(modeling, "load_tokenizer", load_tokenizer)
+    yield
+
+
 @pytest.fixture(scope="session")
 def qwen3_tokenizer():
     from recsft.modeling import load_tokenizer

@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from utils import ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
+from utils import RATING_SCALE, ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
 
 
 def parse_args(argv: list[str] | None = None):
@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--items-id-col", default=None, help="item id column of the items table (default: --item-col)")
     g.add_argument("--title-col", default="title")
     g.add_argument("--genres-col", default="genres", help="optional; kept in items.parquet when present")
-    g.add_argument("--rating-scale", default="0.5,5", help="lowest,highest valid rating (others dropped)")
+    g.add_argument("--rating-scale", default=",".join(f"{x:g}" for x in RATING_SCALE),
+                   help="lowest,highest valid rating (others dropped); kept in stats.json, where inference reads it")
     return p.parse_args(argv)
 
 

@@ -13,3 +13,7 @@ One module per pipeline stage; a module imports only its own stage or earlier on
 * score      -- ``evaluation`` (predictions and metrics on a dataset, thresholds, mode comparison)
 * report     -- ``report`` (figures, metric lines, prediction files, the training summary)
 """
+
+from .runtime import quiet_known_warnings
+
+quiet_known_warnings()  # library messages a user cannot act on (recsft.runtime)

@@ -8,7 +8,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
-from .formatting import render_records
+from .formatting import render_labelled
 
 
 @contextlib.contextmanager
@@ -220,10 +220,7 @@ def score_sessions(model, tokenizer, records: Sequence[dict], cutoff_len: int | 
 def prompts_for(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
                 enable_thinking: bool = False, source: str = "data") -> tuple[list[str], list[str | None]]:
     """Templated prompt texts (exactly as in training) and gold labels ("Yes"/"No"/None) for records."""
-    from .formatting import format_prompt
-
-    prompts, _ = render_records(records, tokenizer, system_prompt, enable_thinking, source)
-    labels = [format_prompt(r, system_prompt)["answer"] for r in records]
+    prompts, _, labels = render_labelled(records, tokenizer, system_prompt, enable_thinking, source)
     return prompts, labels
 
 

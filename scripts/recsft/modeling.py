@@ -263,6 +263,11 @@ def load_model(name_or_path: str, device: str, dtype: str = "auto", flash_attn: 
                            f"use a complete model folder, a .gguf file or a reachable hub id"]) from None
     if device == "cpu" and is_kbit(model):
         _keep_unpackable_4bit_layers_plain(model)
+        import importlib.util
+
+        if importlib.util.find_spec("kernels") is None:  # the message bitsandbytes would log (recsft.runtime)
+            logger.info("4-bit layers on the CPU: bitsandbytes has a faster CPU kernel with `pip install kernels` "
+                        "(optional)")
     if "quantization_config" not in kwargs and not sharded:
         model.to(f"cuda:{_local_cuda_index()}" if device == "cuda" else device)
     return model

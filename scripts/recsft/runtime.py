@@ -33,6 +33,31 @@ def omp_defaults() -> None:
         _chosen["omp"] = "OMP_WAIT_POLICY=PASSIVE (default: idle threads sleep)"
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_warnings() -> None:
+    """Silence two library messages a user can do nothing about (each check is by its exact text):
+
+    * bitsandbytes logs, when it is imported on a CPU with AVX512-BF16, that its optional faster CPU 4-bit
+      kernel (the ``kernels`` package) is missing, although most runs use no 4-bit layer on the CPU; a run that
+      does gets one line from ``recsft.modeling.load_model`` instead;
+    * peft reads transformers' deprecated ``is_gradient_checkpointing`` property (a FutureWarning) whenever an
+      adapter is attached.
+    """
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on: CPU affinity, one per core (hyper-threads merged), cgroup quota."""
     try:

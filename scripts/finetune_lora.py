@@ -5,16 +5,16 @@ Copy-paste:
     # embedded offline default (SmolLM2-135M on CPU, a few minutes)
     python scripts/finetune_lora.py --config configs/smollm2_movielens_lora.yaml
     # Qwen3-0.6B QLoRA on a GPU, rebuilding the preprocessing cache
-    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml --clear-cache
+    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml --clear_cache
     # any config key can be overridden
     python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml cutoff_len=512 packing=true
     # resume from the latest checkpoint in output_dir, and train 2 epochs more than the config says
-    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml --resume --extra-epochs 2
+    python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml --resume --extra_epochs 2
     python scripts/finetune_lora.py --config configs/qwen3_movielens_qlora.yaml \\
         --resume_from_checkpoint output/qwen3-movielens-qlora/checkpoint-4000
     # several GPUs (DDP): accelerate launch --num_processes 2 scripts/finetune_lora.py --config ...
     # every effective setting (code defaults + YAML + overrides), without training
-    python scripts/finetune_lora.py --config configs/smollm2_movielens_lora.yaml --print-config
+    python scripts/finetune_lora.py --config configs/smollm2_movielens_lora.yaml --print_config
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ logger = logging.getLogger("finetune_lora")
 def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config")
-    parser.add_argument("--clear-cache", action="store_true", help="rebuild the preprocessing cache")
+    parser.add_argument("--clear_cache", action="store_true", help="rebuild the preprocessing cache")
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in output_dir")
     parser.add_argument("--extra-epochs", type=non_negative_float, default=0.0, help="train this many epochs beyond the config")
     parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
                         help="resume from this checkpoint folder")
-    parser.add_argument("--print-config", action="store_true",
+    parser.add_argument("--print_config", action="store_true",
                         help="print the effective config (defaults + YAML + overrides) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return parser.parse_args(argv)
@@ -69,7 +69,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
 
 
 def cli(args) -> dict:
-    """The command line: ``--print-config`` prints the effective config; otherwise train."""
+    """The command line: ``--print_config`` prints the effective config; otherwise train."""
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="", flush=True)

@@ -56,6 +56,22 @@ def tiny_config(tmp_path: Path, model: str, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
 
+def yes_no_reference(model, batch, yes_id: int, no_id: int) -> tuple[float, "torch.Tensor"]:
+    """``(BCE, gold)``: binary cross-entropy on logit(Yes) - logit(No) of a plain full-logits forward at every
+    answer's first position, in float32, and the gold Yes mask; what the ``yes_no`` loss must equal."""
+    import torch
+
+    from recsft.preprocess import answer_positions
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    _, starts = answer_positions(batch["labels"])
+    at = logits[starts]
+    gold = batch["labels"][:, 1:][starts[:, :-1]] == yes_id
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(at[:, yes_id] - at[:, no_id], gold.float())
+    return ref.item(), gold
+
+
 def write_config_yaml(cfg, path: Path, **extra) -> Path:
     """``cfg`` (plus ``extra`` keys) as a flat YAML config file that the scripts' ``--config`` reads."""
     values = cfg.to_dict() | extra  # None -> null (e.g. quantization_bit: null, not the default 4)

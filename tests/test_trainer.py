@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, yes_no_reference
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +75,13 @@ def test_compute_loss_equals_the_full_logits_loss_padded_masked_and_padding_free
 
 
 def test_yes_no_loss_equals_bce_on_the_full_logits_margin(setup):
-    from recsft.preprocess import answer_positions
-
     cfg, tok, model, train_ds, _ = setup
     trainer = trainer_for(setup, answer_loss="yes_no")
     batch = trainer.data_collator([train_ds[i] for i in range(len(train_ds))])
     with torch.no_grad():
         got = trainer.compute_loss(model, dict(batch)).item()
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    _, starts = answer_positions(batch["labels"])
-    at = logits[starts]
-    gold = batch["labels"][:, 1:][starts[:, :-1]] == trainer.yes_id
-    ref = torch.nn.functional.binary_cross_entropy_with_logits(at[:, trainer.yes_id] - at[:, trainer.no_id],
-                                                               gold.float())
-    assert got == pytest.approx(ref.item(), rel=1e-4)
+    ref, _ = yes_no_reference(model, batch, trainer.yes_id, trainer.no_id)
+    assert got == pytest.approx(ref, rel=1e-4)
 
 
 def test_eval_step_returns_the_answer_logits_and_the_rows_users(setup):

@@ -169,3 +169,18 @@ def test_resume_reads_older_checkpoints_counts_from_the_log(tmp_path):
     trainer = NS(counters=TrainCounters(), time_budget=None)
     restore_progress(trainer, str(ckpt))
     assert (trainer.counters.tokens, trainer.counters.answers) == (210, 8)
+
+
+def test_every_train_key_reaches_the_trainer_arguments():
+    """A TrainArgs field is passed to the trainer's arguments under its own (or its metadata's) name."""
+    from recsft.config import TrainArgs, trainer_arguments
+    from recsft.training import sft_config
+
+    train = TrainArgs(output_dir="/tmp/x", report_to="none", lr_scheduler_type="constant_with_warmup",
+                      weight_decay=0.1, loss_type="yes_no", max_train_minutes=5.0, budget_clock="cpu",
+                      gradient_checkpointing=True, warmup_ratio=0.1, save_total_limit=None)
+    args = sft_config(train, 256, "cpu", has_eval=True)
+    passed = trainer_arguments(train)
+    assert {"answer_loss", "activation_checkpointing", "warmup_steps"} <= set(passed)
+    assert not {"loss_type", "gen_eval_samples", "early_stopping_patience"} & set(passed)
+    assert {k: getattr(args, k) for k in passed} == passed

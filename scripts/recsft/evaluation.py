@@ -92,7 +92,7 @@ def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSetti
     """
     if records and all("turns" in r for r in records):
         return evaluate_sessions(model, tok, records, mode, settings, source, desc)
-    prompts, labels = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
+    prompts, labels = _rendered(records, tok, settings, source)
     start = time.perf_counter()
     preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,
                     settings.top_p, desc=desc, cutoff_len=settings.cutoff_len)
@@ -102,6 +102,20 @@ def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSetti
         row = {k: rec[k] for k in KEEP_FIELDS if k in rec}
         rows.append({**row, "label": label, **pred})
     return rows, row_metrics(rows, mode, seconds)
+
+
+_LAST_RENDERED: list = []  # [records, tokenizer, (settings, source, len(records)), (prompts, labels)] of the last call
+
+
+def _rendered(records: Sequence[dict], tok, settings: EvalSettings, source: str) -> tuple[list[str], list]:
+    """:func:`prompts_for` of ``records``, rendered once per run: evaluating the same records again (the base model
+    next to the adapter, the other mode) reuses the prompts of the last call."""
+    same = (len(_LAST_RENDERED) == 4 and _LAST_RENDERED[0] is records and _LAST_RENDERED[1] is tok
+            and _LAST_RENDERED[2] == (settings, source, len(records)))
+    if not same:
+        result = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
+        _LAST_RENDERED[:] = [records, tok, (settings, source, len(records)), result]
+    return _LAST_RENDERED[3]
 
 
 def row_metrics(rows: list[dict], mode: str, seconds: float) -> dict[str, float]:

@@ -56,7 +56,7 @@ def tiny_config(tmp_path: Path, model: str, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
 
-def yes_no_reference(model, batch, yes_id: int, no_id: int) -> tuple[float, "torch.Tensor"]:
+def yes_no_reference(model, batch, yes_id: int, no_id: int) -> tuple[float, object]:
     """``(BCE, gold)``: binary cross-entropy on logit(Yes) - logit(No) of a plain full-logits forward at every
     answer's first position, in float32, and the gold Yes mask; what the ``yes_no`` loss must equal."""
     import torch

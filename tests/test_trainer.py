@@ -7,7 +7,6 @@ so a change that breaks the loss or the eval step fails here, in the fast tier.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

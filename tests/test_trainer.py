@@ -183,3 +183,15 @@ def test_every_train_key_reaches_the_trainer_arguments():
     assert {"answer_loss", "activation_checkpointing", "warmup_steps"} <= set(passed)
     assert not {"loss_type", "gen_eval_samples", "early_stopping_patience"} & set(passed)
     assert {k: getattr(args, k) for k in passed} == passed
+
+
+def test_optimizer_and_scheduler_names_are_checked_against_transformers():
+    from recsft.config import ConfigError, TrainArgs
+    from recsft.validate import check_trainer_choices
+
+    check_trainer_choices(TrainArgs(lr_scheduler_type="cosine_with_min_lr", optim="adamw_torch_fused"))
+    with pytest.raises(ConfigError, match="lr_scheduler_type: 'cosin' is not a Trainer learning-rate scheduler "
+                                          r"\(did you mean 'cosine'\?\)"):
+        check_trainer_choices(TrainArgs(lr_scheduler_type="cosin"))
+    with pytest.raises(ConfigError, match=r"optim: 'adamw_torhc' .* \(did you mean 'adamw_torch'\?\)"):
+        check_trainer_choices(TrainArgs(optim="adamw_torhc"))

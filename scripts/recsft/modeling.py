@@ -373,7 +373,10 @@ def apply_lora(model, rank: int, alpha: int, dropout: float, target: str, gradie
             model.enable_input_require_grads()
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(target),
                         bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    from .runtime import no_peft_deprecation
+
+    with no_peft_deprecation():
+        return get_peft_model(model, config)
 
 
 def check_adapter(adapter_dir: str, base_model: str | None = None) -> dict:
@@ -458,7 +461,10 @@ def load_adapter(model, adapter_dir: str, base_model: str | None = None, checked
 
     if not checked:
         check_adapter(adapter_dir, base_model)
-    return PeftModel.from_pretrained(model, adapter_dir)
+    from .runtime import no_peft_deprecation
+
+    with no_peft_deprecation():
+        return PeftModel.from_pretrained(model, adapter_dir)
 
 
 # -------------------------------------------------------------------------------------- for training

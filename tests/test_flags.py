@@ -34,6 +34,6 @@ def test_no_adapter_is_one_rule():
 
     assert [adapter_path(v) for v in (None, "", "none", " None ", "out/a")] == [None, None, None, None, "out/a"]
     cfg = load_config(None, ["output_dir=out/run"])
-    assert cfg.adapter() == "out/run" and cfg.adapter("none") is None and cfg.adapter("x") == "x"
+    assert cfg.adapter() == cfg.adapter("") == "out/run" and cfg.adapter("none") is None and cfg.adapter("x") == "x"
     assert load_config(None, ["output_dir=out/run", "adapter_dir=out/best"]).adapter() == "out/best"
     assert load_config(None, ["output_dir=out/run", "adapter_dir=null"]).adapter() == "out/run"

@@ -277,8 +277,8 @@ class Config:
 
     def adapter(self, flag: str | None = None) -> str | None:
         """The adapter to load: ``flag`` (``--adapter_dir``), else ``adapter_dir``, else ``output_dir`` (what
-        training wrote); None for ``none`` (the base model alone)."""
-        return adapter_path(next(v for v in (flag, self.infer.adapter_dir, self.train.output_dir) if v is not None))
+        training wrote), an empty value counting as unset; None for ``none`` (the base model alone)."""
+        return adapter_path(next((v for v in (flag, self.infer.adapter_dir) if v), self.train.output_dir))
 
     def to_dict(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}

@@ -119,7 +119,6 @@ class RecSFTTrainer(SFTTrainer):
             c = self.data_collator
             self.data_collator = RecDataCollator(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)})
         self.yes_id, self.no_id = answer_token_ids(processing_class)
-        self.loss_type = args.answer_loss
         self.answer_width = args.answer_width if args.answer_width is not None else max_label_tokens(self.train_dataset)
         self._pending: dict[str, list] = {"train": [], "eval": [], "tokens": [], "answers": []}
         from .modeling import keep_trainable_fp32
@@ -163,7 +162,7 @@ class RecSFTTrainer(SFTTrainer):
         (whose size the host would have to read), and the logged counters stay on the device until a log step.
         """
         mode = "train" if model.training else "eval"
-        if self.loss_type == "yes_no":
+        if self.args.answer_loss == "yes_no":
             return self._yes_no_loss(model, inputs, mode, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         fwd = self.model_inputs(inputs)
@@ -269,7 +268,7 @@ class RecSFTTrainer(SFTTrainer):
         logits = model_logits.float()
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
         first = starts[keep]  # which kept rows are the first token of an answer
-        if self.loss_type == "yes_no":
+        if self.args.answer_loss == "yes_no":
             diff = pair[first, 0] - pair[first, 1]
             loss = torch.nn.functional.binary_cross_entropy_with_logits(diff, (targets[first] == self.yes_id).float())
         else:

@@ -20,7 +20,9 @@ class StepTimer(TrainerCallback):
 
         if self.device == "cuda":
             torch.cuda.synchronize()
-        self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens)))
+        trainer = self.trainer  # ours counts in train_tokens, stock TRL in its own _total_train_tokens
+        tokens = trainer.train_tokens if hasattr(trainer, "train_tokens") else trainer._total_train_tokens
+        self.marks.append((time.perf_counter(), int(tokens)))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._mark()

@@ -45,7 +45,8 @@ def run(args) -> dict:
 
     import torch
 
-    from recsft.inference import generate, max_prompt_tokens, prompts_for, score
+    from recsft.inference import generate, prompts_for, score
+    from recsft.preprocess import prompt_budget
     from recsft.metrics import extract_answer
 
     if args.threads:
@@ -72,7 +73,7 @@ def run(args) -> dict:
         data = default_data(args.data, split="eval")
         records = load_records(data)[: args.n]
         prompts, gold = prompts_for(records, tok)
-        budget = max_prompt_tokens(tok, args.cutoff_len)
+        budget = prompt_budget(tok, args.cutoff_len)
         n = len(prompts)
         print(f"device: {device_info(args.device)}")
         print(f"model {args.model}; {n} prompts from {data}; batch {batches}; max_new_tokens {new_tokens_list}"

@@ -51,10 +51,10 @@ def one_variant(name: str, model_path: str, args, queue) -> None:
     from transformers import TrainerCallback
 
     from recsft.config import TrainArgs
-    from recsft.inference import answer_token_ids
     from recsft.modeling import apply_lora, load_model, load_tokenizer
     from recsft.preprocess import tokenize_to_arrow
-    from recsft.training import RecSFTTrainer, sft_config
+    from recsft.trainer import RecSFTTrainer
+    from recsft.training import sft_config
 
     spec = VARIANTS[name]
     tok = load_tokenizer(model_path)
@@ -81,12 +81,11 @@ def one_variant(name: str, model_path: str, args, queue) -> None:
             marks.append((time.perf_counter(), time.process_time(), 0))
 
         def on_step_end(self, *a, **k):
-            marks.append((time.perf_counter(), time.process_time(), int(trainer._total_train_tokens)))
+            marks.append((time.perf_counter(), time.process_time(), int(trainer.train_tokens)))
 
     trainer = RecSFTTrainer(model=model, args=sft_config(train, args.cutoff_len, "cpu", has_eval=False,
                                                          disable_tqdm=True),
                             train_dataset=train_ds, processing_class=tok, callbacks=[Marks()])
-    trainer.yes_id, trainer.no_id = answer_token_ids(tok)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout

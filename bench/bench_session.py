@@ -52,7 +52,7 @@ def load(args):
     return args.model, load_tokenizer(args.model)
 
 
-def make_trainer(model_path: str, tok, train_ds, args):
+def make_trainer(model_path: str, tok, train_ds, args, answer_width: int | None = None):
     """The project's trainer (loss, answer positions) around a fresh LoRA model, and an AdamW optimizer."""
     import torch
 
@@ -65,7 +65,7 @@ def make_trainer(model_path: str, tok, train_ds, args):
                              "load_best_model_at_end=false", "output_dir=/tmp/bench_session", "eval_dataset=",
                              f"learning_rate={args.lr}", "max_steps=1"])
     model, device = model_for(cfg.model, cfg.lora, False, args.seed)
-    trainer, _ = build_trainer(model, tok, train_ds, None, cfg, device)
+    trainer, _ = build_trainer(model, tok, train_ds, None, cfg, device, answer_width=answer_width)
     params = [p for p in model.parameters() if p.requires_grad]
     return trainer, model, torch.optim.AdamW(params, lr=args.lr)
 
@@ -77,7 +77,7 @@ def batches(ds, size: int):
 
 def step(trainer, model, opt, rows) -> tuple[float, int, int]:
     """One optimizer step on ``rows``: ``(seconds, labels (answers), tokens)``."""
-    from recsft.inference import session_answer_starts
+    from recsft.preprocess import answer_positions
 
     batch = trainer.data_collator(rows)
     model.train()
@@ -87,14 +87,14 @@ def step(trainer, model, opt, rows) -> tuple[float, int, int]:
     opt.step()
     opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    return seconds, int(session_answer_starts(batch["labels"]).sum()), int(batch["attention_mask"].sum())
+    return seconds, int(answer_positions(batch["labels"])[1].sum()), int(batch["attention_mask"].sum())
 
 
 def run(args) -> dict:
     import torch
     from datasets import Dataset
 
-    from recsft.inference import session_answer_starts
+    from recsft.preprocess import answer_positions
     from recsft.preprocess import tokenize_any
 
     quiet_logs()
@@ -105,14 +105,14 @@ def run(args) -> dict:
     data = {}
     for name, recs in records.items():
         table = tokenize_any(recs, tok, args.cutoff_len).to_pydict()
-        labels = sum(int(session_answer_starts(torch.tensor([lab])).sum()) for lab in table["labels"])
+        labels = sum(int(answer_positions(torch.tensor([lab]))[1].sum()) for lab in table["labels"])
         tokens = sum(map(len, table["input_ids"]))
         data[name] = {"ds": Dataset.from_dict(table), "examples": len(table["input_ids"]), "labels": labels,
                       "tokens": tokens, "tokens_per_label": tokens / labels}
-    trainer, model, opt = make_trainer(model_path, tok, data["blocks"]["ds"], args)
-    from recsft.training import max_label_tokens
+    from recsft.trainer import max_label_tokens
 
-    trainer.answer_width = max(trainer.answer_width, max_label_tokens(data["session"]["ds"]))  # every answer
+    width = max(max_label_tokens(d["ds"]) for d in data.values())  # every answer of every format
+    trainer, model, opt = make_trainer(model_path, tok, data["blocks"]["ds"], args, answer_width=width)
     sizes = {"single": args.single_batch, "session": args.session_batch, "blocks": args.session_batch}
     plan = {name: batches(d["ds"], sizes[name]) for name, d in data.items()}
     timed = {name: [] for name in data}

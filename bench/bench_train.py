@@ -14,7 +14,7 @@ Variants (each one a fresh model loaded from the same random weights, the same L
 * ``stock``        -- ``trl.SFTTrainer`` + ``SFTConfig`` defaults: gradient checkpointing on, padded batches,
   TRL's fused LM head + NLL (every position on CPU; label positions in Triton tiles on GPU).
 * ``stock_nogc``   -- the same with gradient checkpointing off (separates the two levers).
-* ``ours``         -- ``recsft.training.RecSFTTrainer`` + ``recsft.training.sft_config`` (no checkpointing,
+* ``ours``         -- ``recsft.trainer.RecSFTTrainer`` + ``recsft.training.sft_config`` (no checkpointing,
   the LM head run only at label positions via ``logits_to_keep``), padded batches.
 * ``ours_padfree`` -- ours with padding-free batches (one row, ``position_ids``; no pad tokens).
 * ``ours_pack``    -- ours with ``packing: true`` (BFD packing, padding-free; rows of up to cutoff_len).
@@ -155,8 +155,8 @@ def make_trainer(v: Variant, model_dir: str, tok, train_ds, args, max_steps: int
     out = tempfile.mkdtemp(prefix=f"bench_{v.name}_")
     if v.ours:
         from recsft.config import TrainArgs
-        from recsft.inference import answer_token_ids
-        from recsft.training import RecSFTTrainer, sft_config
+        from recsft.trainer import RecSFTTrainer
+        from recsft.training import sft_config
 
         train = TrainArgs(output_dir=out, per_device_train_batch_size=args.batch,
                           gradient_accumulation_steps=args.accum, max_steps=max_steps, learning_rate=args.lr,
@@ -171,7 +171,6 @@ def make_trainer(v: Variant, model_dir: str, tok, train_ds, args, max_steps: int
         targs = sft_config(train, args.cutoff_len, args.device, has_eval=False, **extra)
         trainer = RecSFTTrainer(model=model, args=targs, train_dataset=train_ds, processing_class=tok,
                                 callbacks=list(callbacks))
-        trainer.yes_id, trainer.no_id = answer_token_ids(tok)
     else:
         from trl import SFTConfig, SFTTrainer
 

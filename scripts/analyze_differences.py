@@ -15,9 +15,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from recsft.cli import ArgumentParser, non_negative_int, run
-from recsft.evaluation import CATEGORIES, category
-from recsft.io import DataError
+from utils import CATEGORIES, ArgumentParser, DataError, category, non_negative_int, run
 
 ROW_KEYS = {"label": (str, type(None)), "agree": bool, "base_correct": bool, "lora_correct": bool,
             "base_prediction": (str, type(None)), "lora_prediction": (str, type(None)),
@@ -34,14 +32,14 @@ def parse_args(argv: list[str] | None = None):
 
 def display_example(row: dict) -> str:
     """Format-specific view of one example and both answers."""
-    from recsft.report import display_example as show
+    from utils import display_example as show
 
     return (f"{show(row)}\n  label: {row['label']} | base: {row['base_prediction']} ({row['base_response']!r})"
             f" | lora: {row['lora_prediction']} ({row['lora_response']!r})")
 
 
 def main(args) -> dict:
-    from recsft.io import load_data, require_keys
+    from utils import load_data, require_keys
 
     path = Path(args.input_dir) / "comparisons.jsonl"
     if not path.is_file():

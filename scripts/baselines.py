@@ -30,12 +30,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
-from recsft.io import DataError
+from utils import ArgumentParser, DataError, non_negative_int, output_dir, positive_int, run
 
 
 def parse_args(argv: list[str] | None = None):
-    from recsft.baselines import MODELS, PROMPT_MODELS
+    from utils import MODELS, PROMPT_MODELS
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data/movielens_qwen3", help="folder written by prepare_data.py")
@@ -52,35 +51,33 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(args) -> dict:
-    from recsft import baselines as B
-    from recsft import movielens
-    from recsft.io import write_json_atomic, write_jsonl_atomic
-    from recsft.validate import writable_dir
+    from utils import (LABELS, MODELS, PROMPT_LABELS, PROMPT_MODELS, evaluate_scores, fit_scorers, load_prepared,
+                       pointwise_scores, prediction_files, prompt_scorers, train_ratings, writable_dir,
+                       write_json_atomic, write_jsonl_atomic)
 
     writable_dir(args.output_dir, "--output_dir")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in B.MODELS + B.PROMPT_MODELS]
+    unknown = [n for n in names if n not in MODELS + PROMPT_MODELS]
     if unknown:
-        raise DataError(f"--models: unknown {unknown}; choose from {', '.join(B.MODELS + B.PROMPT_MODELS)}")
-    data = movielens.load_prepared(args.data_dir)
+        raise DataError(f"--models: unknown {unknown}; choose from {', '.join(MODELS + PROMPT_MODELS)}")
+    data = load_prepared(args.data_dir)
     test = data.splits["test"][: args.max_samples] if args.max_samples else data.splits["test"]
-    train = movielens.train_ratings(data.ratings, data.splits)
-    prompt = [n for n in names if n in B.PROMPT_MODELS]
-    scorers = B.prompt_scorers(args.data_dir, prompt, args.seed) if prompt else {}
-    scorers.update(B.fit_scorers([n for n in names if n not in prompt], train, data.ratings,
-                                 data.params["like_threshold"], args.seed, epochs=args.epochs))
+    train = train_ratings(data.ratings, data.splits)
+    prompt = [n for n in names if n in PROMPT_MODELS]
+    scorers = prompt_scorers(args.data_dir, prompt, args.seed) if prompt else {}
+    scorers.update(fit_scorers([n for n in names if n not in prompt], train, data.ratings,
+                               data.params["like_threshold"], args.seed, epochs=args.epochs))
     eval_y = [e["label"] == "Yes" for e in data.splits["eval"]]
     test_y = [e["label"] == "Yes" for e in test]
     users = [e["user_id"] for e in test]
-    results = {"always Yes": B.evaluate_scores([1.0] * len(eval_y), eval_y, [1.0] * len(test), test_y, users)}
+    results = {"always Yes": evaluate_scores([1.0] * len(eval_y), eval_y, [1.0] * len(test), test_y, users)}
     files = {}
     for name, fn in scorers.items():
-        ev = B.pointwise_scores(fn, data.splits["eval"], f"{name} eval", progress=True)
-        te = B.pointwise_scores(fn, test, f"{name} test", progress=True)
-        m = B.evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True,
-                              calibrated=getattr(fn, "calibrated", False))
-        files[name] = B.prediction_files(test, m.pop("p_yes"), m)
-        results[B.LABELS.get(name) or B.PROMPT_LABELS[name]] = m
+        ev = pointwise_scores(fn, data.splits["eval"], f"{name} eval", progress=True)
+        te = pointwise_scores(fn, test, f"{name} test", progress=True)
+        m = evaluate_scores(ev, eval_y, te, test_y, users, keep_probs=True, calibrated=getattr(fn, "calibrated", False))
+        files[name] = prediction_files(test, m.pop("p_yes"), m)
+        results[LABELS.get(name) or PROMPT_LABELS[name]] = m
     print(f"{'model':42s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'UAUC':>6s} {'logloss':>7s}  (n={len(test)})")
     for name, m in results.items():
         print(f"{name:42s} {m['accuracy']:8.4f} {m['f1']:6.4f} {m['auc']:6.4f} {m['uauc']:6.4f} {m['log_loss']:7.4f}")

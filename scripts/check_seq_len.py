@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
-from recsft.config import DEFAULT_CONFIG, load_config
+from utils import DEFAULT_CONFIG, ArgumentParser, load_config, non_negative_int, output_dir, positive_int, run
 
 RULE = "─" * 76
 BAR = "=" * 80
@@ -59,8 +58,7 @@ def short(text: str, width: int = 70) -> str:
 
 
 def show_example(k: int, record: dict, tok, cutoff: int, system_prompt, enable_thinking: bool) -> None:
-    from recsft.formatting import chat_texts, to_chat_messages
-    from recsft.preprocess import tokenize_func
+    from utils import chat_texts, to_chat_messages, tokenize_func
 
     print(f"\n{RULE}\nEXAMPLE {k}\n{RULE}\n\n[STEP 1] Original JSON Record:")
     for key, value in record.items():
@@ -93,8 +91,7 @@ def show_example(k: int, record: dict, tok, cutoff: int, system_prompt, enable_t
 
 def lengths_of(records: list[dict], tok, system_prompt, enable_thinking: bool) -> np.ndarray:
     """Token counts exactly as training tokenizes; character counts of system+user+answer without ``tok``."""
-    from recsft.formatting import format_prompt
-    from recsft.preprocess import tokenize_to_arrow
+    from utils import format_prompt, tokenize_to_arrow
 
     if tok is None:
         parts = (format_prompt(r, system_prompt) for r in records)
@@ -128,10 +125,7 @@ def report(lengths: np.ndarray, cutoff: int, percentiles: list[float], unit: str
 
 
 def main(args) -> dict:
-    from recsft.formatting import load_records
-    from recsft.modeling import load_tokenizer
-    from recsft.validate import check_model_source, writable_dir
-    from recsft.report import plot_length_histogram
+    from utils import check_model_source, load_records, load_tokenizer, plot_length_histogram, writable_dir
 
     cfg = load_config(args.config, args.overrides)
     writable_dir(args.output_dir, "--output-dir")

@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
-from recsft.config import DEFAULT_CONFIG, load_config
+from utils import DEFAULT_CONFIG, ArgumentParser, load_config, non_negative_int, output_dir, positive_int, run
 
 
 def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--test_file", default=None, help="dataset name or path (default: the config's test_file)")
-    p.add_argument("--adapter_dir", default=None, help="default: the config's output_dir")
+    p.add_argument("--adapter_dir", default=None, help="default: the config's adapter_dir, else its output_dir")
     p.add_argument("--max_samples", type=positive_int, default=None, help="default: the config's max_test_samples")
     p.add_argument("--eval_mode", choices=["generate", "score"], default=None, help="default: config eval_mode")
     p.add_argument("--output_dir", type=output_dir, default="output/compare_base_vs_lora")
@@ -35,17 +34,13 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(args) -> dict:
-    from recsft import evaluation as E
-    from recsft.formatting import load_records
-    from recsft.io import write_json_atomic, write_jsonl_atomic
-    from recsft.report import display_example, format_metrics
-
-    from recsft.errors import UserInputError
-    from recsft.validate import preflight_inference, writable_dir
+    from utils import (EvalSettings, UserInputError, agreement, check_record_mode, check_residual_records,
+                       display_example, evaluate, format_metrics, load_for_eval, load_records, load_residual,
+                       pair_rows, preflight_inference, writable_dir, write_json_atomic, write_jsonl_atomic)
 
     cfg = load_config(args.config, args.overrides)
-    adapter = args.adapter_dir or cfg.train.output_dir
-    if str(adapter).strip().lower() in ("none", ""):
+    adapter = cfg.adapter(args.adapter_dir)
+    if adapter is None:
         raise UserInputError("--adapter_dir: compare_base_vs_lora needs a LoRA adapter folder to compare with the "
                              "base model (for the base model alone use infer_lora.py --adapter_dir none)")
     writable_dir(args.output_dir, "--output_dir")
@@ -53,20 +48,20 @@ def main(args) -> dict:
     mode = args.eval_mode or cfg.infer.eval_mode
     records, source = load_records(args.test_file or cfg.data.test_file, cfg.data.dataset_dir,
                                    args.max_samples or cfg.data.max_test_samples)
-    settings = E.EvalSettings.from_config(cfg)
-    model_args = E.check_record_mode(records, source, mode, False, cfg.model)
-    residual = E.load_residual(adapter)  # the LoRA side scores with the adapter's CF residual, if it has one
+    settings = EvalSettings.from_config(cfg)
+    model_args = check_record_mode(records, source, mode, False, cfg.model)
+    residual = load_residual(adapter)  # the LoRA side scores with the adapter's CF residual, if it has one
     if residual is not None:
         if mode != "score":
             raise UserInputError(f"{adapter}: trained with a CF residual, whose P(Yes) needs --eval_mode score")
-        E.check_residual_records(records, source)
-    model, tok = E.load_for_eval(model_args, adapter)
-    lora_rows, lora_m = E.evaluate(model, tok, records, mode, settings, source, desc="LoRA", residual=residual)
+        check_residual_records(records, source)
+    model, tok = load_for_eval(model_args, adapter)
+    lora_rows, lora_m = evaluate(model, tok, records, mode, settings, source, desc="LoRA", residual=residual)
     with model.disable_adapter():
-        base_rows, base_m = E.evaluate(model, tok, records, mode, settings, source, desc="Base")
-    rows = E.pair_rows(base_rows, lora_rows)
+        base_rows, base_m = evaluate(model, tok, records, mode, settings, source, desc="Base")
+    rows = pair_rows(base_rows, lora_rows)
     summary = {"test_file": source, "mode": mode, "adapter_dir": adapter, "model": cfg.model.model_name_or_path,
-               "base": base_m, "lora": lora_m, "agreement": E.agreement(rows)}
+               "base": base_m, "lora": lora_m, "agreement": agreement(rows)}
     out = Path(args.output_dir)
     write_jsonl_atomic(out / "comparisons.jsonl", rows)
     write_jsonl_atomic(out / "disagreements.jsonl", [r for r in rows if not r["agree"]])

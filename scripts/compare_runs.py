@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsft.cli import ArgumentParser, output_dir, run
-from recsft.io import DataError
+from utils import ArgumentParser, DataError, output_dir, run
 
 PREDICTION_KEYS = {"label": str, "p_yes": (int, float)}
 
@@ -68,9 +67,8 @@ def predictions_file(eval_dir: Path) -> Path:
 def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None):
     """(row, (AUC curve, UAUC curve), test keys, {key: (label, p_yes)}) of one run (only the test rows of
     ``keep_users`` when given)."""
-    from recsft.io import load_data, load_json, require_keys
-    from recsft.metrics import compute_metrics, normalize_label
-    from recsft.report import auc_curve, result_row, uauc_curve
+    from utils import (auc_curve, compute_metrics, load_data, load_json, normalize_label, require_keys, result_row,
+                       uauc_curve)
 
     path = predictions_file(eval_dir)
     rows = load_data(path)
@@ -113,8 +111,7 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
 def add_deltas(results: list[dict], scores: dict, reference: str, resamples: int) -> dict:
     """In place: each row but the reference gets ΔAUC / ΔUAUC against it (paired user bootstrap, same rows);
     returns the bootstrap results by row label."""
-    from recsft.metrics import paired_user_bootstrap
-    from recsft.report import delta_columns
+    from utils import delta_columns, paired_user_bootstrap
 
     ref = scores[reference]
     keys = sorted(ref, key=repr)
@@ -132,16 +129,17 @@ def add_deltas(results: list[dict], scores: dict, reference: str, resamples: int
         row.update(delta_columns(reference, d))
         out[row["model"]] = d
     return out
-    from recsft.io import load_json
+
+
+def last_log_history(train_dir: Path) -> list[dict]:
+    from utils import load_json
 
     states = sorted(train_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     return load_json(states[-1]).get("log_history", []) if states else []
 
 
 def main(args) -> dict:
-    from recsft.io import load_json, write_json_atomic, write_text_atomic
-    from recsft.report import plot_auc_curves, results_table
-    from recsft.validate import writable_dir
+    from utils import load_json, plot_auc_curves, results_table, writable_dir, write_json_atomic, write_text_atomic
 
     writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
-from recsft.config import DEFAULT_CONFIG, load_config
+from utils import DEFAULT_CONFIG, ArgumentParser, load_config, non_negative_int, output_dir, positive_int, run
 
 DEMO_RECORD = {
     "user_id": 0, "candidate_title": "Empire Strikes Back, The (1980)", "label": "Yes",
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (model, data)")
     p.add_argument("--test_file", default=None, help="dataset name (dataset_info.json) or .json/.jsonl path")
     p.add_argument("--output_dir", type=output_dir, default=None, help="batch mode: where predictions and metrics go")
-    p.add_argument("--adapter_dir", default=None, help="LoRA adapter (default: the config's output_dir); none = base")
+    p.add_argument("--adapter_dir", default=None, help="LoRA adapter (default: the config's adapter_dir, else its output_dir); none = the base model")
     p.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N examples")
     p.add_argument("--compare_base", action="store_true", help="also evaluate the base model")
     p.add_argument("--eval_mode", choices=["generate", "score"], default=None, help="default: config eval_mode")
@@ -56,15 +55,12 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(args) -> dict:
-    from recsft import evaluation as E
-    from recsft.formatting import load_records
-    from recsft.io import DataError
-    from recsft.report import save_eval
-    from recsft.validate import preflight_inference, writable_dir
+    from utils import (DataError, EvalSettings, check_record_mode, check_residual_records, compare_modes,
+                       evaluate_with_thresholds, load_for_eval, load_records, load_residual, preflight_inference,
+                       save_eval, writable_dir)
 
     cfg = load_config(args.config, args.overrides)
-    adapter = args.adapter_dir or cfg.train.output_dir
-    adapter = None if str(adapter).lower() == "none" else adapter
+    adapter = cfg.adapter(args.adapter_dir)
     preflight_inference(cfg.model)
     if not args.test_file and not args.output_dir:
         return demo(cfg, adapter)
@@ -75,21 +71,20 @@ def main(args) -> dict:
     calibration = None
     if mode == "score" and args.calibration_samples:
         calibration, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
-    settings = E.EvalSettings.from_config(cfg)
-    model_args = E.check_record_mode(records, source, mode, args.compare_modes, cfg.model)  # before the model loads
-    residual = E.load_residual(adapter)  # an adapter trained with a CF residual scores with it
+    settings = EvalSettings.from_config(cfg)
+    model_args = check_record_mode(records, source, mode, args.compare_modes, cfg.model)  # before the model loads
+    residual = load_residual(adapter)  # an adapter trained with a CF residual scores with it
     if residual is not None:
         if mode != "score" or args.compare_modes:
             raise DataError(f"{adapter}: trained with a CF residual, whose P(Yes) needs --eval_mode score "
                             f"(without --compare_modes)")
-        E.check_residual_records(records, source)
-        E.check_residual_records(calibration or [], cfg.data.eval_dataset)
-    model, tok = E.load_for_eval(model_args, adapter, merge=not args.compare_base)
+        check_residual_records(records, source)
+        check_residual_records(calibration or [], cfg.data.eval_dataset)
+    model, tok = load_for_eval(model_args, adapter, merge=not args.compare_base)
 
     def run_one(name: str, primary: bool = False):
-        rows, metrics = E.evaluate_with_thresholds(model, tok, records, mode, settings, source,
-                                                   f"{name} ({mode})", calibration,
-                                                   residual if name == "lora" else None)
+        rows, metrics = evaluate_with_thresholds(model, tok, records, mode, settings, source, f"{name} ({mode})",
+                                                 calibration, residual if name == "lora" else None)
         metrics.update({"model": cfg.model.model_name_or_path,
                         "adapter": args.adapter_dir if name == "lora" else None, "test_file": source})
         save_eval(out, name, rows, metrics, primary)
@@ -98,7 +93,7 @@ def main(args) -> dict:
     primary = "lora" if adapter else "base"
     results = {primary: run_one(primary, primary=True)}
     if args.compare_modes:
-        results["modes"] = E.compare_modes(model, tok, records, mode, results[primary], settings, source)
+        results["modes"] = compare_modes(model, tok, records, mode, results[primary], settings, source)
     if args.compare_base and adapter:
         with model.disable_adapter():
             results["base"] = run_one("base")
@@ -106,15 +101,13 @@ def main(args) -> dict:
 
 
 def demo(cfg, adapter: str | None) -> dict:
-    from recsft import evaluation as E
-    from recsft.inference import generate, max_prompt_tokens, prompts_for
-    from recsft.metrics import extract_answer
+    from utils import extract_answer, generate, load_for_eval, prompt_budget, prompts_for
 
-    model, tok = E.load_for_eval(cfg.model, adapter)
+    model, tok = load_for_eval(cfg.model, adapter)
     prompts, _ = prompts_for([DEMO_RECORD], tok, cfg.data.system_prompt, cfg.model.enable_thinking)
     print("=" * 80 + f"\nPROMPT\n{prompts[0]}\n" + "=" * 80)
     answers = {}
-    budget = max_prompt_tokens(tok, cfg.data.cutoff_len)
+    budget = prompt_budget(tok, cfg.data.cutoff_len)
     kw = dict(max_new_tokens=cfg.infer.max_new_tokens, progress=False, max_prompt_tokens=budget)
     if adapter:
         answers["lora"] = generate(model, tok, prompts, **kw)[0]

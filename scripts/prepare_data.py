@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from recsft.cli import ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
+from utils import RATING_SCALE, ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
 
 
 def parse_args(argv: list[str] | None = None):
@@ -80,14 +80,14 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--items-id-col", default=None, help="item id column of the items table (default: --item-col)")
     g.add_argument("--title-col", default="title")
     g.add_argument("--genres-col", default="genres", help="optional; kept in items.parquet when present")
-    g.add_argument("--rating-scale", default="0.5,5", help="lowest,highest valid rating (others dropped)")
+    g.add_argument("--rating-scale", default=",".join(f"{x:g}" for x in RATING_SCALE),
+                   help="lowest,highest valid rating (others dropped); kept in stats.json, where inference reads it")
     return p.parse_args(argv)
 
 
 def table_spec(args):
     """The ratings-table settings, or None for MovieLens; a half-given or bad pair of flags is an error."""
-    from recsft.io import DataError
-    from recsft.ratings_table import TableSpec
+    from utils import DataError, TableSpec
 
     if not args.ratings and not args.items:
         return None
@@ -104,9 +104,7 @@ def table_spec(args):
 
 
 def main(args) -> dict:
-    from recsft.io import DataError
-    from recsft.movielens import check_features, check_params, prepare
-    from recsft.validate import writable_dir
+    from utils import DataError, check_features, check_params, prepare, writable_dir
 
     args.out_dir = args.out_dir or ("data/movielens_blocks" if args.format == "blocks" else "data/movielens_qwen3")
     features = check_features([f for item in args.features for f in item.split(",") if f])

@@ -7,7 +7,7 @@ Copy-paste:
     python scripts/rank_eval.py --llm --config configs/smollm2_movielens_lora.yaml --max-users 20 \\
         --models none --output_dir output/rank_smollm2_zeroshot          # the base LLM, zero-shot
     python scripts/rank_eval.py --config configs/qwen3_movielens_qlora.yaml \\
-        --adapter output/qwen3-movielens-qlora --max-users 200 --output_dir output/rank_qwen3_lora
+        --adapter_dir output/qwen3-movielens-qlora --max_users 200 --output_dir output/rank_qwen3_lora
 
 For every test user (sorted ids; ``--max-users`` keeps the first K), every test candidate labelled Yes
 is one question: that movie plus ``--n-negatives`` movies the user never rated in any split, drawn with
@@ -27,15 +27,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from recsft.cli import ArgumentParser, non_negative_int, output_dir, positive_int, run
-from recsft.config import DEFAULT_CONFIG
-from recsft.io import DataError
+from utils import DEFAULT_CONFIG, ArgumentParser, DataError, non_negative_int, output_dir, positive_int, run
 
 logger = logging.getLogger("rank_eval")
 
 
 def parse_args(argv: list[str] | None = None):
-    from recsft.baselines import MODELS
+    from utils import MODELS
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data/movielens_qwen3", help="folder written by prepare_data.py")
@@ -49,7 +47,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--no-full-ranking", action="store_true", help="skip the baselines' all-unrated-movies ranking")
     p.add_argument("--llm", action="store_true", help="rank with the LLM of --config too")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config of the LLM (model, cutoff_len, prompt)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder, or none for the base model (implies --llm)")
+    p.add_argument("--adapter_dir", "--adapter", default=None,
+                   help="LoRA adapter folder, or none for the base model (implies --llm)")
     p.add_argument("--name", default=None, help="label of the LLM row (default: model name + adapter)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="LLM: candidates per forward pass")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def check_args(args) -> list[str]:
-    from recsft.baselines import MODELS
+    from utils import MODELS
 
     if args.n_negatives < 1:
         raise DataError(f"--n-negatives must be >= 1, got {args.n_negatives}")
@@ -75,22 +74,17 @@ def llm_rows(args, questions, titles) -> tuple[str, dict]:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from recsft import ranking as R
-    from recsft.config import load_config
-    from recsft.evaluation import load_for_eval, load_residual
-    from recsft.inference import max_prompt_tokens
-    from recsft.modeling import check_adapter
+    from utils import (adapter_path, llm_question_scores, load_config, load_for_eval, load_residual, mean_metrics,
+                       prompt_budget, rank_metrics)
 
     cfg = load_config(args.config, args.overrides)
-    adapter = None if args.adapter in (None, "none") else args.adapter
-    if adapter:
-        check_adapter(adapter, cfg.model.model_name_or_path)
+    adapter = adapter_path(args.adapter_dir)
     residual = load_residual(adapter)  # an adapter trained with a CF residual ranks by c + a * margin + b
-    model, tok = load_for_eval(cfg.model, adapter, merge=True)
-    budget = max_prompt_tokens(tok, cfg.data.cutoff_len)
+    model, tok = load_for_eval(cfg.model, adapter, merge=True)  # checks the adapter before the model loads
+    budget = prompt_budget(tok, cfg.data.cutoff_len)
     rows, cut = [], 0
     for q in tqdm(questions, desc="LLM ranking", unit="question"):
-        margin, was_cut = R.llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
+        margin, was_cut = llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
                                                 args.batch_size, cfg.data.system_prompt, cfg.model.enable_thinking,
                                                 budget)
         cut += was_cut
@@ -98,36 +92,33 @@ def llm_rows(args, questions, titles) -> tuple[str, dict]:
         if residual is not None:
             users = [q["example"]["user_id"]] * len(q["candidates"])
             margin = residual.table.logit(users, list(q["candidates"])) + residual.a * margin + residual.b
-        rows.append(R.rank_metrics(margin[0], margin[1:]))
+        rows.append(rank_metrics(margin[0], margin[1:]))
     if cut:
         logger.warning(f"{cut} questions: prompt longer than cutoff_len={cfg.data.cutoff_len}; history cut from the "
                        f"left by the same amount for every candidate")
     base = Path(str(cfg.model.model_name_or_path).rstrip("/")).name
     label = args.name or (f"{base} + LoRA ({Path(adapter).name})" if adapter else f"{base}, zero-shot")
-    return label, {**R.mean_metrics(rows), "questions_prompt_cut": cut}
+    return label, {**mean_metrics(rows), "questions_prompt_cut": cut}
 
 
 def main(args) -> dict:
-    from recsft import baselines as B
-    from recsft import movielens
-    from recsft import ranking as R
-    from recsft.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-
-    from recsft.validate import writable_dir
+    from utils import (LABELS, MARKDOWN_HEADER, PER_USER_CONSTANT, build_questions, fit_scorers, full_ranking,
+                       load_prepared, markdown_row, rated_sets, score_questions, train_ratings, writable_dir,
+                       write_json_atomic, write_jsonl_atomic, write_text_atomic)
 
     names = check_args(args)
     writable_dir(args.output_dir, "--output_dir")
-    use_llm = args.llm or args.adapter is not None
+    use_llm = args.llm or args.adapter_dir is not None
     if use_llm:
-        from recsft.config import load_config
+        from utils import load_config
 
         load_config(args.config, args.overrides)  # a bad config fails before any work
-    data = movielens.load_prepared(args.data_dir)
-    train = movielens.train_ratings(data.ratings, data.splits)
-    rated = B.rated_sets(data.ratings)
+    data = load_prepared(args.data_dir)
+    train = train_ratings(data.ratings, data.splits)
+    rated = rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())
     popularity = train.movie_id.value_counts().to_dict()
-    questions, counts = R.build_questions(data.splits["test"], rated, items, args.n_negatives, args.seed,
+    questions, counts = build_questions(data.splits["test"], rated, items, args.n_negatives, args.seed,
                                           args.sampling, popularity, args.max_users)
     if not questions:
         raise DataError(f"{args.data_dir}: no test user has a liked (Yes) test candidate; nothing to rank")
@@ -139,25 +130,25 @@ def main(args) -> dict:
                 "averaged_over": "questions", "full_ranking": "positive among all movies the user never rated",
                 "llm": "P(Yes) of the test example's prompt (same history) with each candidate swapped in"}
     results: dict = {}
-    scorers = B.fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
+    scorers = fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
     for name, scorer in scorers.items():
-        if name in B.PER_USER_CONSTANT:
+        if name in PER_USER_CONSTANT:
             continue  # one score per user: chance by construction
-        logger.info("ranking with %s", B.LABELS[name])
-        entry = {"sampled": R.score_questions(questions, scorer)}
+        logger.info("ranking with %s", LABELS[name])
+        entry = {"sampled": score_questions(questions, scorer)}
         if not args.no_full_ranking:
-            entry["full"] = R.full_ranking(questions, scorer, rated, items)
-        results[B.LABELS[name]] = entry
+            entry["full"] = full_ranking(questions, scorer, rated, items)
+        results[LABELS[name]] = entry
     if use_llm:
         label, metrics = llm_rows(args, questions, data.titles)
         results[label] = {"sampled": metrics}
-    table = "\n".join([R.MARKDOWN_HEADER, *(R.markdown_row(k, v["sampled"]) for k, v in results.items())])
-    full = [R.markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]
+    table = "\n".join([MARKDOWN_HEADER, *(markdown_row(k, v["sampled"]) for k, v in results.items())])
+    full = [markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]
     out = Path(args.output_dir)
     write_jsonl_atomic(out / "questions.jsonl", [{"user_id": q["user_id"], "candidates": q["candidates"]}
                                                  for q in questions])
     write_json_atomic(out / "rank_metrics.json", {"protocol": protocol, "counts": counts, "results": results})
-    text = f"{table}\n" + (f"\nFull ranking (all unrated movies):\n\n" + "\n".join([R.MARKDOWN_HEADER, *full]) + "\n"
+    text = f"{table}\n" + (f"\nFull ranking (all unrated movies):\n\n" + "\n".join([MARKDOWN_HEADER, *full]) + "\n"
                            if full else "")
     write_text_atomic(out / "rank_table.md", text)
     print(f"\n{counts['questions']} questions from {counts['users']} users ({args.n_negatives} {args.sampling} "

@@ -56,11 +56,53 @@ def tiny_config(tmp_path: Path, model: str, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
 
+def yes_no_reference(model, batch, yes_id: int, no_id: int) -> tuple[float, object]:
+    """``(BCE, gold)``: binary cross-entropy on logit(Yes) - logit(No) of a plain full-logits forward at every
+    answer's first position, in float32, and the gold Yes mask; what the ``yes_no`` loss must equal."""
+    import torch
+
+    from recsft.preprocess import answer_positions
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    _, starts = answer_positions(batch["labels"])
+    at = logits[starts]
+    gold = batch["labels"][:, 1:][starts[:, :-1]] == yes_id
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(at[:, yes_id] - at[:, no_id], gold.float())
+    return ref.item(), gold
+
+
 def write_config_yaml(cfg, path: Path, **extra) -> Path:
     """``cfg`` (plus ``extra`` keys) as a flat YAML config file that the scripts' ``--config`` reads."""
     values = cfg.to_dict() | extra  # None -> null (e.g. quantization_bit: null, not the default 4)
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
     return path
+
+
+_TOKENIZERS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def shared_tokenizers(request, monkeypatch):
+    """Fast tests share one loaded tokenizer per (path, settings): loading the 151k-token Qwen3 tokenizer takes
+    seconds, and many fast tests run a script up to the point where it fails. Slow tests load their own."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from recsft import modeling
+
+    real = modeling.load_tokenizer
+
+    def load_tokenizer(name_or_path, trust_remote_code=False, padding_side="right"):
+        key = (str(name_or_path), trust_remote_code, padding_side)
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = real(name_or_path, trust_remote_code, padding_side)
+        tok = _TOKENIZERS[key]
+        tok.padding_side = padding_side
+        return tok
+
+    monkeypatch.setattr(modeling, "load_tokenizer", load_tokenizer)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -103,3 +103,26 @@ def test_category_and_agreement():
                                              "base_right_lora_wrong"]
     assert E.agreement(rows) == {"examples": 4, "agree": 1, "disagree": 3, "lora_right_base_wrong": 2,
                                  "base_right_lora_wrong": 1, "both_right": 1, "both_wrong": 0}
+
+
+def test_the_same_records_are_rendered_once_per_run(monkeypatch):
+    """The base model next to the adapter, or the other mode, reuses the prompts of the records just rendered."""
+    from recsft import evaluation
+
+    calls = []
+
+    def prompts_for(records, tok, *args):
+        calls.append(len(records))
+        return [f"prompt {i}" for i in range(len(records))], ["Yes"] * len(records)
+
+    monkeypatch.setattr(evaluation, "prompts_for", prompts_for)
+    monkeypatch.setattr(evaluation, "predict", lambda model, tok, prompts, mode, *a, **k:
+                        [{"response": "Yes", "prediction": "Yes", "p_yes": 0.6} for _ in prompts])
+    records, other, tok, settings = [{"user_id": 1}, {"user_id": 2}], [{"user_id": 3}], object(), \
+        evaluation.EvalSettings()
+    for model in ("lora", "base"):
+        evaluation.evaluate(model, tok, records, "score", settings, "test.jsonl")
+    assert calls == [2]
+    evaluation.evaluate("lora", tok, other, "score", settings, "test.jsonl")
+    evaluation.evaluate("lora", tok, records, "score", evaluation.EvalSettings(cutoff_len=64), "test.jsonl")
+    assert calls == [2, 1, 2]  # other records, other settings: rendered again

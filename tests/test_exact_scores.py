@@ -14,9 +14,9 @@ from conftest import build_tiny_qwen3, tiny_config, write_data
 # ------------------------------------------------------------------------------ one prompt budget
 @pytest.mark.parametrize("cutoff", [16, 64, 256, 1024])
 def test_inference_prompt_ids_equal_training_prompt_ids(qwen3_tokenizer, tmp_path, cutoff):
-    from recsft.inference import _encode, _left_padding, max_prompt_tokens, prompts_for
+    from recsft.inference import _encode, _left_padding, prompts_for
     from recsft.io import load_data
-    from recsft.preprocess import tokenize_func, tokenize_records
+    from recsft.preprocess import prompt_budget, tokenize_func, tokenize_records
 
     tok = qwen3_tokenizer
     records = load_data(write_data(tmp_path, n_train=6, n_eval=1)[0])
@@ -27,7 +27,7 @@ def test_inference_prompt_ids_equal_training_prompt_ids(qwen3_tokenizer, tmp_pat
                           if lab == -100]
     prompts, _ = prompts_for(records, tok)
     with _left_padding(tok):
-        enc = _encode(tok, prompts, "cpu", max_prompt_tokens(tok, cutoff))
+        enc = _encode(tok, prompts, "cpu", prompt_budget(tok, cutoff))
     served = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
     assert served == trained
     assert max(len(ids) for ids in cols["input_ids"]) == cutoff  # the long record fills cutoff_len exactly

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from recsft import modeling, training
+from recsft import callbacks, modeling, training
 from recsft.config import ConfigError, TrainArgs
 
 
@@ -195,8 +195,8 @@ def test_a_repeated_signal_within_the_window_is_ignored_a_later_one_stops_at_onc
     raised = []
     monkeypatch.setattr(signal, "raise_signal", raised.append)
     clock = [100.0]
-    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
-    stop = training.GracefulStopCallback()
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    stop = callbacks.GracefulStopCallback()
     stop._handle(signal.SIGINT, None)  # from the terminal
     clock[0] += 0.2
     stop._handle(signal.SIGTERM, None)  # the launcher's forwarded copy
@@ -220,8 +220,8 @@ def test_generation_eval_is_skipped_under_fsdp(monkeypatch, tmp_path, capsys):
     cfg = tiny_config(tmp_path, "unused", gen_eval_samples=4)
     Path(cfg.train.output_dir).mkdir(parents=True)
     state = NS(log_history=[], global_step=3, epoch=1.0, best_model_checkpoint=None, best_metric=None)
-    trainer = NS(save_model=lambda out: None, is_world_process_zero=lambda: True, state=state, _total_train_tokens=9,
-                 args=NS(world_size=2), time_budget=None, model=None)
+    trainer = NS(save_model=lambda out: None, is_world_process_zero=lambda: True, state=state, train_tokens=9,
+                 train_answers=None, args=NS(world_size=2), time_budget=None, model=None)
     summary = report.finish_training(trainer, NS(save_pretrained=lambda out: None), cfg, cfg.data.eval_dataset,
                                      NS(metrics={"train_runtime": 1.0, "train_loss": 0.5}), 1.0, "cuda")
     assert not called and "gen_eval" not in summary and summary["global_step"] == 3

@@ -673,7 +673,7 @@ def test_interrupted_publish_is_detected_by_readers(work, monkeypatch):
 
 # --------------------------------------------------------------------------------------- resume
 def test_resume_skips_truncated_and_weightless_checkpoints(tmp_path, caplog):
-    from recsft.training import latest_checkpoint
+    from recsft.resume import latest_checkpoint
 
     _checkpoint(tmp_path, 4)
     _checkpoint(tmp_path, 8, weights=False)
@@ -754,7 +754,7 @@ def test_real_ctrl_c_during_prepare_data(tmp_path):
 def test_resume_lora_check_reads_peft_module_paths(tmp_path):
     """peft stores target_modules as full module paths: the same layers pass, another rank or layer set fails."""
     from recsft.config import ConfigError, LoraArgs
-    from recsft.training import check_resume_lora
+    from recsft.resume import check_resume_lora
 
     layers = [f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj", "k_proj")]
     ckpt = tmp_path / "checkpoint-2"

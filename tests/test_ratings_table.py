@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -108,3 +109,23 @@ def test_cli_unknown_column_exits_2_with_one_line(tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--user-col 'user_id'" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_ten_point_scale_works_end_to_end(tmp_path, qwen3_tokenizer):
+    """Data prepared with --rating-scale 1,10 is read back on that scale by validation and prompt rendering
+    (the scale travels in stats.json), while a rating off the scale is still refused."""
+    from recsft.formatting import data_rating_scale, load_records
+    from recsft.inference import prompts_for
+
+    _tables(tmp_path / "in", (1, 10))
+    prepare_data.main(_args(tmp_path / "in", tmp_path / "out", "--rating-scale", "1,10", "--like-threshold", "8"))
+    test_file = str(tmp_path / "out" / "test_raw.jsonl")
+    assert data_rating_scale(test_file) == (1.0, 10.0)
+    records, _ = load_records(test_file)
+    assert max(max(r["history_ratings"]) for r in records) > 5
+    prompts, labels = prompts_for(records, qwen3_tokenizer, source=test_file)
+    assert len(prompts) == len(records) and set(labels) <= {"Yes", "No"}
+    bad = tmp_path / "out" / "bad.jsonl"
+    bad.write_text(json.dumps({**records[0], "history_ratings": [11] * len(records[0]["history_ratings"])}) + "\n")
+    with pytest.raises(DataError, match=r"history_ratings\[1\]: expected a number from 1.0 to 10.0"):
+        load_records(str(bad))

@@ -106,7 +106,7 @@ def test_corrupt_or_partial_cache_is_rebuilt(tmp_path, qwen3_tokenizer, caplog):
 
 
 def test_incomplete_checkpoint_is_skipped_by_resume(tmp_path):
-    from recsft.training import latest_checkpoint
+    from recsft.resume import latest_checkpoint
 
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')

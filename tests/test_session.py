@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import prepare_data
-from conftest import tiny_config
+from conftest import tiny_config, yes_no_reference
 from recsft import movielens
 from recsft.io import DataError
 from recsft.preprocess import IGNORE_INDEX, tokenize_any, tokenize_func
-from recsft.training import answer_positions
+from recsft.preprocess import answer_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 H, K = 15, 16
@@ -218,15 +218,9 @@ def test_yes_no_loss_trains_and_matches_a_float32_reference(tmp_path, tiny_qwen3
             return trainer.compute_loss(model, dict(batch)).item()
 
     # the trainer's loss == BCE on a plain full-logits forward's logit(Yes) - logit(No)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    _, starts = answer_positions(batch["labels"])
-    at = logits[starts]
-    gold = batch["labels"][:, 1:][starts[:, :-1]] == trainer.yes_id
-    ref = torch.nn.functional.binary_cross_entropy_with_logits(at[:, trainer.yes_id] - at[:, trainer.no_id],
-                                                               gold.float())
+    ref, gold = yes_no_reference(model, batch, trainer.yes_id, trainer.no_id)
     before = loss_now()
-    assert before == pytest.approx(ref.item(), rel=1e-4)
+    assert before == pytest.approx(ref, rel=1e-4)
     trainer.train()
     yes = float(gold.float().mean())
     prior = -(yes * np.log(yes) + (1 - yes) * np.log(1 - yes))  # best constant P(Yes); the tiny model gets there

@@ -16,7 +16,8 @@ STAGES = {
     "tokens": ["preprocess"],
     "model": ["modeling", "validate", "inference", "cf"],  # validate: settings checked against the model, up front;
     # cf: the collaborative-filtering residual (a Cornac model as arrays + the two-scalar head)
-    "train": ["training"],
+    # trainer (loss, eval step, metrics), callbacks, resume (every checkpoint rule), training (set-up)
+    "train": ["callbacks", "trainer", "resume", "training"],
     "score": ["evaluation", "baselines", "ranking"],
     "report": ["report"],
 }
@@ -79,13 +80,28 @@ def test_scripts_never_import_other_scripts():
 def test_utils_reexports_resolve():
     import utils
 
-    earlier = ["ADAPTER_DIR", "BASE_MODEL", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "Config", "ConfigError",
-               "load_config", "load_yaml_config", "valid_keys", "DataError", "load_data", "load_json", "resolve_asset",
-               "write_json_atomic", "write_jsonl_atomic", "DEFAULT_SYSTEM_PROMPT", "INSTRUCTION", "format_prompt",
-               "resolve_dataset", "to_chat_messages", "validate_records", "IGNORE_INDEX", "build_datasets",
-               "preprocess_datasets_parallel", "tokenize_func", "tokenize_records", "apply_lora", "check_adapter",
-               "get_device", "load_adapter", "load_model", "load_tokenizer", "generate", "prompts_for", "score",
-               "compute_metrics", "extract_answer"]
-    missing = [n for n in earlier + ["load_records", "chat_texts", "render_records", "load_tokenized_datasets"]
-               if not hasattr(utils, n)]
+    names = ["ADAPTER_DIR", "BASE_MODEL", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "Config", "ConfigError",
+             "load_config", "read_yaml", "valid_keys", "DataError", "load_data", "load_json", "resolve_asset",
+             "write_json_atomic", "write_jsonl_atomic", "DEFAULT_SYSTEM_PROMPT", "INSTRUCTION", "format_prompt",
+             "resolve_dataset", "to_chat_messages", "validate_records", "IGNORE_INDEX", "load_tokenized_datasets",
+             "tokenize_func", "tokenize_records", "apply_lora", "check_adapter", "get_device", "load_adapter",
+             "load_model", "load_tokenizer", "generate", "prompts_for", "score", "compute_metrics", "extract_answer",
+             "load_records", "chat_texts", "render_records", "RecSFTConfig", "RecSFTTrainer", "plan_resume"]
+    missing = [n for n in names if not hasattr(utils, n)]
     assert not missing, missing
+
+
+def test_utils_reexports_the_public_names_of_the_package_and_nothing_else():
+    import utils
+
+    public = {n for m in RANK for n in utils._public_names(PACKAGE / f"{m}.py")}
+    assert set(utils.__all__) == public
+    for old in ("load_yaml_config", "build_datasets", "preprocess_datasets_parallel"):  # earlier aliases: gone
+        assert not hasattr(utils, old)
+    assert utils.load_config is __import__("recsft.config", fromlist=["x"]).load_config
+
+
+def test_scripts_import_the_shared_code_through_utils():
+    bad = {p.name: sorted(n for n in imported_modules(p) if n == "recsft" or n.startswith("recsft."))
+           for p in (ROOT / "scripts").glob("*.py") if p.name != "utils.py"}
+    assert not {k: v for k, v in bad.items() if v}, bad

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import finetune_lora
-from conftest import tiny_config, write_data
+from conftest import tiny_config
 
 pytestmark = pytest.mark.slow  # every test here trains or runs the tiny model
 
@@ -109,38 +109,6 @@ def test_eval_metrics_match_an_independent_forward(tmp_path, tiny_qwen3):
     ref = compute_metrics(labels, preds, p_yes)
     for key in ("accuracy", "f1", "auc", "unparseable"):
         assert metrics[f"eval_{key}"] == pytest.approx(ref[key], abs=1e-6), key
-
-
-def test_label_position_loss_equals_full_logits_loss_padded_and_packed(tmp_path, tiny_qwen3, qwen3_tokenizer):
-    """Our loss (LM head on label positions only) == the plain full-logits loss, padded or padding-free."""
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from recsft.io import load_data
-    from recsft.preprocess import tokenize_records
-    from recsft.training import answer_positions
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, attn_implementation="sdpa").eval()
-    cols = tokenize_records(load_data(write_data(tmp_path)[0])[:5], qwen3_tokenizer, cutoff_len=160)
-    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"])]
-    pad = qwen3_tokenizer.pad_token_id
-
-    def reference(row):  # one example, no padding, full logits, plain shifted cross-entropy
-        ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
-        logits = model(input_ids=ids).logits[0, :-1]
-        return torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
-
-    n_labels = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
-    expected = sum(reference(r) for r in rows) / n_labels
-    for padding_free in (False, True):
-        batch = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=padding_free)(rows)
-        keep, _ = answer_positions(batch["labels"])
-        fwd = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad():
-            logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits  # a cache disables packed masks
-        targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
-        got = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / n_labels
-        assert got.item() == pytest.approx(expected.item(), rel=1e-4), f"padding_free={padding_free}"
 
 
 def test_packing_and_gradient_checkpointing_knobs_train(tmp_path, tiny_qwen3):

@@ -20,9 +20,8 @@ def train_and_log(cfg, answer_width: int | None) -> tuple[list[dict], object]:
     tok = tokenizer_for(cfg.model)
     train_ds, _ = datasets_for(cfg.data, False, tok, train_path, None, False, cpu=True)
     model, device = model_for(cfg.model, cfg.lora, False)
-    trainer, _ = T.build_trainer(model, tok, train_ds, None, cfg, device)
-    if answer_width is not None:
-        trainer.answer_width = answer_width
+    extra = {} if answer_width is None else {"answer_width": answer_width}
+    trainer, _ = T.build_trainer(model, tok, train_ds, None, cfg, device, **extra)
     trainer.train()
     hist = [{k: v for k, v in e.items() if not any(t in k for t in TIMING)} for e in trainer.state.log_history]
     return hist, trainer
@@ -43,4 +42,4 @@ def test_sync_free_label_positions_log_the_same_numbers_as_the_boolean_mask(tmp_
     assert [e["step"] for e in logged] == [1, 2, 4, 6] and all(0 <= e["mean_token_accuracy"] <= 1 for e in logged)
     # 6 steps x batch 4 x accumulation 2 = the 48 training examples once: every one of their tokens counted
     cols = tokenize_records(load_data(cfg.data.dataset), tokenizer_for(cfg.model), cfg.data.cutoff_len)
-    assert logged[-1]["num_tokens"] == trainer._total_train_tokens == sum(len(i) for i in cols["input_ids"])
+    assert logged[-1]["num_tokens"] == trainer.train_tokens == sum(len(i) for i in cols["input_ids"])

@@ -44,8 +44,28 @@ def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def both_spellings(names: tuple[str, ...]) -> tuple[str, ...]:
+    """A long flag's one spelling (``--max_samples``: underscores, like the config keys) first, then the same flag
+    with hyphens (``--max-samples``) as an alias; other names (``-n``, a declared alias) are kept after them."""
+    longs = [n for n in names if n.startswith("--")]
+    if not longs:
+        return names
+    canonical = "--" + longs[0][2:].replace("-", "_")
+    return tuple(dict.fromkeys([canonical, "--" + canonical[2:].replace("_", "-"), *names]))
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: argument --max_samples: must be a positive integer, got 0``."""
+    """argparse with one-line errors (``error: argument --max_samples/--max-samples: must be a positive integer,
+    got 0``) where every long flag answers to both spellings (:func:`both_spellings`)."""
+
+    def add_argument(self, *names, **kwargs):
+        return super().add_argument(*both_spellings(names), **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *names, **kw: add(*both_spellings(names), **kw)
+        return group
 
     def error(self, message: str):
         print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr, flush=True)

@@ -35,7 +35,6 @@ TOP_P = 1.0
 DEFAULT_CONFIG = "configs/qwen3_movielens_qlora.yaml"
 
 FLASH_ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "false")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 EVAL_MODES = ("generate", "score")
 LOSS_TYPES = ("nll", "yes_no")
@@ -134,6 +133,12 @@ class LoraArgs(_Section):
         self._raise_if_problems()
 
 
+# TrainArgs fields are Trainer (SFTConfig) arguments of the same name, passed through as they are
+# (recsft.training.sft_config); a field with ``metadata={"trainer": name}`` goes to that argument instead, one with
+# ``{"trainer": None}`` is recsft's own. A new Trainer setting is one field here.
+_OWN = {"trainer": None}
+
+
 @dataclass
 class TrainArgs(_Section):
     output_dir: str = ADAPTER_DIR  # adapter, checkpoints, logs/ (TensorBoard), training_summary.json
@@ -143,11 +148,13 @@ class TrainArgs(_Section):
     num_train_epochs: float = 3.0  # --extra-epochs N adds to this when resuming
     max_steps: int = -1  # > 0 overrides num_train_epochs
     learning_rate: float = 1.5e-4
-    warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps (see sft_config)
-    lr_scheduler_type: str = "cosine"
+    # linear warmup over this fraction of the steps: transformers reads a warmup_steps below 1 as a fraction of the
+    # total steps (TrainingArgs.get_warmup_steps), and warmup_ratio is kept in [0, 1) so it always is one
+    warmup_ratio: float = field(default=0.03, metadata={"trainer": "warmup_steps"})
+    lr_scheduler_type: str = "cosine"  # any transformers scheduler (checked before loading, recsft.validate)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch"  # any transformers optimizer (checked before loading, recsft.validate)
     logging_steps: int = 10  # train loss/lr every N optimizer steps
     eval_strategy: str = "steps"
     eval_steps: int = 2000
@@ -156,15 +163,16 @@ class TrainArgs(_Section):
     save_total_limit: int | None = 2  # keep the last 2 checkpoints (plus the best)
     load_best_model_at_end: bool = True  # the best checkpoint becomes the final adapter
     metric_for_best_model: str = "f1"  # f1 | accuracy | auc | loss
-    early_stopping_patience: int | None = 3  # None/0 disables early stopping
-    gradient_checkpointing: bool = False  # true saves memory at ~25% more compute
+    early_stopping_patience: int | None = field(default=3, metadata=_OWN)  # None/0 disables early stopping
+    # true saves memory at ~25% more compute (activation_checkpointing is the transformers-5 name)
+    gradient_checkpointing: bool = field(default=False, metadata={"trainer": "activation_checkpointing"})
     # padding-free packing (no cross-example attention); pays off with flash-attn: with SDPA (CPU) a packed
     # batch needs a dense block mask and is slower
     packing: bool = False
     seed: int = 42  # data order, LoRA init, dropout
-    gen_eval_samples: int = 0  # >0: greedy generation eval on N eval examples after training
-    report_to: str = "tensorboard"
-    bf16: str = "auto"  # auto = bf16 on GPUs that support it
+    gen_eval_samples: int = field(default=0, metadata=_OWN)  # >0: greedy generation eval on N eval examples after training
+    report_to: str = field(default="tensorboard", metadata=_OWN)  # tensorboard | none (TensorBoard on rank 0 only)
+    bf16: str = field(default="auto", metadata=_OWN)  # auto = bf16 on GPUs that support it (recsft.training.mixed_precision)
     dataloader_num_workers: int = 0
     # Training-time budget: stop (evaluate + save) once the training steps have used this many minutes.
     # Counted over optimizer steps only (evaluation and checkpointing excluded). Clock: wall = elapsed time;
@@ -173,11 +181,11 @@ class TrainArgs(_Section):
     budget_clock: str = "wall"
     # nll = token cross-entropy on the answer tokens (Yes/No, end-of-turn); yes_no = binary cross-entropy on
     # logit(Yes) - logit(No) at each answer's first position (float32), i.e. directly the P(Yes) scoring uses.
-    loss_type: str = "nll"
+    loss_type: str = field(default="nll", metadata={"trainer": "answer_loss"})  # SFTConfig's own loss_type is TRL's
     # Collaborative-filtering residual: P(Yes) = sigmoid(c(u,i) + a * (logit Yes - logit No) + b), c = the like-logit
     # of a Cornac model (biases: user+item biases; mf: matrix factorisation) fit on the training split, a and b
     # learned. none = the LLM alone. Needs loss_type yes_no and candidate-block data (user and movie ids).
-    cf_residual: str = "none"
+    cf_residual: str = field(default="none", metadata=_OWN)
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -201,8 +209,7 @@ class TrainArgs(_Section):
         self._check(bool(self.optim.strip()), "optim: must not be empty (e.g. adamw_torch)")
         self._check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         self._check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs or max_steps must be > 0")
-        self._check(self.lr_scheduler_type in SCHEDULERS,
-                    f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}")
+        self._check(bool(self.lr_scheduler_type.strip()), "lr_scheduler_type: must not be empty (e.g. cosine)")
         self._check(self.eval_strategy in STRATEGIES, f"eval_strategy: must be one of {', '.join(STRATEGIES)}")
         self._check(self.save_strategy in STRATEGIES, f"save_strategy: must be one of {', '.join(STRATEGIES)}")
         self._check(self.metric_for_best_model in ("f1", "accuracy", "auc", "loss"),
@@ -229,9 +236,17 @@ class TrainArgs(_Section):
         self._raise_if_problems()
 
 
+NO_ADAPTER = "none"  # --adapter_dir none / adapter_dir: none = the base model alone
+
+
+def adapter_path(value: str | None) -> str | None:
+    """The adapter folder a value names, or None for the base model (``none``, empty or unset)."""
+    return None if value is None or value.strip().lower() in (NO_ADAPTER, "") else value
+
+
 @dataclass
 class InferArgs(_Section):
-    adapter_dir: str = ADAPTER_DIR
+    adapter_dir: str | None = None  # the adapter the inference scripts load; null = the config's output_dir
     max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = TEMPERATURE
     top_p: float = TOP_P
@@ -247,6 +262,16 @@ class InferArgs(_Section):
         self._raise_if_problems()
 
 
+def trainer_arguments(train: TrainArgs) -> dict[str, Any]:
+    """The Trainer (``SFTConfig``) arguments of a ``train`` section, under the Trainer's names (see TrainArgs)."""
+    out = {}
+    for f in dataclasses.fields(train):
+        name = f.metadata.get("trainer", f.name)
+        if name is not None:
+            out[name] = getattr(train, f.name)
+    return out
+
+
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs,
                              "infer": InferArgs}
 
@@ -259,6 +284,11 @@ class Config:
     train: TrainArgs = field(default_factory=TrainArgs)
     infer: InferArgs = field(default_factory=InferArgs)
     source: str | None = None  # the YAML file it came from
+
+    def adapter(self, flag: str | None = None) -> str | None:
+        """The adapter to load: ``flag`` (``--adapter_dir``), else ``adapter_dir``, else ``output_dir`` (what
+        training wrote), an empty value counting as unset; None for ``none`` (the base model alone)."""
+        return adapter_path(next((v for v in (flag, self.infer.adapter_dir) if v), self.train.output_dir))
 
     def to_dict(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
-from .inference import generate, max_prompt_tokens, prompts_for, score
+from .inference import generate, prompts_for, score
 from .metrics import best_threshold, compute_metrics, extract_answer, normalize_label
+from .preprocess import prompt_budget
 
 logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
@@ -57,7 +58,7 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
     model = load_model(model_args.model_name_or_path, device, model_args.dtype, model_args.flash_attn,
                        model_args.quantization_bit, model_args.trust_remote_code)
     if adapter_dir:
-        model = load_adapter(model, adapter_dir, model_args.model_name_or_path)
+        model = load_adapter(model, adapter_dir, model_args.model_name_or_path, checked=True)
         if merge and is_kbit(model):
             logger.info("Adapter not merged: the base is %d-bit and merging would re-quantize the LoRA update; "
                         "running it unmerged (same outputs, slightly slower)", 4 if model.is_loaded_in_4bit else 8)
@@ -93,7 +94,7 @@ def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16,
 
     Prompts are cut from the left to fit ``cutoff_len`` exactly as in training.
     """
-    budget = max_prompt_tokens(tok, cutoff_len)
+    budget = prompt_budget(tok, cutoff_len)  # the one prompt budget: training truncates to it too
     if mode == "score":
         rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
         return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"],
@@ -115,7 +116,7 @@ def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSetti
         if records and all(key in r for r in records):
             rows, metrics = evaluate_many(model, tok, records, key, mode, settings, source, desc)
             return (rows, metrics) if residual is None else residual_metrics(rows, residual, metrics)
-    prompts, labels = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
+    prompts, labels = _rendered(records, tok, settings, source)
     start = time.perf_counter()
     preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,
                     settings.top_p, desc=desc, cutoff_len=settings.cutoff_len)
@@ -181,6 +182,20 @@ def residual_metrics(rows: list[dict], residual: Residual, metrics: dict) -> tup
     apply_residual(rows, residual)
     return rows, {**row_metrics(rows, metrics["mode"], metrics["seconds"]),
                   "cf_residual": {"kind": residual.table.kind, "a": residual.a, "b": residual.b}}
+
+
+_LAST_RENDERED: list = []  # [records, tokenizer, (settings, source, len(records)), (prompts, labels)] of the last call
+
+
+def _rendered(records: Sequence[dict], tok, settings: EvalSettings, source: str) -> tuple[list[str], list]:
+    """:func:`prompts_for` of ``records``, rendered once per run: evaluating the same records again (the base model
+    next to the adapter, the other mode) reuses the prompts of the last call."""
+    same = (len(_LAST_RENDERED) == 4 and _LAST_RENDERED[0] is records and _LAST_RENDERED[1] is tok
+            and _LAST_RENDERED[2] == (settings, source, len(records)))
+    if not same:
+        result = prompts_for(records, tok, settings.system_prompt, settings.enable_thinking, source)
+        _LAST_RENDERED[:] = [records, tok, (settings, source, len(records)), result]
+    return _LAST_RENDERED[3]
 
 
 def row_metrics(rows: list[dict], mode: str, seconds: float) -> dict[str, float]:

@@ -107,28 +107,48 @@ def record_format(record: dict[str, Any]) -> str:
                     f"got keys {sorted(record)}")
 
 
-RATING_RANGE = (0.5, 5.0)  # the MovieLens scale; every rating in a prompt must be on it
+RATING_SCALE = (0.5, 5.0)  # MovieLens (ml-latest-small has half stars): the scale of data prepared without one
 
 
-def check_history(titles: list, ratings: list, candidate_title: Any) -> None:
-    """Titles are non-empty strings and ratings numbers on the 0.5..5 scale; else a DataError naming the item."""
+def data_rating_scale(source: str | os.PathLike | None) -> tuple[float, float]:
+    """The rating scale of the data a file belongs to: ``params.rating_scale`` of the stats file prepare_data wrote
+    next to it (``prepare_data.py --rating-scale``), else :data:`RATING_SCALE`."""
+    folder = Path(source).parent if source and Path(source).is_file() else None
+    for name in ("stats.json", "session_stats.json") if folder else ():
+        if (folder / name).is_file():
+            try:
+                scale = load_json(folder / name).get("params", {}).get("rating_scale")
+            except (DataError, AttributeError):
+                continue
+            if isinstance(scale, list) and len(scale) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale) and scale[0] < scale[1]:
+                return float(scale[0]), float(scale[1])
+    return RATING_SCALE
+
+
+def check_history(titles: list, ratings: list, candidate_title: Any,
+                  scale: tuple[float, float] = RATING_SCALE) -> None:
+    """Titles are non-empty strings and ratings numbers on the data's rating ``scale``; else a DataError naming the
+    item."""
     for i, title in enumerate(titles, 1):
         if not isinstance(title, str) or not title.strip():
             raise DataError(f"history_titles[{i}]: expected a non-empty title string, got {title!r}")
     if not isinstance(candidate_title, str) or not candidate_title.strip():
         raise DataError(f"candidate_title: expected a non-empty title string, got {candidate_title!r}")
-    lo, hi = RATING_RANGE
+    lo, hi = scale
     for i, rating in enumerate(ratings, 1):
         ok = isinstance(rating, (int, float)) and not isinstance(rating, bool) and math.isfinite(rating)
         if not ok or not lo <= rating <= hi:
             raise DataError(f"history_ratings[{i}]: expected a number from {lo} to {hi}, got {rating!r}")
 
 
-def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
+def format_prompt(record: dict[str, Any], system_prompt: str | None = None,
+                  rating_scale: tuple[float, float] = RATING_SCALE) -> dict[str, Any]:
     """Return ``{"system", "user", "answer"}`` for a record of either format.
 
     ``answer`` is ``"Yes"``/``"No"`` or None when the record has no label. ``system_prompt`` overrides
-    the record's own ``system`` field; otherwise :data:`DEFAULT_SYSTEM_PROMPT` is used.
+    the record's own ``system`` field; otherwise :data:`DEFAULT_SYSTEM_PROMPT` is used. ``rating_scale``: the
+    data's scale (:func:`data_rating_scale`), which a test-format record's history ratings must lie on.
     Raises :class:`DataError` naming the missing or wrong key.
     """
     kind = record_format(record)
@@ -151,7 +171,7 @@ def format_prompt(record: dict[str, Any], system_prompt: str | None = None) -> d
         titles, ratings = record["history_titles"], record["history_ratings"]
         if not isinstance(titles, list) or not isinstance(ratings, list) or len(titles) != len(ratings):
             raise DataError("test record: history_titles and history_ratings must be lists of the same length")
-        check_history(titles, ratings, record["candidate_title"])
+        check_history(titles, ratings, record["candidate_title"], rating_scale)
         text = build_input_text(titles, ratings, str(record["candidate_title"]), record.get("candidate_features"),
                                 record.get("history_header"))
         user = f"{INSTRUCTION}\n\n{text}"
@@ -179,6 +199,7 @@ def to_chat_messages(record: dict[str, Any], system_prompt: str | None = None,
 def validate_records(records: list[dict[str, Any]], path: str, need_label: bool = True) -> None:
     """Check every record up front; raise one error naming the first bad records (1-based) and keys."""
     problems = []
+    scale = data_rating_scale(path)
     for i, rec in enumerate(records, 1):
         try:
             if isinstance(rec, dict) and "turns" in rec:
@@ -187,7 +208,7 @@ def validate_records(records: list[dict[str, Any]], path: str, need_label: bool 
             if isinstance(rec, dict) and "blocks" in rec:
                 check_blocks_record(rec, "candidate-block record")
                 continue
-            p = format_prompt(rec)
+            p = format_prompt(rec, rating_scale=scale)
             if need_label and p["answer"] is None:
                 raise DataError("no Yes/No label (field 'output' in training format, 'label' in test format)")
         except DataError as e:
@@ -287,15 +308,25 @@ class _TemplateCache:
 
 def render_records(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
                    enable_thinking: bool = False, source: str = "data") -> tuple[list[str], list[str | None]]:
-    """Prompt texts and answer texts (None when unlabelled) for every record.
+    """Prompt texts and answer texts (None when unlabelled) for every record (:func:`render_labelled`)."""
+    prompts, answers, _ = render_labelled(records, tokenizer, system_prompt, enable_thinking, source)
+    return prompts, answers
+
+
+def render_labelled(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
+                    enable_thinking: bool = False,
+                    source: str = "data") -> tuple[list[str], list[str | None], list[str | None]]:
+    """Prompt texts, answer texts and labels ("Yes"/"No"/None) of every record, each record formatted once.
 
     The fast path is checked against the real template on the first records; any difference turns it off.
+    Ratings are checked against the scale of the data ``source`` belongs to (:func:`data_rating_scale`).
     """
     cache = _TemplateCache(tokenizer, enable_thinking)
-    prompts, answers = [], []
+    scale = data_rating_scale(source)
+    prompts, answers, labels = [], [], []
     for i, rec in enumerate(records):
         try:
-            p = format_prompt(rec, system_prompt)
+            p = format_prompt(rec, system_prompt, scale)
         except DataError as e:
             raise DataError(f"{source}: record {i + 1}: {e}") from None
         prompt, answer_text = cache.render(p["system"], p["user"], p["answer"])
@@ -307,7 +338,8 @@ def render_records(records: Sequence[dict], tokenizer, system_prompt: str | None
                 prompt, answer_text = slow
         prompts.append(prompt)
         answers.append(answer_text if p["answer"] is not None else None)
-    return prompts, answers
+        labels.append(p["answer"])
+    return prompts, answers, labels
 
 
 # -------------------------------------------------------------------------------------- session format

@@ -8,8 +8,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
-from .formatting import render_records
-from .preprocess import prompt_budget
+from .formatting import render_labelled
 
 
 @contextlib.contextmanager
@@ -142,13 +141,6 @@ class AnswerLogits:
         return model_pair.float()
 
 
-def p_yes_from_pair(pair):
-    """P(Yes) = softmax over the two answer logits, in float64 (float32 saturates at 1.0 past a gap of ~17)."""
-    import torch
-
-    return torch.sigmoid((pair[:, 0].double() - pair[:, 1].double()))
-
-
 def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = True,
           desc: str = "Scoring", max_prompt_tokens: int | None = None) -> list[dict]:
     """One forward pass per prompt: P(Yes) vs P(No) at the answer position, greedy's answer, and the argmax token.
@@ -175,23 +167,16 @@ def score(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progre
 
 def _answer_rows(logits, head, yes_id: int, no_id: int, tokenizer) -> list[dict]:
     """One row per answer position: float32 P(Yes) and logits, greedy's answer (its tie rule), the top token."""
+    from .metrics import p_yes_from_logits
+
     model_pair = logits[:, [yes_id, no_id]]
     pair = head.pair(model_pair)
-    p_yes = p_yes_from_pair(pair)
+    p_yes = p_yes_from_logits(pair[:, 0].cpu(), pair[:, 1].cpu())
     says_yes = greedy_says_yes(model_pair[:, 0], model_pair[:, 1], yes_id, no_id)
     top = logits.argmax(dim=-1)
     return [{"p_yes": float(p_yes[i]), "logit_yes": float(pair[i, 0]), "logit_no": float(pair[i, 1]),
              "answer": "Yes" if bool(says_yes[i]) else "No", "top_token": tokenizer.decode([int(top[i])])}
             for i in range(len(pair))]
-
-
-def session_answer_starts(labels):
-    """Positions whose next token is the first token of an answer (labels run after a masked token)."""
-    import torch
-
-    starts = torch.zeros_like(labels, dtype=torch.bool)
-    starts[:, :-1] = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)
-    return starts
 
 
 def score_sessions(model, tokenizer, records: Sequence[dict], cutoff_len: int | None = None,
@@ -206,7 +191,7 @@ def score_sessions(model, tokenizer, records: Sequence[dict], cutoff_len: int | 
     """
     import torch
 
-    from .preprocess import tokenize_sessions_to_arrow
+    from .preprocess import answer_positions, tokenize_sessions_to_arrow
 
     table = tokenize_sessions_to_arrow(records, tokenizer, cutoff_len or (1 << 30), system_prompt,
                                        enable_thinking, source).to_pydict()
@@ -225,7 +210,7 @@ def score_sessions(model, tokenizer, records: Sequence[dict], cutoff_len: int | 
             for i, (row_ids, row_labels) in enumerate(batch):  # right padding: positions start at 0
                 ids[i, :len(row_ids)], labels[i, :len(row_ids)] = torch.tensor(row_ids), torch.tensor(row_labels)
                 mask[i, :len(row_ids)] = 1
-            starts = session_answer_starts(labels).to(device)
+            starts = answer_positions(labels)[1].to(device)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=starts,
                            use_cache=False).logits  # (N_answers, V)
             out.extend(_answer_rows(logits, head, yes_id, no_id, tokenizer))
@@ -297,7 +282,7 @@ def score_blocks(model, tokenizer, records: Sequence[dict], cutoff_len: int | No
     """
     import torch
 
-    from .preprocess import tokenize_blocks_to_arrow
+    from .preprocess import answer_positions, tokenize_blocks_to_arrow
 
     table = tokenize_blocks_to_arrow(records, tokenizer, cutoff_len or (1 << 30), system_prompt, enable_thinking,
                                      source).to_pydict()
@@ -310,24 +295,17 @@ def score_blocks(model, tokenizer, records: Sequence[dict], cutoff_len: int | No
     with torch.inference_mode(), AnswerLogits(model, yes_id, no_id) as head:
         for batch in _batches(rows, batch_size, desc, progress):
             ids, labels, blocks = (pad_rows([r[i] for r in batch], v) for i, v in ((0, pad), (1, -100), (2, -1)))
-            starts = session_answer_starts(labels).to(device)
+            starts = answer_positions(labels)[1].to(device)
             fwd = block_inputs(model, {"input_ids": ids.to(device), "block_ids": blocks.to(device)})
             logits = model(**fwd, logits_to_keep=starts, use_cache=False).logits  # (N_answers, V)
             out.extend(_answer_rows(logits, head, yes_id, no_id, tokenizer))
     return out
 
 
-# The one prompt budget: training truncates to it (preprocess), inference cuts prompts to it here.
-max_prompt_tokens = prompt_budget
-
-
 def prompts_for(records: Sequence[dict], tokenizer, system_prompt: str | None = None,
                 enable_thinking: bool = False, source: str = "data") -> tuple[list[str], list[str | None]]:
     """Templated prompt texts (exactly as in training) and gold labels ("Yes"/"No"/None) for records."""
-    from .formatting import format_prompt
-
-    prompts, _ = render_records(records, tokenizer, system_prompt, enable_thinking, source)
-    labels = [format_prompt(r, system_prompt)["answer"] for r in records]
+    prompts, _, labels = render_labelled(records, tokenizer, system_prompt, enable_thinking, source)
     return prompts, labels
 
 

@@ -39,7 +39,7 @@ def extract_answer(text: str | None) -> str | None:
     return None
 
 
-LABELS = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
+_LABEL_VALUES = {"yes": "Yes", "no": "No", "1": "Yes", "0": "No", "true": "Yes", "false": "No"}
 
 
 def normalize_label(value: Any) -> str | None:
@@ -48,7 +48,7 @@ def normalize_label(value: Any) -> str | None:
         return "Yes" if value == 1 else "No"
     if value is None:
         return None
-    return LABELS.get(str(value).strip().lower())
+    return _LABEL_VALUES.get(str(value).strip().lower())
 
 
 def compute_metrics(labels: Sequence[Any], preds: Sequence[Any], p_yes: Sequence[float] | None = None,
@@ -81,12 +81,17 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any], p_yes: Sequence
     if p_yes is not None:
         out.update(score_metrics([g == "Yes" for g in gold], p_yes))
         if user_ids is not None:
-            out["uauc"] = uauc([g == "Yes" for g in gold], p_yes, user_ids)
+            out["uauc"], out["uauc_users"] = _user_aucs([g == "Yes" for g in gold], p_yes, user_ids)
     return out
 
 
 def uauc(y_true: Sequence[bool], scores: Sequence[float], user_ids: Sequence[Any]) -> float:
     """User-averaged AUC: the mean of per-user ROC-AUCs over users with both classes (NaN when none)."""
+    return _user_aucs(y_true, scores, user_ids)[0]
+
+
+def _user_aucs(y_true: Sequence[bool], scores: Sequence[float], user_ids: Sequence[Any]) -> tuple[float, float]:
+    """``(uauc, uauc_users)``: the mean per-user AUC and the number of users it averages (both classes)."""
     from sklearn.metrics import roc_auc_score
 
     groups: dict[Any, tuple[list, list]] = {}
@@ -94,7 +99,19 @@ def uauc(y_true: Sequence[bool], scores: Sequence[float], user_ids: Sequence[Any
         groups.setdefault(u, ([], []))[0].append(int(bool(y)))
         groups[u][1].append(float(s))
     aucs = [roc_auc_score(y, s) for y, s in groups.values() if 0 < sum(y) < len(y)]
-    return float(sum(aucs) / len(aucs)) if aucs else math.nan
+    return (float(sum(aucs) / len(aucs)) if aucs else math.nan), float(len(aucs))
+
+
+def p_yes_from_logits(logit_yes, logit_no):
+    """P(Yes) = softmax over the two answer logits = sigmoid(logit_yes - logit_no), in float64 numpy.
+
+    The one formula for P(Yes) (scoring, ranking, eval during training); float64 because float32 saturates at
+    1.0 past a gap of ~17.
+    """
+    import numpy as np
+
+    gap = np.asarray(logit_yes, dtype=np.float64) - np.asarray(logit_no, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-gap))
 
 
 def score_metrics(y_true: Sequence[bool], p_yes: Sequence[float]) -> dict[str, float]:

@@ -273,6 +273,11 @@ def load_model(name_or_path: str, device: str, dtype: str = "auto", flash_attn: 
                            f"use a complete model folder, a .gguf file or a reachable hub id"]) from None
     if device == "cpu" and is_kbit(model):
         _keep_unpackable_4bit_layers_plain(model)
+        import importlib.util
+
+        if importlib.util.find_spec("kernels") is None:  # the message bitsandbytes would log (recsft.runtime)
+            logger.info("4-bit layers on the CPU: bitsandbytes has a faster CPU kernel with `pip install kernels` "
+                        "(optional)")
     if "quantization_config" not in kwargs and not sharded:
         model.to(f"cuda:{_local_cuda_index()}" if device == "cuda" else device)
     return model
@@ -378,7 +383,10 @@ def apply_lora(model, rank: int, alpha: int, dropout: float, target: str, gradie
             model.enable_input_require_grads()
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(target),
                         bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    from .runtime import no_peft_deprecation
+
+    with no_peft_deprecation():
+        return get_peft_model(model, config)
 
 
 def check_adapter(adapter_dir: str, base_model: str | None = None) -> dict:
@@ -456,12 +464,17 @@ def _base_name(path: str) -> str:
     return name.lower()
 
 
-def load_adapter(model, adapter_dir: str, base_model: str | None = None):
-    """Attach a trained LoRA adapter (checked with :func:`check_adapter`) for inference."""
+def load_adapter(model, adapter_dir: str, base_model: str | None = None, checked: bool = False):
+    """Attach a trained LoRA adapter for inference, checked with :func:`check_adapter` unless ``checked`` (the
+    caller checked it already, before loading the model: ``recsft.evaluation.load_for_eval``)."""
     from peft import PeftModel
 
-    check_adapter(adapter_dir, base_model)
-    return PeftModel.from_pretrained(model, adapter_dir)
+    if not checked:
+        check_adapter(adapter_dir, base_model)
+    from .runtime import no_peft_deprecation
+
+    with no_peft_deprecation():
+        return PeftModel.from_pretrained(model, adapter_dir)
 
 
 # -------------------------------------------------------------------------------------- for training

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .formatting import DEFAULT_SYSTEM_PROMPT, INSTRUCTION, RETRIEVED_HEADER, build_input_text, session_next_text
+from .formatting import (DEFAULT_SYSTEM_PROMPT, INSTRUCTION, RATING_SCALE, RETRIEVED_HEADER, build_input_text,
+                         session_next_text)
 from .io import (DataError, atomic_path, check_file_set, load_data, load_json, publish_file_set, require_keys,
                  resolve_asset, write_json_atomic, write_jsonl_atomic)
 
@@ -78,11 +79,12 @@ def read_titles(path: Path, fmt: str) -> dict[int, str]:
 
 
 def clean_ratings(raw: pd.DataFrame, titles: dict[int, str], source: str) -> pd.DataFrame:
-    """Numeric, in-range (0.5..5) ratings of titled movies; invalid rows dropped with one counted warning."""
+    """Numeric ratings on the MovieLens scale (``RATING_SCALE``) of titled movies; invalid rows dropped with one
+    counted warning."""
     df = pd.DataFrame({c: pd.to_numeric(raw[c], errors="coerce") for c in COLUMNS})
     numeric = df.notna().all(axis=1) & (df.user_id % 1 == 0) & (df.movie_id % 1 == 0)
     titled = df.movie_id.isin(list(titles))
-    ok = numeric & df.rating.between(0.5, 5.0) & titled
+    ok = numeric & df.rating.between(*RATING_SCALE) & titled
     if (~ok).any():
         first = raw[~ok].iloc[0]
         where = f"line {first['line']}: {first['text']!r}" if "line" in raw else f"row {first.name}"
@@ -187,12 +189,9 @@ def load_ratings(source: str = "bundled", raw_dir: str | Path | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------- examples
-RATING_MIN, RATING_MAX = 0.5, 5.0  # the MovieLens rating scale (ml-latest-small has half stars)
-
-
 def check_params(history_len: int, eval_ratio: float, test_ratio: float, like_threshold: float = 4.0,
                  max_users: int | None = None, rating_scale: tuple[float, float] | None = None) -> None:
-    lo, hi = rating_scale or (RATING_MIN, RATING_MAX)
+    lo, hi = rating_scale or RATING_SCALE
     if history_len < 1:
         raise DataError(f"--history-len: history_len must be >= 1, got {history_len}")
     if not (0 <= eval_ratio < 1 and 0 <= test_ratio < 1 and eval_ratio + test_ratio < 1):
@@ -225,7 +224,7 @@ def check_stats(stats: Any, path: str | Path) -> dict:
     max_users = params.get("max_users")
     if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
         raise DataError(f"{path}: params.max_users must be a positive integer or null, got {max_users!r}; {fix}")
-    scale = params.get("rating_scale", [RATING_MIN, RATING_MAX])
+    scale = params.get("rating_scale", list(RATING_SCALE))
     if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(x, (int, float)) for x in scale)):
         raise DataError(f"{path}: params.rating_scale must be [lowest, highest], got {scale!r}; {fix}")
     try:
@@ -482,7 +481,7 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
     params = dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
                   test_ratio=test_ratio, seed=seed, max_users=max_users,
-                  rating_scale=list(table.rating_scale if table is not None else (RATING_MIN, RATING_MAX)))
+                  rating_scale=list(table.rating_scale if table is not None else RATING_SCALE))
     params.update({"features": features} if features else {})
     params.update({"retrieval_history": True} if retrieval else {})
     head = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),

@@ -34,6 +34,37 @@ from .io import DataError, check_in_set, load_data, sha256_file
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 PREPROCESS_VERSION = "3"  # bump when the preprocessing logic changes: invalidates every cache
+NO_USER = -1  # ``user_id`` of a row whose record has none
+
+
+def user_codes(records: Sequence[dict]) -> np.ndarray:
+    """One int64 per record for the ``user_id`` column of a tokenized table (the user travels with its rows).
+
+    Integer ids (MovieLens) are kept as they are; any other ids (your own data's strings) become codes 0, 1, ...
+    in order of first appearance, which is all grouping by user (UAUC) needs. ``NO_USER`` (-1) where a record has
+    no ``user_id`` (the single format's training files do not keep it).
+    """
+    ids = [r.get("user_id") if isinstance(r, dict) else None for r in records]
+    if all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in ids if u is not None):
+        return np.asarray([NO_USER if u is None else u for u in ids], dtype=np.int64)
+    codes: dict = {}
+    return np.asarray([NO_USER if u is None else codes.setdefault(u, len(codes)) for u in ids], dtype=np.int64)
+
+
+def answer_positions(labels) -> tuple:
+    """Positions whose next token is a label (bool mask), and the first such position of each answer.
+
+    The one definition of where answers are read from, for training (loss, eval step) and scoring alike. Works
+    for padded ``(B, T)`` batches and for padding-free ``(1, ΣT)`` batches: answers are contiguous runs of labels
+    separated by masked prompt tokens (``IGNORE_INDEX``).
+    """
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    starts = keep.clone()
+    starts[:, 1:] &= ~keep[:, :-1]
+    return keep, starts
 
 
 def prompt_budget(tokenizer, cutoff_len: int | None, enable_thinking: bool = False) -> int | None:
@@ -140,7 +171,7 @@ def encode_texts(texts: Sequence[str], tokenizer, batch_size: int = 4096,
 
 def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
                       enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
-    """Vectorized ``tokenize_func`` over many records -> a pyarrow Table (``input_ids``, ``labels``)."""
+    """Vectorized ``tokenize_func`` over many records -> a pyarrow Table (``input_ids``, ``labels``, ``user_id``)."""
     import pyarrow as pa
 
     prompts, answers = render_records(records, tokenizer, system_prompt, enable_thinking, source)
@@ -165,12 +196,14 @@ def tokenize_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, syste
     labels = _gather(np.concatenate([np.full(len(values), IGNORE_INDEX, np.int32), flat_answers]), starts, lens)
     row_offsets = pa.array(np.concatenate([[0], np.cumsum(lens.reshape(-1, 2).sum(1))]), pa.int64())
     return pa.table({"input_ids": pa.LargeListArray.from_arrays(row_offsets, pa.array(input_ids)),
-                     "labels": pa.LargeListArray.from_arrays(row_offsets, pa.array(labels))})
+                     "labels": pa.LargeListArray.from_arrays(row_offsets, pa.array(labels)),
+                     "user_id": pa.array(user_codes(records), pa.int64())})
 
 
 def tokenize_any(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
                  enable_thinking: bool = False, source: str = "data"):
-    """:func:`tokenize_sessions_to_arrow` for session records (field ``turns``), else :func:`tokenize_to_arrow`."""
+    """:func:`tokenize_sessions_to_arrow` for session records (field ``turns``), :func:`tokenize_blocks_to_arrow` for
+    candidate-block records (``blocks``), else :func:`tokenize_to_arrow`."""
     kinds = {("turns" in r) + 2 * ("blocks" in r) if isinstance(r, dict) else 0 for r in records}
     if len(kinds) > 1:
         names = {1: "session records (field 'turns')", 2: "candidate-block records (field 'blocks')",
@@ -220,7 +253,7 @@ def plan_sessions(turn_lens: list[list[tuple[int, int, int]]], cutoff_len: int) 
 
 def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
                                enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
-    """Session records -> a pyarrow Table (``input_ids``, ``labels``): labels on every answer's tokens.
+    """Session records -> a pyarrow Table (``input_ids``, ``labels``, ``user_id``): labels on every answer's tokens.
 
     A session longer than ``cutoff_len`` becomes several examples, split between turns; the split-off part
     opens with its turn's full question (15-movie history), so no answer is ever truncated.
@@ -238,8 +271,10 @@ def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: i
     lens = [[(int(open_off[k + 1] - open_off[k]), int(cont_off[k + 1] - cont_off[k]), len(ans_ids[flat[k][2]]))
              for k in range(starts[r], starts[r + 1])] for r in range(len(texts))]
     budget = prompt_budget(tokenizer, cutoff_len, enable_thinking)
-    input_ids, labels = [], []
+    input_ids, labels, users = [], [], []
+    codes = user_codes(records)
     for example in plan_sessions(lens, cutoff_len):
+        users.append(codes[example[0][0]])
         ids: list[int] = []
         lab: list[int] = []
         for n, (r, j) in enumerate(example):
@@ -256,7 +291,8 @@ def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: i
         input_ids.append(ids)
         labels.append(lab)
     return pa.table({"input_ids": pa.array(input_ids, pa.large_list(pa.int32())),
-                     "labels": pa.array(labels, pa.large_list(pa.int32()))})
+                     "labels": pa.array(labels, pa.large_list(pa.int32())),
+                     "user_id": pa.array(np.asarray(users, dtype=np.int64), pa.int64())})
 
 
 # ------------------------------------------------------------------------------------ candidate blocks
@@ -277,7 +313,8 @@ def plan_blocks(prefix_len: int, block_lens: list[int], cutoff_len: int) -> list
 
 def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
                              enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
-    """Candidate-block records -> a pyarrow Table (``input_ids``, ``labels``, ``block_ids``, ``answer_keys``).
+    """Candidate-block records -> a pyarrow Table (``input_ids``, ``labels``, ``block_ids``, ``answer_keys``,
+    ``user_id``).
 
     ``block_ids`` is 0 on the shared prefix and ``j + 1`` on the j-th block of the example (its candidate text,
     generation prompt and answer, the answer labelled); the model attends each block to the prefix and itself
@@ -295,7 +332,8 @@ def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int
     pre_vals, pre_off = encode_texts([p for p, _ in texts], tokenizer, batch_size)
     blk_vals, blk_off = encode_texts([b for _, blocks in texts for b, _ in blocks], tokenizer, batch_size)
     budget = prompt_budget(tokenizer, cutoff_len, enable_thinking)
-    input_ids, labels, block_ids, keys = [], [], [], []
+    input_ids, labels, block_ids, keys, users = [], [], [], [], []
+    codes = user_codes(records)
     k = 0
     for r, (_, blocks) in enumerate(texts):
         user = records[r].get("user_id")
@@ -319,10 +357,12 @@ def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int
             labels.append(lab)
             block_ids.append(bid)
             keys.append([json.dumps([user, records[r]["blocks"][j].get("candidate_movie_id")]) for j in example])
+            users.append(codes[r])
     return pa.table({"input_ids": pa.array(input_ids, pa.large_list(pa.int32())),
                      "labels": pa.array(labels, pa.large_list(pa.int32())),
                      "block_ids": pa.array(block_ids, pa.large_list(pa.int32())),
-                     "answer_keys": pa.array(keys, pa.list_(pa.string()))})
+                     "answer_keys": pa.array(keys, pa.list_(pa.string())),
+                     "user_id": pa.array(np.asarray(users, dtype=np.int64), pa.int64())})
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -332,9 +372,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # truncation/padding in the backend are transient call settings (the last encode() leaves them set),
-        # not part of what produces token ids: leaving them in would make the key depend on the call history
-        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        h.update(json.dumps(state, sort_keys=True).encode())
+        # not part of what produces token ids: leaving them in would make the key depend on the call history.
+        # The serialization lists them first, before added_tokens (tokenizers' fixed field order): everything from
+        # added_tokens on is hashed as it is (parsing ~5 MB of JSON to drop two keys took seconds).
+        text = backend.to_str()
+        head, sep, rest = text.partition(',"added_tokens":')
+        if sep and head.startswith('{"version":') and '"truncation":' in head and '"padding":' in head:
+            h.update(json.dumps(json.loads(head + "}")["version"]).encode() + sep.encode() + rest.encode())
+        else:  # another layout: the same, by parsing
+            state = {k: v for k, v in json.loads(text).items() if k not in ("truncation", "padding")}
+            h.update(json.dumps(state, sort_keys=True).encode())
     else:
         h.update(repr(tokenizer.get_vocab()).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())

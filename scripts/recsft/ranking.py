@@ -234,5 +234,7 @@ def llm_question_scores(model, tokenizer, example: dict, titles: Sequence[str], 
 
 
 def p_yes(margin: np.ndarray) -> np.ndarray:
-    """P(Yes) = softmax(logit_yes, logit_no)[0] = sigmoid(logit_yes - logit_no)."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(margin, dtype=np.float64)))
+    """P(Yes) from the margin logit(Yes) - logit(No) (:func:`recsft.metrics.p_yes_from_logits`)."""
+    from .metrics import p_yes_from_logits
+
+    return p_yes_from_logits(margin, 0.0)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .formatting import RATING_SCALE
 from .io import DataError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class TableSpec:
     items_id_col: str | None = None  # default: item_col
     title_col: str = "title"
     genres_col: str | None = "genres"  # optional: used when present
-    rating_scale: tuple[float, float] = (0.5, 5.0)
+    rating_scale: tuple[float, float] = RATING_SCALE
 
 
 def read_table(path: str | Path, flag: str) -> pd.DataFrame:

@@ -162,7 +162,7 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
         tokenizer.save_pretrained(out)
         state = trainer.state
         best, final = best_and_final(state.log_history, cfg.train.metric_for_best_model)
-        tokens = float(trainer._total_train_tokens)
+        tokens = float(trainer.train_tokens)
         runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
         summary = {"model": cfg.model.model_name_or_path, "device": device, "global_step": state.global_step,
                    "epoch": state.epoch, "train_loss": result.metrics.get("train_loss"),
@@ -170,7 +170,7 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
                    "tokens_per_s": tokens / runtime,
                    "train_examples_seen": state.global_step * cfg.train.per_device_train_batch_size
                    * cfg.train.gradient_accumulation_steps * trainer.args.world_size,
-                   "train_labels_seen": getattr(trainer, "_total_train_answers", None),
+                   "train_labels_seen": trainer.train_answers,
                    "data_stats": data_stats(cfg.data.dataset, cfg.data.dataset_dir),
                    "budget_minutes_used": (trainer.time_budget.used_s / 60 if trainer.time_budget else None),
                    "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,

@@ -7,6 +7,7 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,45 @@ def omp_defaults() -> None:
     else:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         _chosen["omp"] = "OMP_WAIT_POLICY=PASSIVE (default: idle threads sleep)"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+GRADIENT_CHECKPOINTING_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
+
+
+def quiet_known_warnings() -> None:
+    """Silence two library messages a user can do nothing about (each matched by its exact text):
+
+    * bitsandbytes logs, when it is imported on a CPU with AVX512-BF16, that its optional faster CPU 4-bit
+      kernel (the ``kernels`` package) is missing, although most runs use no 4-bit layer on the CPU; a run that
+      does gets one line from ``recsft.modeling.load_model`` instead;
+    * peft reads transformers' deprecated ``is_gradient_checkpointing`` property (a FutureWarning) whenever an
+      adapter is attached (``recsft.modeling`` also silences it around those calls, see :func:`no_peft_deprecation`).
+    """
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_DEPRECATION, category=FutureWarning)
+
+
+@contextlib.contextmanager
+def no_peft_deprecation():
+    """Context: peft's read of transformers' deprecated ``is_gradient_checkpointing`` warns nothing (also where the
+    process's warning filters were reset, e.g. under pytest)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_DEPRECATION, category=FutureWarning)
+        yield
 
 
 def physical_cores() -> int:

@@ -129,15 +129,21 @@ def _check_hub_id(repo_id: str, key: str) -> None:
 
 
 # --------------------------------------------------------------------------------- training settings
-def check_optim(optim: str) -> None:
+def check_trainer_choices(train) -> None:
+    """``optim`` and ``lr_scheduler_type`` are names transformers knows (its own lists, not a copy)."""
+    from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    names = [o.value for o in OptimizerNames]
-    if optim not in names:
-        close = difflib.get_close_matches(optim, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError([f"optim: {optim!r} is not a Trainer optimizer{hint}; e.g. adamw_torch, adamw_torch_fused, "
-                           f"paged_adamw_8bit, sgd"])
+    for key, names, examples in (("optim", [o.value for o in OptimizerNames],
+                                  "adamw_torch, adamw_torch_fused, paged_adamw_8bit, sgd"),
+                                 ("lr_scheduler_type", [s.value for s in SchedulerType],
+                                  "cosine, linear, constant_with_warmup")):
+        value = getattr(train, key)
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            what = "optimizer" if key == "optim" else "learning-rate scheduler"
+            raise ConfigError([f"{key}: {value!r} is not a Trainer {what}{hint}; e.g. {examples}"])
 
 
 def check_attention(flash_attn: str, device: str) -> None:
@@ -165,8 +171,9 @@ def check_lora_target(target: str, layer_shapes: dict[str, tuple[int, int]], mod
                                f"its layers: {', '.join(leaves)} (or use all / qv)"])
 
 
-def preflight_training(cfg, extra_epochs: float = 0.0, resume_from_checkpoint: str | None = None) -> None:
-    """Everything about a training run that can be checked without data or weights, in seconds."""
+def preflight_training(cfg, extra_epochs: float = 0.0) -> None:
+    """Everything about a training run that can be checked without data or weights, in seconds (the checkpoint
+    to resume from is checked right after, by ``recsft.resume.plan_resume``)."""
     import math
 
     from .modeling import get_device, linear_layer_shapes
@@ -179,10 +186,7 @@ def preflight_training(cfg, extra_epochs: float = 0.0, resume_from_checkpoint: s
                              f"(max_steps wins); raise max_steps instead, or set max_steps=-1")
     writable_dir(train.output_dir, "output_dir")
     check_not_locked(train.output_dir)
-    if resume_from_checkpoint is not None and not Path(resume_from_checkpoint).is_dir():
-        raise UserInputError(f"--resume_from_checkpoint {resume_from_checkpoint!r}: folder does not exist; "
-                             f"use --resume to pick the newest checkpoint in output_dir")
-    check_optim(train.optim)
+    check_trainer_choices(train)
     check_attention(cfg.model.flash_attn, get_device())
     check_model_source(cfg.model.model_name_or_path)
     if cfg.model.tokenizer_name_or_path:

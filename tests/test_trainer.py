@@ -92,6 +92,8 @@ def test_eval_step_returns_the_answer_logits_and_the_rows_users(setup):
     batch = next(iter(loader))
     assert batch["user_id"].tolist() == [0, 1, 0, 2, 1, 0][:len(batch["user_id"])]  # codes, first appearance
     loss, preds, labels = trainer.prediction_step(model, batch, prediction_loss_only=False)
+    assert preds.shape[1] == labels.shape[1] == 1  # grouped by row: (rows, answers per row, ...)
+    preds, labels = preds[:, 0], labels[:, 0]
     rows = [eval_ds[i] for i in range(len(batch["user_id"]))]
     for row, pred, label in zip(rows, preds, labels):
         first = next(t for t in range(len(row["labels"]) - 1) if row["labels"][t + 1] != -100)
@@ -122,8 +124,12 @@ def test_the_collator_keeps_extra_columns_per_row_and_per_token(setup):
     assert padded["user_id"].tolist() == [3, 4] and padded["input_ids"].shape == (2, 3)
     free = RecDataCollator(pad_token_id=0, padding_free=True)(rows)
     assert free["user_id"].tolist() == [[3, 3, 3, 4, 4]] and free["input_ids"].shape == (1, 5)
-    tokens = RecDataCollator(pad_token_id=0)([dict(r, block=[1] * len(r["input_ids"])) for r in rows])
-    assert tokens["block"].tolist() == [[1, 1, 1], [1, 1, -1]]  # per-token columns padded like input_ids
+    tokens = RecDataCollator(pad_token_id=0)([dict(r, block_ids=[1] * len(r["input_ids"]), answer_keys=["x"])
+                                              for r in rows])
+    assert tokens["block_ids"].tolist() == [[1, 1, 1], [1, 1, -1]]  # per-token columns padded like input_ids
+    assert "answer_keys" not in tokens  # only the declared extra columns travel (the Trainer drops the others)
+    cf = RecDataCollator(pad_token_id=0)([dict(r, cf=[0.5] * k) for r, k in zip(rows, (2, 1))])["cf"]
+    assert cf[0].tolist() == [0.5, 0.5] and cf[1, 0] == 0.5 and cf[1, 1].isnan()  # per-answer floats: NaN-padded
 
 
 def test_resume_continues_to_the_same_loss_and_counts(setup, tmp_path):

@@ -63,17 +63,19 @@ class RecSFTConfig(SFTConfig):
 
 @dataclass
 class RecDataCollator(DataCollatorForLanguageModeling):
-    """TRL's collator, plus the extra columns of a row: per-token lists are padded like ``input_ids`` (with
+    """TRL's collator, plus the :data:`EXTRA_COLUMNS` of a row (other columns are dropped, as the Trainer drops
+    them): per-token lists are padded like ``input_ids`` (with
     ``extra_pad_value``), per-row values are stacked into a ``(B,)`` tensor. With ``padding_free`` every extra
     column becomes per-token on the one flattened row (a per-row value is repeated over its row's tokens)."""
 
     extra_pad_value: int = -1
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        extra = [k for k in examples[0] if k not in ("input_ids", "labels", "seq_lengths")]
+        extra = [k for k in examples[0] if k in EXTRA_COLUMNS]
+        base = ("input_ids", "labels", "seq_lengths")
         if not extra:
-            return super().torch_call(examples)
-        out = super().torch_call([{k: v for k, v in ex.items() if k not in extra} for ex in examples])
+            return super().torch_call([{k: v for k, v in ex.items() if k in base} for ex in examples])
+        out = super().torch_call([{k: v for k, v in ex.items() if k in base} for ex in examples])
         lengths = [len(ex["input_ids"]) for ex in examples]
         for key in extra:
             values = [torch.as_tensor(ex[key]) for ex in examples]

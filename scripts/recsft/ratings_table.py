@@ -1,19 +1,25 @@
 """Your own ratings data: a ratings table and an items table (CSV, TSV or Parquet) -> the MovieLens layout.
 
 Ratings table: one row per rating with user, item, rating and timestamp columns (names set by flags).
-Items table: item id, title, optional genres. Ids may be strings; ids that are all integers become
-integers (so a MovieLens export gives exactly the MovieLens outputs). Cleaning, each with one counted
-warning: invalid rows (missing id, non-numeric or out-of-scale rating, unreadable timestamp, unknown
-item) dropped; items without a title dropped with their ratings; duplicate (user, item) ratings: the
-latest wins.
+Items table: item id, title, optional genres. Ids are text (surrounding spaces removed); ids that are
+all canonical integers (``7``, not ``007``) become integers (so a MovieLens export gives exactly the
+MovieLens outputs). Times: :func:`normalize_times` (seconds, milliseconds, microseconds, nanoseconds or
+dates -> Unix seconds). Text files: UTF-8, or UTF-16/32 with a byte-order mark. Cleaning, each with one
+counted warning: invalid rows (missing id, non-numeric or out-of-scale rating, unreadable time, unknown
+item) dropped; items without a title dropped with their ratings; an id repeated with the same title kept
+once (with another title: an error); duplicate (user, item) ratings: the latest wins.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .io import DataError
@@ -33,21 +39,51 @@ class TableSpec:
     title_col: str = "title"
     genres_col: str | None = "genres"  # optional: used when present
     rating_scale: tuple[float, float] = (0.5, 5.0)
+    genres_explicit: bool = False  # --genres-col given: the column must exist
+
+
+def _decode(path: Path, flag: str) -> str:
+    """The text of a CSV/TSV file: UTF-8 (a byte-order mark is skipped), or UTF-16/UTF-32 with a byte-order mark.
+
+    Anything else (Latin-1, Windows-1252, UTF-16 without a byte-order mark) is refused: guessing would put
+    replacement characters or NUL bytes into titles and column names without a word."""
+    raw = path.read_bytes()
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):
+            break
+    else:
+        codec = "utf-8"
+    fix = "re-save it as UTF-8 (or UTF-16 with a byte-order mark)"
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{flag} {path}: line {line}: not valid {codec.upper().replace('-SIG', '')} (byte {e.start}: "
+                        f"{raw[e.start:e.start + 1]!r}); {fix}") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(f"{flag} {path}: line {line}: NUL bytes in the text (UTF-16 without a byte-order mark, or a "
+                        f"binary file); {fix}")
+    return text
 
 
 def read_table(path: str | Path, flag: str) -> pd.DataFrame:
     """CSV / TSV / Parquet by extension, every column as text (Parquet keeps its types)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{flag} {path}: is a folder, not a file; give the table file (.csv, .tsv or .parquet)")
     if not path.is_file():
-        raise DataError(f"{flag} {path}: file does not exist")
+        raise DataError(f"{flag} {path}: file does not exist; check the path")
+    parquet = path.suffix.lower() in (".parquet", ".pq")
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
+        if parquet:
             return pd.read_parquet(path)
         sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding_errors="replace")
+        return pd.read_csv(io.StringIO(_decode(path, flag)), sep=sep, dtype=str, keep_default_na=False)
     except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise DataError(f"{flag} {path}: cannot read it as {'Parquet' if path.suffix in ('.parquet', '.pq') else 'CSV'} "
-                        f"({str(e).splitlines()[0]})") from None
+        raise DataError(f"{flag} {path}: cannot read it as {'Parquet' if parquet else 'CSV'} "
+                        f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); check the file") from None
 
 
 def require_columns(df: pd.DataFrame, path: str, wanted: dict[str, str]) -> None:
@@ -58,66 +94,145 @@ def require_columns(df: pd.DataFrame, path: str, wanted: dict[str, str]) -> None
                             f"set {flag} to the right name")
 
 
+CANONICAL_INT = r"-?(0|[1-9][0-9]*)"  # what becomes an integer id: no sign '+', no leading zeros, no spaces
+
+
 def _ids(values: pd.Series) -> pd.Series:
-    return values.astype(str).str.strip().where(values.notna(), "")
+    """Ids as text with surrounding spaces removed, "" for a missing one; integral floats (a Parquet integer
+    column with gaps) lose their ``.0``."""
+    if pd.api.types.is_float_dtype(values.dtype):
+        finite = values.dropna()
+        if bool((finite == finite.round()).all()):
+            values = values.astype("Int64")
+    text = values.astype(object).map(lambda v: "" if v is None or (not isinstance(v, str) and pd.isna(v))
+                                     else str(v).strip())
+    return text.astype(object)
 
 
 def _as_int_if_possible(*columns: pd.Series) -> list[pd.Series]:
-    """Integer ids when every non-empty id of every column is an integer, else the strings unchanged."""
+    """Integer ids when every non-empty id of every column is a canonical integer (``7``, not ``007`` or ``+7``),
+    else the strings unchanged: so ``007`` and ``7`` stay two ids."""
     def is_int(s: pd.Series) -> bool:
         s = s[s != ""]
-        return bool(s.str.fullmatch(r"[+-]?\d+").all())
+        return bool(s.str.fullmatch(CANONICAL_INT).all())
 
     if all(is_int(c) for c in columns):
         return [pd.to_numeric(c.where(c != ""), errors="coerce").astype("Int64") for c in columns]
     return list(columns)
 
 
-def _timestamps(values: pd.Series) -> pd.Series:
-    """Numeric timestamps as integers; otherwise date strings -> Unix seconds; unreadable -> NA."""
-    num = pd.to_numeric(values, errors="coerce")
-    if num.notna().sum() >= values.notna().sum() * 0.5:
-        return num
-    dates = pd.to_datetime(values, errors="coerce", utc=True)
-    return (dates - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)
+TIME_UNITS = ((1e11, "seconds", 1), (1e14, "milliseconds", 10 ** 3), (1e17, "microseconds", 10 ** 6),
+              (math.inf, "nanoseconds", 10 ** 9))  # median |value| below the bound -> that unit
+MAX_SECONDS = 1e11  # about the year 5138: a converted time beyond it is unreadable
+
+
+def normalize_times(values: pd.Series, what: str = "time") -> tuple[pd.Series, str]:
+    """Any time column -> integer Unix seconds (``Int64``, NA where unreadable), and the unit it was read in.
+
+    - datetime columns (Parquet timestamps, with or without a time zone; no zone = UTC): seconds, floored;
+    - numbers (or text that is mostly numbers): Unix time whose unit is chosen once for the whole column by
+      the median magnitude: below 1e11 seconds, below 1e14 milliseconds, below 1e17 microseconds, else
+      nanoseconds; fractions are floored; ``inf``/``nan`` and values beyond the year 5138 are unreadable;
+    - other text: dates (ISO 8601 recommended; no zone = UTC); unparseable ones are unreadable.
+    """
+    epoch = pd.Timestamp("1970-01-01", tz="UTC")
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        dates = values.dt.tz_localize("UTC") if values.dt.tz is None else values.dt.tz_convert("UTC")
+        return ((dates - epoch) // pd.Timedelta(seconds=1)).astype("Int64"), "dates"
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return pd.Series(pd.NA, index=values.index, dtype="Int64"), "booleans"
+    text = values if pd.api.types.is_numeric_dtype(values.dtype) else values.astype(object).map(
+        lambda v: v.strip() if isinstance(v, str) else v)
+    num = pd.to_numeric(text, errors="coerce").astype(float)
+    present = values.notna() & (values.astype(object).map(lambda v: not (isinstance(v, str) and not v.strip())))
+    if num.notna().sum() >= present.sum() * 0.5 and num.notna().any():
+        num = num.where(np.isfinite(num))
+        median = float(num.abs().median()) if num.notna().any() else 0.0
+        unit, div = next((u, d) for bound, u, d in TIME_UNITS if median < bound)
+        seconds = np.floor(num / div)
+        seconds = seconds.where(seconds.abs() < MAX_SECONDS)
+        return seconds.astype("Int64"), unit
+    dates = pd.to_datetime(text.where(present), errors="coerce", utc=True, format="mixed")
+    return ((dates - epoch) // pd.Timedelta(seconds=1)).astype("Int64"), "dates"
+
+
+CONTROL = r"[\x00-\x1f\x7f]+"  # newlines, tabs, ... inside a title would break the prompt's lines
 
 
 def load_items(spec: TableSpec) -> tuple[pd.DataFrame, int]:
+    """``(items [movie_id, title[, genres]], untitled dropped)``: ids as text (see :func:`_ids`), one row per id."""
     items = read_table(spec.items, "--items")
     id_col = spec.items_id_col or spec.item_col
     require_columns(items, spec.items, {"--items-id-col": id_col, "--title-col": spec.title_col})
+    if spec.genres_explicit and spec.genres_col not in items.columns:
+        require_columns(items, spec.items, {"--genres-col": spec.genres_col})
     genres = spec.genres_col if spec.genres_col and spec.genres_col in items.columns else None
-    out = pd.DataFrame({"movie_id": _ids(items[id_col]),  # titles kept verbatim (as in the MovieLens files)
-                        "title": items[spec.title_col].astype(str).where(items[spec.title_col].notna(), "")})
+    titles = items[spec.title_col].astype(object).map(lambda v: "" if v is None or (not isinstance(v, str) and pd.isna(v))
+                                                      else str(v))
+    controls = titles.str.contains(CONTROL, regex=True)
+    if controls.any():
+        logger.warning(f"{spec.items}: {int(controls.sum())} titles hold line breaks or other control characters "
+                       f"(first: row {int(controls.idxmax()) + 2}); each run of them is replaced by one space")
+        titles = titles.str.replace(CONTROL, " ", regex=True)
+    out = pd.DataFrame({"movie_id": _ids(items[id_col]), "title": titles.astype(object)})  # otherwise verbatim
     if genres:
-        out["genres"] = items[genres].astype(str).where(items[genres].notna(), "")
+        out["genres"] = items[genres].astype(object).map(lambda v: "" if v is None or (not isinstance(v, str)
+                                                                                       and pd.isna(v)) else str(v))
     untitled = (out.title.str.strip() == "") | (out.movie_id == "")
     if untitled.any():
         logger.warning(f"{spec.items}: dropped {int(untitled.sum())} items without an id or title "
                        f"(first: row {int(untitled.idxmax()) + 2}); their ratings are dropped too")
-    return out[~untitled].drop_duplicates("movie_id", keep="last").reset_index(drop=True), int(untitled.sum())
+    out = out[~untitled]
+    dup = out.movie_id.duplicated(keep=False)
+    if dup.any():
+        first = out[dup].groupby("movie_id", sort=False)
+        conflict = first.title.agg(lambda t: t.str.strip().nunique() > 1)
+        if conflict.any():
+            mid = conflict.index[conflict.to_numpy()][0]
+            rows = out.index[out.movie_id == mid][:2]
+            raise DataError(f"--items {spec.items}: id {mid!r} (column {id_col!r}) is given twice with different "
+                            f"titles (rows {rows[0] + 2} and {rows[1] + 2}: {out.title[rows[0]]!r}, "
+                            f"{out.title[rows[1]]!r}); give each item one id (ids are compared as text, so "
+                            f"'007' and '7' are two ids)")
+        n = int(out.movie_id.duplicated().sum())
+        logger.warning(f"{spec.items}: {n} repeated rows of an id with the same title (first id: "
+                       f"{out.movie_id[out.movie_id.duplicated()].iloc[0]!r}); each id kept once")
+        out = out.drop_duplicates("movie_id", keep="first")
+    return out.reset_index(drop=True), int(untitled.sum())
 
 
 def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """``(ratings [user_id, movie_id, rating, timestamp], {movie_id: title}, items)`` from the two tables."""
+    flags = {"--user-col": spec.user_col, "--item-col": spec.item_col, "--rating-col": spec.rating_col,
+             "--time-col": spec.time_col}
+    same = [(a, b) for i, a in enumerate(flags) for b in list(flags)[i + 1:] if flags[a] == flags[b]]
+    if same:
+        a, b = same[0]
+        raise DataError(f"{a} and {b} both name column {flags[a]!r}; each must name its own column of --ratings "
+                        f"{spec.ratings}")
     raw = read_table(spec.ratings, "--ratings")
-    require_columns(raw, spec.ratings, {"--user-col": spec.user_col, "--item-col": spec.item_col,
-                                        "--rating-col": spec.rating_col, "--time-col": spec.time_col})
+    require_columns(raw, spec.ratings, flags)
     items, _ = load_items(spec)
     users, movies, item_ids = _as_int_if_possible(_ids(raw[spec.user_col]), _ids(raw[spec.item_col]), items.movie_id)
     if str(movies.dtype) != str(item_ids.dtype):  # one side has string ids: compare as strings
         movies, item_ids = _ids(raw[spec.item_col]), items.movie_id
     items = items.assign(movie_id=item_ids.astype("int64") if str(item_ids.dtype) == "Int64" else item_ids)
-    df = pd.DataFrame({"user_id": users, "movie_id": movies, "rating": pd.to_numeric(raw[spec.rating_col], errors="coerce"),
-                       "timestamp": _timestamps(raw[spec.time_col])})
+    times, unit = normalize_times(raw[spec.time_col])
+    if unit not in ("seconds", "dates"):
+        logger.warning(f"{spec.ratings}: --time-col {spec.time_col!r} holds Unix time in {unit} (by the size of its "
+                       f"values); converted to seconds")
+    rating = pd.to_numeric(raw[spec.rating_col], errors="coerce").astype(float)
+    df = pd.DataFrame({"user_id": users, "movie_id": movies, "rating": rating, "timestamp": times})
     lo, hi = spec.rating_scale
     known = df.movie_id.isin(set(items.movie_id.tolist()))
     ok = (df.user_id.notna() & (df.user_id.astype(str) != "") & df.movie_id.notna() & (df.movie_id.astype(str) != "")
           & df.rating.between(lo, hi) & df.timestamp.notna() & known)
     if (~ok).any():
         unknown = int((~known & df.movie_id.notna()).sum())
+        bad_time = int(df.timestamp.isna().sum())
         logger.warning(f"{spec.ratings}: dropped {int((~ok).sum())} invalid rating rows ({unknown} of an item without "
-                       f"a title or not in --items; ratings must lie in {lo:g}..{hi:g}; first: row {int((~ok).idxmax()) + 2})")
+                       f"a title or not in --items, {bad_time} with an unreadable time; ratings must lie in "
+                       f"{lo:g}..{hi:g}; first: row {int((~ok).to_numpy().argmax()) + 2})")
     df = df[ok].astype({"rating": float, "timestamp": "int64"})
     df = df.astype({c: (int if str(df[c].dtype) == "Int64" else object) for c in ("user_id", "movie_id")})
     before = len(df)

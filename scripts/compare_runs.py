@@ -44,6 +44,9 @@ def parse_row(spec: str) -> tuple[str, Path, Path | None]:
         raise DataError(f"--row {spec!r}: expected LABEL=EVAL_DIR or LABEL=EVAL_DIR@TRAIN_DIR")
     eval_dir, _, train_dir = paths.partition("@")
     for folder in (eval_dir, train_dir):
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise DataError(f"--row {spec!r}: {folder!r} is a file, not a folder; give the output folder of "
+                            f"{'infer_lora.py' if folder == eval_dir else 'finetune_lora.py'}")
         if folder and not Path(folder).is_dir():
             raise DataError(f"--row {spec!r}: folder {folder!r} does not exist")
     return label.strip(), Path(eval_dir), Path(train_dir) if train_dir else None
@@ -58,7 +61,8 @@ def predictions_file(eval_dir: Path) -> Path:
     return preferred[0]
 
 
-def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None):
+def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None,
+             keep_users_file: str | None = None):
     """(row, curve, test keys) of one run (only the test rows of ``keep_users`` when given)."""
     from recsft.io import load_data, load_json, require_keys
     from recsft.metrics import compute_metrics, normalize_label
@@ -68,6 +72,9 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
     rows = load_data(path)
     if keep_users is not None:
         rows = [r for r in rows if r.get("user_id") in keep_users]
+    if not rows:
+        raise DataError(f"--users {keep_users_file}: none of these users has a test row in {path}; give user ids "
+                        f"of the evaluated test file (as they appear in its user_id field)")
     if any(r.get("p_yes") is None for r in rows):
         raise DataError(f"{eval_dir}: predictions without p_yes; evaluate with --eval_mode score")
     require_keys(rows, PREDICTION_KEYS, path, "re-run infer_lora.py --eval_mode score")
@@ -88,6 +95,10 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
     metrics["at_eval_threshold"] = {"accuracy": metrics["accuracy"], "f1": metrics["f1"]} if threshold else {}
     training, data, curve = None, None, []
     if train_dir is not None:
+        if not (train_dir / "training_summary.json").is_file():
+            raise DataError(f"--row {label!r}: {train_dir / 'training_summary.json'} not found: {train_dir} is not the "
+                            f"output_dir of a finished finetune_lora.py run (the summary is written when training "
+                            f"ends); finish the run (finetune_lora.py --resume) or drop @{train_dir}")
         training = load_json(train_dir / "training_summary.json")
         if not isinstance(training, dict):
             raise DataError(f"{train_dir / 'training_summary.json'}: expected a JSON object (finetune_lora.py output)")
@@ -96,7 +107,8 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
         per_step = cfg.get("per_device_train_batch_size", 1) * cfg.get("gradient_accumulation_steps", 1)
         curve = auc_curve(training.get("log_history") or last_log_history(train_dir), per_step,
                           data.get("answers_per_example", 1.0))
-    keys = sorted((r.get("user_id"), r.get("candidate_movie_id")) for r in rows)
+    keys = sorted(((r.get("user_id"), r.get("candidate_movie_id"), normalize_label(r["label"])) for r in rows),
+                  key=repr)
     return result_row(label, metrics, training, data), curve, keys
 
 
@@ -115,14 +127,24 @@ def main(args) -> dict:
     writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]
     out = Path(args.out)
+    if args.users and not Path(args.users).is_file():
+        raise DataError(f"--users {args.users}: {'is a folder, not' if Path(args.users).is_dir() else 'no such'} "
+                        f"file; give a JSON file holding a list of user ids")
     users = load_json(args.users) if args.users else None
-    if users is not None and (not isinstance(users, list) or not all(isinstance(u, int) for u in users)):
-        raise DataError(f"--users {args.users}: expected a JSON list of integer user ids")
+    if users is not None and (not isinstance(users, list) or not users or not all(
+            isinstance(u, (int, str)) and not isinstance(u, bool) for u in users)):
+        raise DataError(f"--users {args.users}: expected a non-empty JSON list of user ids (integers or strings)")
     users = set(users) if users is not None else None
     results, curves, first_keys = [], {}, None
     for label, eval_dir, train_dir in specs:
-        row, curve, keys = load_run(label, eval_dir, train_dir, users)
+        row, curve, keys = load_run(label, eval_dir, train_dir, users, args.users)
         if first_keys is not None and keys != first_keys:
+            pairs, first_pairs = [k[:2] for k in keys], [k[:2] for k in first_keys]
+            if pairs == first_pairs:
+                n = sum(a != b for a, b in zip(keys, first_keys))
+                raise DataError(f"--row {label!r}: same (user, movie) test rows as the first row, but {n} labels "
+                                f"differ (data prepared with another --like-threshold or --rating-scale?); compare "
+                                f"runs evaluated on the same test file")
             raise DataError(f"--row {label!r}: its test rows differ from the first row's; compare runs evaluated "
                             "on the same test file")
         first_keys = keys

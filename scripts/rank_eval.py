@@ -70,21 +70,44 @@ def check_args(args) -> list[str]:
     return names
 
 
-def llm_rows(args, questions, titles) -> tuple[str, dict]:
-    """(row label, sampled ranking metrics) of the LLM; the adapter is checked before the model loads."""
+def check_llm(args):
+    """The LLM's config, adapter (folder, config, weights, shapes against the base model) and model source: every
+    check of the LLM row, done before any data is read or any baseline is fitted. Returns the config."""
+    from recsft.config import load_config
+    from recsft.modeling import check_adapter
+    from recsft.validate import preflight_inference
+
+    cfg = load_config(args.config, args.overrides)
+    preflight_inference(cfg.model)
+    if args.adapter not in (None, "none"):
+        check_adapter(args.adapter, cfg.model.model_name_or_path, flag="--adapter")
+    return cfg
+
+
+PROMPT_PARAMS = {"features": "--features", "retrieval_history": "--retrieval-history"}
+
+
+def check_llm_data(args, params: dict) -> None:
+    """The LLM ranks the test prompt with each candidate swapped in: a folder whose prompts depend on the
+    candidate beyond its title (feature lines, a history chosen by the candidate) cannot be ranked that way."""
+    used = [flag for key, flag in PROMPT_PARAMS.items() if params.get(key)]
+    if used:
+        raise DataError(f"--llm: {args.data_dir} was prepared with {' and '.join(used)}, whose prompt lines depend on "
+                        f"the candidate, so swapping candidates into one prompt would rank prompts the model was "
+                        f"not trained on; rank the LLM on a folder prepared without {' / '.join(used)} (the "
+                        f"baselines alone, without --llm/--adapter, work on this folder)")
+
+
+def llm_rows(args, cfg, questions, titles) -> tuple[str, dict]:
+    """(row label, sampled ranking metrics) of the LLM (checked by :func:`check_llm`)."""
     import numpy as np
     from tqdm.auto import tqdm
 
     from recsft import ranking as R
-    from recsft.config import load_config
     from recsft.evaluation import load_for_eval
     from recsft.inference import max_prompt_tokens
-    from recsft.modeling import check_adapter
 
-    cfg = load_config(args.config, args.overrides)
     adapter = None if args.adapter in (None, "none") else args.adapter
-    if adapter:
-        check_adapter(adapter, cfg.model.model_name_or_path)
     model, tok = load_for_eval(cfg.model, adapter, merge=True)
     budget = max_prompt_tokens(tok, cfg.data.cutoff_len)
     rows, cut = [], 0
@@ -112,11 +135,10 @@ def main(args) -> dict:
     names = check_args(args)
     writable_dir(args.output_dir, "--output_dir")
     use_llm = args.llm or args.adapter is not None
-    if use_llm:
-        from recsft.config import load_config
-
-        load_config(args.config, args.overrides)  # a bad config fails before any work
+    cfg = check_llm(args) if use_llm else None  # config, model, adapter: before any work
     data = B.load_prepared(args.data_dir)
+    if use_llm:
+        check_llm_data(args, data.params)
     train = B.train_ratings(data.ratings, data.splits)
     rated = B.rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())
@@ -143,7 +165,7 @@ def main(args) -> dict:
             entry["full"] = R.full_ranking(questions, scorer, rated, items)
         results[B.LABELS[name]] = entry
     if use_llm:
-        label, metrics = llm_rows(args, questions, data.titles)
+        label, metrics = llm_rows(args, cfg, questions, data.titles)
         results[label] = {"sampled": metrics}
     table = "\n".join([R.MARKDOWN_HEADER, *(R.markdown_row(k, v["sampled"]) for k, v in results.items())])
     full = [R.markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]

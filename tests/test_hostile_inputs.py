@@ -765,3 +765,322 @@ def test_resume_lora_check_reads_peft_module_paths(tmp_path):
         check_resume_lora(str(ckpt), LoraArgs(lora_rank=16, lora_target="all"), layers)
     with pytest.raises(ConfigError, match=r"asks r=8 on \['q_proj', 'v_proj'\]"):
         check_resume_lora(str(ckpt), LoraArgs(lora_rank=8, lora_target="qv"), layers)
+
+
+# ============================================================================ own ratings tables (prepare_data)
+# A small, fully known ratings table: every case below changes one thing a user plausibly gets wrong.
+def _own_frames(n_users: int = 6, n_items: int = 30, per_user: int = 20, seed: int = 0):
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = [{"user_id": u + 1, "item_id": m + 1, "rating": rng.randint(1, 5), "timestamp": 1_000_000_000 + 1000 * u + 60 * k}
+            for u in range(n_users) for k, m in enumerate(rng.sample(range(n_items), per_user))]
+    items = [{"item_id": m + 1, "title": f"Film {m + 1} ({1950 + m})", "genres": rng.choice(["Drama", "Comedy|Drama",
+                                                                                           "Horror"])}
+             for m in range(n_items)]
+    return pd.DataFrame(rows), pd.DataFrame(items)
+
+
+def _write_tables(folder: Path, ratings, items, fmt: str = "csv") -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, df in (("ratings", ratings), ("items", items)):
+        path = folder / f"{name}.{fmt}"
+        df.to_parquet(path, index=False) if fmt == "parquet" else df.to_csv(path, index=False)
+        paths.append(str(path))
+    return ["--ratings", paths[0], "--items", paths[1], "--history-len", "5"]
+
+
+def _own_argv(work: Path, ratings=None, items=None, fmt: str = "csv", out: str = "out") -> list[str]:
+    r, i = _own_frames()
+    argv = _write_tables(work / "in", r if ratings is None else ratings, i if items is None else items, fmt)
+    return [*argv, "--out-dir", str(work / out)]
+
+
+def _edit(frame_fn):
+    """``argv`` maker: the default tables with ``frame_fn(ratings, items) -> (ratings, items)`` applied."""
+    def make(work):
+        r, i = frame_fn(*_own_frames())
+        return _own_argv(work, r, i)
+    return make
+
+
+def _raw_file(name: str, data: bytes, which: str = "ratings"):
+    def make(work):
+        argv = _own_argv(work)
+        path = work / "in" / name
+        path.write_bytes(data)
+        argv[argv.index(f"--{which}") + 1] = str(path)
+        return argv
+    return make
+
+
+def _flags(*flags, fmt: str = "csv"):
+    return lambda work: [*_own_argv(work, fmt=fmt), *flags]
+
+
+OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2, nothing written)
+    "ratings_is_a_folder": (lambda w: [*_own_argv(w), "--ratings", str(w / "in")], ["--ratings", "is a folder"]),
+    "items_missing": (lambda w: [*_own_argv(w), "--items", str(w / "nope.csv")], ["--items", "nope.csv", "does not"]),
+    "utf16_without_bom": (_raw_file("r16.csv", "user_id,item_id\n1,2\n".encode("utf-16-le")),
+                          ["--ratings", "r16.csv", "UTF-16", "byte-order mark"]),
+    "latin1_items": (_raw_file("items_latin1.csv", "item_id,title\n1,Am\xe9lie (2001)\n".encode("latin-1"), "items"),
+                     ["--items", "items_latin1.csv", "line 2", "UTF-8"]),
+    "xlsx_given_as_table": (_raw_file("ratings.xlsx", b"PK\x03\x04\x00\x00binary"), ["--ratings", "ratings.xlsx"]),
+    "parquet_extension_on_csv_text": (_raw_file("ratings.parquet", b"user_id,item_id\n1,2\n"),
+                                      ["--ratings", "ratings.parquet", "Parquet"]),
+    "empty_csv": (_raw_file("empty.csv", b""), ["--ratings", "empty.csv"]),
+    "header_only_csv": (_raw_file("hdr.csv", b"user_id,item_id,rating,timestamp\n"),
+                        ["--ratings", "no valid rating rows"]),
+    "genres_col_misspelt": (_flags("--genres-col", "genre"), ["--genres-col", "'genre'", "items.csv"]),
+    "features_genres_without_genres": (_edit(lambda r, i: (r, i.drop(columns="genres"))),
+                                       None),  # filled below (needs the flag)
+    "retrieval_without_genres": (None, ["--retrieval-history", "items.csv", "--genres-col"]),
+    "empty_genres_column": (None, ["--features genres", "items.csv"]),
+    "item_id_twice_other_title": (_edit(lambda r, i: (r, i.assign(item_id=[*i.item_id[:-1], 1]))),
+                                  ["--items", "id '1'", "twice", "different titles"]),
+    "out_dir_holds_the_inputs": (lambda w: [*_own_argv(w, fmt="parquet")[:-2], "--out-dir", str(w / "in")],
+                                 ["--out-dir", "--ratings", "overwrite"]),
+    "user_col_is_item_col": (_flags("--user-col", "item_id"), ["--user-col", "--item-col", "'item_id'"]),
+    "rating_scale_inf": (_flags("--rating-scale", "1,inf"), ["--rating-scale", "finite"]),
+    "rating_scale_dash": (_flags("--rating-scale", "1-10"), ["--rating-scale", "lowest,highest"]),
+    "rating_scale_one_number": (_flags("--rating-scale", "5"), ["--rating-scale"]),
+    "ratings_without_items": (lambda w: _own_argv(w)[:2] + ["--out-dir", str(w / "out")], ["--ratings", "--items"]),
+    "tables_and_raw_dir": (_flags("--raw-dir", "somewhere"), ["--ratings", "--raw-dir"]),
+    "every_rating_below_threshold": (_edit(lambda r, i: (r.assign(rating=1 + (r.rating > 3)), i)),
+                                     ["--like-threshold", "every example is labelled No"]),
+    "scale_too_wide_for_the_ratings": (_flags("--rating-scale", "1,10", "--like-threshold", "8"),
+                                       ["--like-threshold 8", "every example is labelled No", "--rating-scale"]),
+    "every_time_unreadable": (_edit(lambda r, i: (r.assign(timestamp="yesterday"), i)),
+                              ["--ratings", "no valid rating rows"]),
+    "no_rated_item_in_items": (_edit(lambda r, i: (r, i.assign(item_id=i.item_id + 1000))),
+                               ["--ratings", "no valid rating rows", "--items"]),
+    "zero_padded_ids_do_not_match": (_edit(lambda r, i: (r, i.assign(item_id=[f"{m:03d}" for m in i.item_id]))),
+                                     ["no valid rating rows"]),
+    "time_col_missing": (_flags("--time-col", "ts"), ["--time-col", "'ts'", "ratings.csv"]),
+    "items_id_col_missing": (_flags("--items-id-col", "sku"), ["--items-id-col", "'sku'", "items.csv"]),
+    "title_col_missing_parquet": (_flags("--title-col", "name", fmt="parquet"), ["--title-col", "items.parquet"]),
+    "history_longer_than_every_user": (_flags("--history-len", "50"), ["--history-len", "no training examples"]),
+    "session_len_without_session_format": (_flags("--session-len", "8"), ["--session-len", "--format session"]),
+    "session_len_0": (_flags("--format", "session", "--session-len", "0"), ["--session-len"]),
+    "features_unknown_in_comma_list": (_flags("--features", "item_stats,genre"), ["--features", "'genre'"]),
+}
+OWN_TABLE_ERRORS["features_genres_without_genres"] = (
+    lambda w: [*_edit(lambda r, i: (r, i.drop(columns="genres")))(w), "--features", "genres"],
+    ["--features genres", "items.csv", "--genres-col"])
+OWN_TABLE_ERRORS["retrieval_without_genres"] = (
+    lambda w: [*_edit(lambda r, i: (r, i.drop(columns="genres")))(w), "--retrieval-history"],
+    OWN_TABLE_ERRORS["retrieval_without_genres"][1])
+OWN_TABLE_ERRORS["empty_genres_column"] = (
+    lambda w: [*_edit(lambda r, i: (r, i.assign(genres="")))(w), "--features", "genres"],
+    OWN_TABLE_ERRORS["empty_genres_column"][1])
+
+
+class TestOwnTablesRefused:
+    """Own ratings/items tables that cannot give correct data: exit 2, one line naming the flag or file."""
+
+    @pytest.mark.parametrize("case", sorted(OWN_TABLE_ERRORS))
+    def test_refused(self, case, work, capsys):
+        make, names = OWN_TABLE_ERRORS[case]
+        check_case(prepare_data, make(work), names, capsys, work)
+
+    def test_raw_dir_that_is_a_file(self, work, capsys):
+        check_case(prepare_data, ["--raw-dir", _a_file(work), "--out-dir", str(work / "o")],
+                   ["--raw-dir", "is a file, not a folder"], capsys, work)
+
+    def test_out_dir_is_the_raw_dir(self, work, capsys):
+        (work / "ml").mkdir()
+        check_case(prepare_data, ["--raw-dir", str(work / "ml"), "--out-dir", str(work / "ml")],
+                   ["--out-dir", "--raw-dir"], capsys, work)
+
+
+def _prepared(work: Path, name: str, ratings, items, *flags, fmt: str = "csv") -> Path:
+    argv = _write_tables(work / f"in_{name}", ratings, items, fmt)
+    prepare_data.main(prepare_data.parse_args([*argv, "--out-dir", str(work / name), *flags]))
+    return work / name
+
+
+def _same_outputs(a: Path, b: Path, files=("train.json", "eval.json", "test_raw.jsonl")) -> None:
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def _ms(r, i):
+    return r.assign(timestamp=r.timestamp * 1000), i
+
+
+def _us(r, i):
+    return r.assign(timestamp=r.timestamp * 1_000_000), i
+
+
+def _ns(r, i):
+    return r.assign(timestamp=r.timestamp * 1_000_000_000), i
+
+
+def _datetime(r, i):
+    import pandas as pd
+
+    return r.assign(timestamp=pd.to_datetime(r.timestamp, unit="s")), i
+
+
+def _datetime_tz(r, i):
+    import pandas as pd
+
+    return r.assign(timestamp=pd.to_datetime(r.timestamp, unit="s", utc=True).dt.tz_convert("Europe/Paris")), i
+
+
+def _iso_text(r, i):
+    import pandas as pd
+
+    return r.assign(timestamp=pd.to_datetime(r.timestamp, unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ")), i
+
+
+def _float_ids(r, i):
+    return r.assign(item_id=r.item_id.astype(float)), i.assign(item_id=i.item_id.astype(float))
+
+
+def _padded_spaces(r, i):
+    return r.assign(user_id=[f"  {u} " for u in r.user_id]), i
+
+
+TIME_AND_ID_VARIANTS = {  # the same ratings written another way: the prepared examples are byte-identical
+    "milliseconds": (_ms, "csv", "milliseconds"),
+    "milliseconds_parquet": (_ms, "parquet", "milliseconds"),
+    "microseconds": (_us, "parquet", "microseconds"),
+    "nanoseconds": (_ns, "parquet", "nanoseconds"),
+    "parquet_datetime": (_datetime, "parquet", None),
+    "parquet_datetime_with_zone": (_datetime_tz, "parquet", None),
+    "iso_dates_as_text": (_iso_text, "csv", None),
+    "float_ids_in_parquet": (_float_ids, "parquet", None),
+    "ids_with_surrounding_spaces": (_padded_spaces, "csv", None),
+}
+
+
+class TestOwnTablesAccepted:
+    """Inputs accepted by a documented rule: the output is what the plain table gives, with a counted warning."""
+
+    @pytest.mark.parametrize("case", sorted(TIME_AND_ID_VARIANTS))
+    def test_time_units_and_id_types(self, case, work, caplog):
+        change, fmt, unit = TIME_AND_ID_VARIANTS[case]
+        r, i = _own_frames()
+        plain = _prepared(work, "plain", r, i, "--features", "item_stats", "user_stats")
+        with caplog.at_level("WARNING"):
+            other = _prepared(work, case, *change(r, i), "--features", "item_stats", "user_stats", fmt=fmt)
+        _same_outputs(plain, other)
+        if unit:
+            assert f"Unix time in {unit}" in caplog.text
+
+    def test_feature_counts_do_not_overflow_on_millisecond_times(self, work):
+        r, i = _own_frames()
+        out = _prepared(work, "ms", *_ms(r, i), "--features", "user_stats")
+        per_user = r.groupby("user_id").size().to_dict()
+        for rec in load_test(out):
+            n = int(rec["candidate_features"][0].split(" of ")[1].split()[0]) if "of" in rec["candidate_features"][0] \
+                else 0
+            assert n < per_user[rec["user_id"]]
+
+    def test_string_ids_with_features(self, work):
+        r, i = _own_frames()
+        r, i = r.assign(user_id="u" + r.user_id.astype(str), item_id="m" + r.item_id.astype(str)), \
+            i.assign(item_id="m" + i.item_id.astype(str))
+        out = _prepared(work, "s", r, i, "--features", "item_stats", "user_stats")
+        rows = load_test(out)
+        assert rows and all(isinstance(x["user_id"], str) for x in rows)
+        for rec in rows:  # against the raw table: ratings of the same item strictly earlier
+            earlier = r[(r.item_id == rec["candidate_movie_id"]) & (r.timestamp < rec["candidate_timestamp"])]
+            line = rec["candidate_features"][0]
+            assert (f"of {len(earlier)} earlier" in line) if len(earlier) else "no earlier ratings" in line
+
+    def test_inf_and_nan_times_are_dropped_and_counted(self, work, caplog):
+        r, i = _own_frames()
+        r = r.astype({"timestamp": float})
+        r.loc[0, "timestamp"], r.loc[1, "timestamp"] = float("inf"), float("nan")
+        with caplog.at_level("WARNING"):
+            stats = prepare_data.main(prepare_data.parse_args([*_write_tables(work / "in", r, i, "parquet"),
+                                                               "--out-dir", str(work / "o")]))
+        assert stats["ratings"] == len(r) - 2 and "2 with an unreadable time" in caplog.text
+
+    def test_zero_padded_and_plain_ids_stay_two_items(self, work, caplog):
+        r, i = _own_frames()
+        i = i.astype({"item_id": str})
+        i.loc[0, "item_id"], i.loc[0, "title"] = "001", "Another film (2001)"
+        extra = r.groupby("user_id").head(1).iloc[:3].assign(item_id="001", timestamp=r.timestamp.max() + 1)
+        import pandas as pd
+
+        r = pd.concat([r.astype({"item_id": str}), extra], ignore_index=True)
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "p", r, pd.concat([i, _own_frames()[1].iloc[:1].astype({"item_id": str})]))
+        items = pd.read_parquet(out / "items.parquet")
+        assert {"001", "1"} <= set(items.movie_id) and "duplicate (user, item)" not in caplog.text
+        assert dict(zip(items.movie_id, items.title))["001"] == "Another film (2001)"
+
+    def test_repeated_item_row_with_the_same_title_is_kept_once(self, work, caplog):
+        import pandas as pd
+
+        r, i = _own_frames()
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "d", r, pd.concat([i, i.iloc[:2]]))
+        assert "2 repeated rows of an id with the same title" in caplog.text
+        assert pd.read_parquet(out / "items.parquet").movie_id.is_unique
+
+    @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+    def test_byte_order_marks_are_read(self, work, encoding):
+        r, i = _own_frames()
+        i = i.assign(title=[f"Amélie {t}" for t in i.title])
+        plain = _prepared(work, "plain", r, i)
+        folder = work / "in_bom"
+        folder.mkdir()
+        r.to_csv(folder / "ratings.csv", index=False, encoding=encoding)
+        i.to_csv(folder / "items.csv", index=False, encoding=encoding)
+        prepare_data.main(prepare_data.parse_args(["--ratings", str(folder / "ratings.csv"), "--items",
+                                                   str(folder / "items.csv"), "--history-len", "5",
+                                                   "--out-dir", str(work / "bom")]))
+        _same_outputs(plain, work / "bom")
+
+    def test_line_breaks_in_titles_become_spaces(self, work, caplog):
+        r, i = _own_frames()
+        i.loc[:, "title"] = i.title.str.replace(" (", "\n(", regex=False)
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "nl", r, i)
+        assert "control characters" in caplog.text
+        assert all("\n" not in t for rec in load_test(out) for t in rec["history_titles"] + [rec["candidate_title"]])
+
+    def test_title_twins_are_merged_and_counted(self, work):
+        import pandas as pd
+
+        r, i = _own_frames()
+        i.loc[1, "title"] = i.title[0]  # same title and year: one film under two ids
+        i.loc[3, "title"] = "Untitled"  # no year: never merged
+        i.loc[4, "title"] = "Untitled"
+        out = _prepared(work, "tw", r, i)
+        stats = json.loads((out / "stats.json").read_text())
+        both = r[r.item_id.isin([1, 2])].groupby("user_id").size()
+        assert stats["merged_ids"] == 1 and stats["merged_duplicate_ratings"] == int((both == 2).sum())
+        inter = pd.read_parquet(out / "interactions.parquet")
+        assert 2 not in set(inter.movie_id) and {4, 5} <= set(inter.movie_id)
+        assert not inter.duplicated(["user_id", "movie_id"]).any()
+
+    def test_scale_1_to_10_end_to_end(self, work):
+        """--rating-scale 1,10 --like-threshold 8: every file agrees on the scale and the labels."""
+        from recsft import baselines as B
+        from recsft.movielens import check_stats
+
+        r, i = _own_frames()
+        r = r.assign(rating=r.rating * 2)  # 2..10
+        out = _prepared(work, "ten", r, i, "--rating-scale", "1,10", "--like-threshold", "8")
+        stats = check_stats(json.loads((out / "stats.json").read_text()), out / "stats.json")
+        assert stats["params"]["rating_scale"] == [1.0, 10.0] and stats["params"]["like_threshold"] == 8
+        rating = {(u, m): x for u, m, x in zip(r.user_id, r.item_id, r.rating)}
+        for rec in load_test(out):
+            assert all(1 <= x <= 10 for x in rec["history_ratings"])
+            assert rec["label"] == ("Yes" if rating[rec["user_id"], rec["candidate_movie_id"]] >= 8 else "No")
+        train = json.loads((out / "train.json").read_text())
+        assert any("rating ≈ 10" in t["input"] or "rating ≈ 8" in t["input"] for t in train)
+        data = B.load_prepared(out)  # the baselines rebuild the same split from stats.json
+        assert len(data.splits["test"]) == len(load_test(out))
+
+
+def load_test(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "test_raw.jsonl").read_text().splitlines()]

@@ -1084,3 +1084,132 @@ class TestOwnTablesAccepted:
 
 def load_test(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "test_raw.jsonl").read_text().splitlines()]
+
+
+# ============================================================================ sessions, features, retrieval
+def _prepare_ml(out: Path, *flags: str, max_users: str = "20") -> dict:
+    return prepare_data.main(prepare_data.parse_args(["--out-dir", str(out), "--max-users", max_users, *flags]))
+
+
+class TestSessionFeatureRetrieval:
+    """The session format's files form a set of their own in manifest.json; the feature and retrieval flags
+    refuse data they cannot serve; feature counts are right for any id type and time unit."""
+
+    def test_session_files_are_listed_next_to_the_single_set(self, work):
+        from recsft.io import check_file_set, read_manifest
+
+        _prepare_ml(work / "d")
+        _prepare_ml(work / "d", "--format", "session")
+        manifest = read_manifest(work / "d")
+        sets = {name: e["set"] for name, e in manifest["files"].items()}
+        assert sets["session_train.json"] == sets["session_test.jsonl"] == "session" and sets["train.json"] == "single"
+        assert set(manifest["sets"]) == {"single", "session"}
+        _prepare_ml(work / "d", "--seed", "3")  # re-publishing the single set keeps the session entries
+        assert "session_eval.json" in read_manifest(work / "d")["files"]
+        check_file_set(work / "d")
+
+    def test_ctrl_c_during_session_preparation_keeps_the_previous_set(self, work, capsys, monkeypatch):
+        from recsft import movielens
+        from recsft.io import check_file_set
+
+        _prepare_ml(work / "d", "--format", "session")
+        before = {p.name: p.read_bytes() for p in (work / "d").iterdir()}
+        monkeypatch.setattr(movielens, "write_jsonl_atomic", _interrupt)  # after session_train/eval are written
+        check_case(prepare_data, ["--out-dir", str(work / "d"), "--max-users", "20", "--format", "session",
+                                  "--seed", "5"], ["Ctrl-C"], capsys, work, exit_code=130)
+        assert {p.name: p.read_bytes() for p in (work / "d").iterdir()} == before
+        check_file_set(work / "d")
+
+    def test_half_published_session_set_is_refused(self, work, monkeypatch):
+        from recsft import io
+        from recsft.io import DataError, load_data
+
+        _prepare_ml(work / "d", "--format", "session")
+        real = os.replace
+
+        def die_before_test_file(src, dst):
+            if Path(dst) == work / "d" / "session_test.jsonl":  # the publish rename, not the temp write
+                raise KeyboardInterrupt
+            return real(src, dst)
+
+        monkeypatch.setattr(io.os, "replace", die_before_test_file)
+        with pytest.raises(KeyboardInterrupt):
+            _prepare_ml(work / "d", "--format", "session", "--seed", "9")
+        monkeypatch.setattr(io.os, "replace", real)
+        with pytest.raises(DataError, match="session_train.json: not the file of build"):
+            load_data(work / "d" / "session_train.json")
+
+    def test_features_genres_on_a_raw_dir_without_genres(self, work, capsys):
+        raw = work / "ml"
+        raw.mkdir()
+        (raw / "u.data").write_text("".join(f"1\t{m}\t{1 + m % 5}\t{m}\n" for m in range(1, 21)))
+        (raw / "u.item").write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||x\n" for m in range(1, 21)))
+        check_case(prepare_data, ["--raw-dir", str(raw), "--out-dir", str(work / "o"), "--features", "genres"],
+                   ["--features genres", "no movie genres"], capsys, work)
+
+    def test_session_cutoff_too_small_to_hold_a_question(self, work, qwen3_tokenizer):
+        from recsft.io import DataError
+        from recsft.preprocess import tokenize_sessions_to_arrow
+
+        _prepare_ml(work / "d", "--format", "session", max_users="3")
+        records = json.loads((work / "d" / "session_train.json").read_text())[:4]
+        with pytest.raises(DataError, match="cutoff_len=24: too small"):
+            tokenize_sessions_to_arrow(records, qwen3_tokenizer, 24)
+        assert len(tokenize_sessions_to_arrow(records, qwen3_tokenizer, 1024)) >= len(records)
+
+    @pytest.mark.parametrize("keys", ["int", "text"])
+    def test_earlier_counts_any_keys_and_huge_times(self, keys):
+        import numpy as np
+
+        from recsft.movielens import earlier_counts
+
+        rng = np.random.default_rng(0)
+        k = rng.integers(0, 7, 300)
+        key = k if keys == "int" else np.array([f"user-{x}" for x in k], dtype=object)
+        ts = rng.integers(0, 50, 300) * 10 ** 15 + 1_700_000_000_000_000_000  # nanoseconds near 2023
+        liked = rng.random(300) < 0.5
+        n, likes = earlier_counts(key, ts, liked)
+        for r in range(300):
+            earlier = (key == key[r]) & (ts < ts[r])
+            assert (n[r], likes[r]) == (earlier.sum(), (earlier & liked).sum())
+
+    def test_session_format_with_text_ids_and_features(self, work):
+        r, i = _own_frames()
+        r = r.assign(user_id="u" + r.user_id.astype(str))
+        out = _prepared(work, "s", r, i, "--format", "session", "--features", "item_stats", "user_stats", "genres")
+        records = json.loads((out / "session_train.json").read_text())
+        assert records and all("This user:" in t["start"] for rec in records for t in rec["turns"])
+
+
+@pytest.fixture(scope="module")
+def full_movielens(tmp_path_factory) -> Path:
+    """The whole bundled MovieLens-100K, prepared once (the title twins are spread over all users)."""
+    out = tmp_path_factory.mktemp("ml_full") / "data"
+    prepare_data.main(prepare_data.parse_args(["--out-dir", str(out)]))
+    return out
+
+
+class TestMovieLensTwins:
+    """MovieLens-100K lists 18 films under two ids: merged into one id at preparation, counted in stats.json."""
+
+    def test_merged_and_counted(self, full_movielens):
+        import pandas as pd
+
+        stats = json.loads((full_movielens / "stats.json").read_text())
+        assert stats["merged_ids"] == 18 and stats["merged_duplicate_ratings"] > 0
+        items = pd.read_parquet(full_movielens / "items.parquet")
+        assert items.title.is_unique and len(items) == stats["movies"]
+
+    def test_no_prompt_shows_the_candidate_in_its_history(self, full_movielens):
+        rows = load_test(full_movielens)
+        assert not [r for r in rows if r["candidate_title"] in r["history_titles"]]
+
+    def test_no_ranking_negative_is_a_rated_film(self, full_movielens):
+        from recsft import baselines as B
+        from recsft import ranking as R
+
+        data = B.load_prepared(full_movielens)
+        rated = B.rated_sets(data.ratings)
+        questions, _ = R.build_questions(data.splits["test"], rated, sorted(data.titles), 99, 0, max_users=300)
+        rated_titles = {u: {data.titles[m] for m in ms} for u, ms in rated.items()}
+        assert not [q for q in questions for c in q["candidates"][1:] if data.titles[c] in rated_titles[q["user_id"]]]

@@ -1213,3 +1213,154 @@ class TestMovieLensTwins:
         questions, _ = R.build_questions(data.splits["test"], rated, sorted(data.titles), 99, 0, max_users=300)
         rated_titles = {u: {data.titles[m] for m in ms} for u, ms in rated.items()}
         assert not [q for q in questions for c in q["candidates"][1:] if data.titles[c] in rated_titles[q["user_id"]]]
+
+
+# ====================================================================================== rank_eval
+import rank_eval  # noqa: E402
+
+
+@pytest.fixture
+def no_fitting(monkeypatch):
+    """Fitting a baseline fails the test: every check of rank_eval/baselines comes before it."""
+    from recsft import baselines as B
+
+    def boom(*a, **k):
+        raise AssertionError("a baseline was fitted before the bad input was detected")
+    monkeypatch.setattr(B, "fit_scorers", boom)
+
+
+@pytest.fixture(scope="module")
+def prompt_feature_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("featured")
+    _prepare_ml(root / "features", "--features", "item_stats", "genres", max_users="30")
+    _prepare_ml(root / "retrieval", "--retrieval-history", max_users="30")
+    return {"features": root / "features", "retrieval": root / "retrieval"}
+
+
+RANK_EVAL_CASES = {  # argv maker (work, base model) -> names; "--adapter" must be named as rank_eval spells it
+    "adapter_missing": (lambda w, b: ["--adapter", str(w / "no_adapter")], ["--adapter", "no_adapter", "does not exist"]),
+    "adapter_is_a_file": (lambda w, b: ["--adapter", _a_file(w)], ["--adapter", "is a file"]),
+    "adapter_without_weights": (lambda w, b: ["--adapter", _adapter(w, b)], ["adapter_model.safetensors"]),
+    "adapter_corrupt_config": (lambda w, b: ["--adapter", _adapter(w, b, config="{")], ["adapter_config.json"]),
+    "adapter_of_another_base": (lambda w, b: ["--adapter", _adapter(w, b, {f"{Q}.lora_A.weight": [4, 896],
+                                                                           f"{Q}.lora_B.weight": [1024, 4]})],
+                                ["lora_A", "896"]),
+    "model_missing": (lambda w, b: ["--llm", "model_name_or_path=/no/such/model"], ["model_name_or_path"]),
+    "config_unknown_key": (lambda w, b: ["--llm", "cutof_len=512"], ["cutof_len", "cutoff_len"]),
+    "flash_attention_2_on_cpu": (lambda w, b: ["--llm", "flash_attn=flash_attention_2"], ["flash_attn"]),
+    "n_negatives_0": (lambda w, b: ["--n-negatives", "0"], ["--n-negatives"]),
+    "max_users_0": (lambda w, b: ["--max-users", "0"], ["--max-users"]),
+    "models_unknown": (lambda w, b: ["--models", "mf,svd"], ["--models", "svd"]),
+    "output_dir_is_a_file": (lambda w, b: ["--output_dir", _a_file(w)], ["--output_dir"]),
+}
+
+
+class TestRankEval:
+    """rank_eval.py: every check (flags, config, model, adapter, data) before any baseline is fitted."""
+
+    @pytest.mark.parametrize("case", sorted(RANK_EVAL_CASES))
+    def test_refused_before_fitting(self, case, work, tiny_qwen3, small_data, capsys, no_fitting, no_tokenizer_load):
+        make, names = RANK_EVAL_CASES[case]
+        argv = ["--data_dir", str(_data_copy(work, small_data, keep_manifest=True)), "--config",
+                train_config(work, tiny_qwen3), *make(work, tiny_qwen3)]
+        argv += [] if "--output_dir" in argv else ["--output_dir", str(work / "rank")]
+        line = check_case(rank_eval, argv, names, capsys, work)
+        assert "--adapter_dir" not in line
+
+    @pytest.mark.parametrize("kind,flag", [("features", "--features"), ("retrieval", "--retrieval-history")])
+    def test_llm_on_prompt_dependent_data(self, kind, flag, work, tiny_qwen3, prompt_feature_data, capsys, no_fitting,
+                                          no_tokenizer_load):
+        check_case(rank_eval, ["--data_dir", str(prompt_feature_data[kind]), "--config", train_config(work, tiny_qwen3),
+                               "--llm", "--output_dir", str(work / "rank")], ["--llm", flag], capsys, work)
+
+    def test_baselines_alone_rank_featured_data(self, work, prompt_feature_data):
+        res = rank_eval.main(rank_eval.parse_args(["--data_dir", str(prompt_feature_data["features"]), "--models",
+                                                   "item-rate", "--n-negatives", "10", "--output_dir",
+                                                   str(work / "r"), "--no-full-ranking"]))
+        assert res["counts"]["questions"] > 0
+
+
+# ===================================================================================== compare_runs
+def _eval_dir_named(work: Path, name: str, rows: list[dict]) -> str:
+    folder = work / name
+    folder.mkdir()
+    (folder / "lora_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+PREDS = [{**PRED, "user_id": u, "candidate_movie_id": m, "label": lab, "p_yes": p}
+         for u, m, lab, p in [(1, 3, "Yes", 0.7), (1, 4, "No", 0.2), (2, 3, "No", 0.4), (2, 5, "Yes", 0.9)]]
+
+
+def _json_file(work: Path, name: str, value) -> str:
+    (work / name).write_text(json.dumps(value))
+    return str(work / name)
+
+
+COMPARE_MORE_CASES = {
+    "labels_differ": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--row",
+                                 f"b={_eval_dir_named(w, 'b', [{**p, 'label': 'Yes'} for p in PREDS])}"],
+                      ["--row 'b'", "labels differ", "like-threshold"]),
+    "users_match_no_row": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                      _json_file(w, "users.json", [99])], ["--users", "users.json", "none of"]),
+    "users_empty_list": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                    _json_file(w, "users.json", [])], ["--users", "non-empty"]),
+    "users_not_a_list": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                    _json_file(w, "users.json", {"ids": [1]})], ["--users"]),
+    "users_booleans": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                  _json_file(w, "users.json", [True])], ["--users"]),
+    "users_file_missing": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users", str(w / "u.json")],
+                           ["--users", "u.json"]),
+    "train_dir_without_summary": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}@{w}"],
+                                  ["training_summary.json", "finetune_lora"]),
+    "eval_dir_is_a_file": (lambda w: ["--row", f"a={_a_file(w)}"], ["--row", "is a file"]),
+}
+
+
+class TestCompareRunsAndBaselines:
+    @pytest.mark.parametrize("case", sorted(COMPARE_MORE_CASES))
+    def test_compare_runs_refused(self, case, work, capsys):
+        make, names = COMPARE_MORE_CASES[case]
+        line = check_case(compare_runs, [*make(work), "--out", str(work / "cmp_out")], names, capsys, work)
+        assert "prepare_data" not in line
+
+    def test_compare_runs_text_user_ids(self, work):
+        rows = [{**p, "user_id": f"u{p['user_id']}"} for p in PREDS]
+        res = compare_runs.main(compare_runs.parse_args(["--row", f"a={_eval_dir_named(work, 'a', rows)}", "--users",
+                                                         _json_file(work, "users.json", ["u1"]),
+                                                         "--out", str(work / "o")]))
+        assert len(res["rows"]) == 1
+
+    @pytest.mark.parametrize("models", ["", " , "])
+    def test_baselines_no_model_named(self, models, work, small_data, capsys, no_fitting):
+        check_case(baselines, ["--data_dir", str(small_data), "--models", models, "--output_dir", str(work / "bl")],
+                   ["--models"], capsys, work)
+
+    def test_baselines_predictions_folder_is_a_file(self, work, small_data, capsys, no_fitting):
+        (work / "bl").mkdir()
+        (work / "bl" / "mf").write_text("not a folder")
+        check_case(baselines, ["--data_dir", str(small_data), "--models", "item-rate,mf", "--predictions",
+                               "--output_dir", str(work / "bl")], ["--predictions", "mf", "is a file"], capsys, work)
+
+
+# ========================================================================================== metrics
+class TestMetricFunctions:
+    def test_uauc_reads_yes_no_labels(self):
+        from recsft.metrics import uauc
+
+        y, s, u = ["Yes", "No", "Yes", "No"], [0.9, 0.1, 0.2, 0.8], [1, 1, 2, 2]
+        assert uauc(y, s, u) == uauc([True, False, True, False], s, u) == 0.5
+
+    @pytest.mark.parametrize("labels,scores", [(["Yes", "maybe"], [0.1, 0.2]), (["Yes", "No"], [0.1, float("nan")])])
+    def test_uauc_refuses_bad_labels_and_nan(self, labels, scores):
+        from recsft.metrics import uauc
+
+        with pytest.raises(ValueError):
+            uauc(labels, scores, [1, 1])
+
+    @pytest.mark.parametrize("pos,neg", [(float("nan"), [0.1, 0.2]), (0.5, [0.1, float("nan")])])
+    def test_rank_metrics_refuses_nan(self, pos, neg):
+        from recsft.ranking import rank_metrics
+
+        with pytest.raises(ValueError, match="NaN"):
+            rank_metrics(pos, neg)

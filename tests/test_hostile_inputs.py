@@ -81,8 +81,10 @@ def check_case(script, argv, names, capsys, root: Path, exit_code: int = 2) -> s
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """A scratch folder that is also the working directory (default output paths land in it)."""
+    """A scratch folder that is also the working directory (default output paths land in it); logging goes to
+    this test's stderr (an earlier ``cli.run`` may have pointed it at a stream that is closed by now)."""
     monkeypatch.chdir(tmp_path)
+    cli.setup_logging()
     return tmp_path
 
 

@@ -299,6 +299,7 @@ def _corrupt_safetensors(work: Path, base: str) -> str:
 
 ADAPTER_CASES = {
     "missing_folder": (lambda w, b: str(w / "no_adapter"), ["adapter_dir", "no_adapter"]),
+    "is_a_file": (lambda w, b: _a_file(w), ["adapter_dir", "is a file, not a folder"]),
     "corrupt_config": (lambda w, b: _adapter(w, b, config="{\"r\": 4,"), ["adapter_config.json"]),
     "config_not_object": (lambda w, b: _adapter(w, b, config="[4]"), ["adapter_config.json"]),
     "no_weights": (lambda w, b: _adapter(w, b), ["adapter_model.safetensors"]),
@@ -868,6 +869,10 @@ OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2,
     "session_len_without_session_format": (_flags("--session-len", "8"), ["--session-len", "--format session"]),
     "session_len_0": (_flags("--format", "session", "--session-len", "0"), ["--session-len"]),
     "features_unknown_in_comma_list": (_flags("--features", "item_stats,genre"), ["--features", "'genre'"]),
+    "ratings_1_to_10_on_the_default_scale": (_edit(lambda r, i: (r.assign(rating=r.rating * 2), i)),
+                                             ["--rating-scale 0.5,5", "off the scale", "from 2 to 10"]),
+    "decimal_comma_ratings": (_edit(lambda r, i: (r.assign(rating=r.rating.astype(str) + ",5"), i)),
+                              ["--rating-scale", "not numbers", "--rating-col"]),
 }
 OWN_TABLE_ERRORS["features_genres_without_genres"] = (
     lambda w: [*_edit(lambda r, i: (r, i.drop(columns="genres")))(w), "--features", "genres"],

@@ -156,6 +156,7 @@ def normalize_times(values: pd.Series, what: str = "time") -> tuple[pd.Series, s
     return ((dates - epoch) // pd.Timedelta(seconds=1)).astype("Int64"), "dates"
 
 
+MAX_BAD_RATING_SHARE = 0.1  # more unreadable or off-scale ratings than this: the scale or the column is wrong
 CONTROL = r"[\x00-\x1f\x7f]+"  # newlines, tabs, ... inside a title would break the prompt's lines
 
 
@@ -239,6 +240,14 @@ def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     df = df.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "movie_id"], keep="last")
     if len(df) < before:
         logger.warning(f"{spec.ratings}: {before - len(df)} duplicate (user, item) ratings; the latest of each kept")
+    bad_rating = ~rating.between(lo, hi)
+    if bad_rating.mean() > MAX_BAD_RATING_SHARE:
+        seen = rating[rating.notna() & np.isfinite(rating)]
+        span = f"they range from {seen.min():g} to {seen.max():g}" if len(seen) else "none is a number"
+        raise DataError(f"--rating-scale {lo:g},{hi:g}: {int(bad_rating.sum())} of {len(rating)} ratings in column "
+                        f"{spec.rating_col!r} of {spec.ratings} are missing, not numbers or off the scale ({span}); "
+                        f"set --rating-scale (and --like-threshold) to the data's scale, or --rating-col to the "
+                        f"ratings column")
     if df.empty:
         raise DataError(f"--ratings {spec.ratings}: no valid rating rows left after cleaning (check the column flags, "
                         f"--rating-scale {lo:g},{hi:g} and --items {spec.items})")

@@ -489,6 +489,7 @@ BASELINE_FLAG_CASES = {
     "max_samples_0": (["--max_samples", "0"], ["--max_samples"]),
     "svd_rank_0": (["--svd_rank", "0"], ["--svd_rank"]),
     "data_dir_missing": (["--data_dir", "nowhere"], ["--data_dir", "nowhere"]),
+    "data_dir_is_a_file": (["--data_dir", "a_file"], ["--data_dir", "is a file"]),
     "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir"]),
 }
 
@@ -786,6 +787,12 @@ def _own_frames(n_users: int = 6, n_items: int = 30, per_user: int = 20, seed: i
     return pd.DataFrame(rows), pd.DataFrame(items)
 
 
+def pd_dates(seconds):
+    import pandas as pd
+
+    return pd.to_datetime(seconds, unit="s")
+
+
 def _write_tables(folder: Path, ratings, items, fmt: str = "csv") -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -857,7 +864,13 @@ OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2,
     "scale_too_wide_for_the_ratings": (_flags("--rating-scale", "1,10", "--like-threshold", "8"),
                                        ["--like-threshold 8", "every example is labelled No", "--rating-scale"]),
     "every_time_unreadable": (_edit(lambda r, i: (r.assign(timestamp="yesterday"), i)),
-                              ["--ratings", "no valid rating rows"]),
+                              ["--time-col", "'yesterday'", "ISO 8601"]),
+    "day_first_dates": (_edit(lambda r, i: (r.assign(timestamp=pd_dates(r.timestamp).dt.strftime("%d/%m/%Y %H:%M")), i)),
+                        ["--time-col 'timestamp'", "unreadable", "ISO 8601"]),
+    "semicolon_separated_csv": (_raw_file("semi.csv", b"user_id;item_id;rating;timestamp\n1;2;4;100\n"),
+                                ["--user-col", "semi.csv", "';'"]),
+    "tab_separated_saved_as_csv": (_raw_file("tabs.csv", b"user_id\titem_id\trating\ttimestamp\n1\t2\t4\t100\n"),
+                                   ["--user-col", "tabs.csv", "'\\t'"]),
     "no_rated_item_in_items": (_edit(lambda r, i: (r, i.assign(item_id=i.item_id + 1000))),
                                ["--ratings", "no valid rating rows", "--items"]),
     "zero_padded_ids_do_not_match": (_edit(lambda r, i: (r, i.assign(item_id=[f"{m:03d}" for m in i.item_id]))),
@@ -962,6 +975,7 @@ TIME_AND_ID_VARIANTS = {  # the same ratings written another way: the prepared e
     "iso_dates_as_text": (_iso_text, "csv", None),
     "float_ids_in_parquet": (_float_ids, "parquet", None),
     "ids_with_surrounding_spaces": (_padded_spaces, "csv", None),
+    "header_names_with_spaces": (lambda r, i: (r.rename(columns={"rating": " rating "}), i), "csv", None),
 }
 
 

@@ -60,6 +60,9 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     from .io import check_file_set, load_data, load_json, require_keys
 
     data = Path(data_dir)
+    if data.exists() and not data.is_dir():
+        raise DataError(f"--data_dir {str(data)!r}: is a file, not a folder; pass the folder prepare_data.py wrote "
+                        f"(its --out-dir)")
     if not data.is_dir():
         raise DataError(f"--data_dir {str(data)!r}: folder does not exist; run `python scripts/prepare_data.py` "
                         f"or pass the folder it wrote")

@@ -80,7 +80,8 @@ def read_table(path: str | Path, flag: str) -> pd.DataFrame:
         if parquet:
             return pd.read_parquet(path)
         sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-        return pd.read_csv(io.StringIO(_decode(path, flag)), sep=sep, dtype=str, keep_default_na=False)
+        table = pd.read_csv(io.StringIO(_decode(path, flag)), sep=sep, dtype=str, keep_default_na=False)
+        return table.rename(columns=lambda c: c.strip() if isinstance(c, str) else c)  # "rating " -> "rating"
     except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DataError(f"{flag} {path}: cannot read it as {'Parquet' if parquet else 'CSV'} "
                         f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); check the file") from None
@@ -90,8 +91,14 @@ def require_columns(df: pd.DataFrame, path: str, wanted: dict[str, str]) -> None
     """``wanted``: flag -> column name; the first missing one is an error naming the flag and the file."""
     for flag, col in wanted.items():
         if col not in df.columns:
+            hint = ""
+            if len(df.columns) == 1:
+                sep = next((s for s in (";", "\t", "|", ",") if s in str(df.columns[0])), None)
+                if sep:
+                    hint = (f"; the file has one column whose name holds {sep!r}: it is separated by {sep!r}, not by "
+                            f"what its extension says (.csv: ',', .tsv: tab); re-save it or rename it")
             raise DataError(f"{flag} {col!r}: no such column in {path} (columns: {', '.join(map(str, df.columns))}); "
-                            f"set {flag} to the right name")
+                            f"set {flag} to the right name{hint}")
 
 
 CANONICAL_INT = r"-?(0|[1-9][0-9]*)"  # what becomes an integer id: no sign '+', no leading zeros, no spaces
@@ -133,7 +140,8 @@ def normalize_times(values: pd.Series, what: str = "time") -> tuple[pd.Series, s
     - numbers (or text that is mostly numbers): Unix time whose unit is chosen once for the whole column by
       the median magnitude: below 1e11 seconds, below 1e14 milliseconds, below 1e17 microseconds, else
       nanoseconds; fractions are floored; ``inf``/``nan`` and values beyond the year 5138 are unreadable;
-    - other text: dates (ISO 8601 recommended; no zone = UTC); unparseable ones are unreadable.
+    - other text: ISO 8601 dates (``2021-03-04``, ``2021-03-04 10:00:00``, ``2021-03-04T10:00:00Z``; no zone =
+      UTC); anything else (``03/04/2021``: day or month first?) is unreadable rather than guessed.
     """
     epoch = pd.Timestamp("1970-01-01", tz="UTC")
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
@@ -152,11 +160,11 @@ def normalize_times(values: pd.Series, what: str = "time") -> tuple[pd.Series, s
         seconds = np.floor(num / div)
         seconds = seconds.where(seconds.abs() < MAX_SECONDS)
         return seconds.astype("Int64"), unit
-    dates = pd.to_datetime(text.where(present), errors="coerce", utc=True, format="mixed")
+    dates = pd.to_datetime(text.where(present, None), errors="coerce", utc=True, format="ISO8601")
     return ((dates - epoch) // pd.Timedelta(seconds=1)).astype("Int64"), "dates"
 
 
-MAX_BAD_RATING_SHARE = 0.1  # more unreadable or off-scale ratings than this: the scale or the column is wrong
+MAX_BAD_RATING_SHARE = 0.1  # more unreadable times or off-scale ratings than this: a flag or the format is wrong
 CONTROL = r"[\x00-\x1f\x7f]+"  # newlines, tabs, ... inside a title would break the prompt's lines
 
 
@@ -240,6 +248,12 @@ def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     df = df.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "movie_id"], keep="last")
     if len(df) < before:
         logger.warning(f"{spec.ratings}: {before - len(df)} duplicate (user, item) ratings; the latest of each kept")
+    bad_time = times.isna() & raw[spec.time_col].notna()
+    if bad_time.mean() > MAX_BAD_RATING_SHARE:
+        first = raw[spec.time_col][bad_time].iloc[0]
+        raise DataError(f"--time-col {spec.time_col!r}: {int(bad_time.sum())} of {len(times)} times in {spec.ratings} "
+                        f"are unreadable (first: {first!r}); use Unix time (seconds, milliseconds, ...) or ISO 8601 "
+                        f"dates (2021-03-04 or 2021-03-04T10:00:00Z), or set --time-col to the time column")
     bad_rating = ~rating.between(lo, hi)
     if bad_rating.mean() > MAX_BAD_RATING_SHARE:
         seen = rating[rating.notna() & np.isfinite(rating)]

@@ -165,6 +165,7 @@ def normalize_times(values: pd.Series, what: str = "time") -> tuple[pd.Series, s
 
 
 MAX_BAD_RATING_SHARE = 0.1  # more unreadable times or off-scale ratings than this: a flag or the format is wrong
+MAX_UNKNOWN_ITEM_SHARE = 0.5  # more ratings of items missing from the items table: the ids do not match
 CONTROL = r"[\x00-\x1f\x7f]+"  # newlines, tabs, ... inside a title would break the prompt's lines
 
 
@@ -210,6 +211,10 @@ def load_items(spec: TableSpec) -> tuple[pd.DataFrame, int]:
     return out.reset_index(drop=True), int(untitled.sum())
 
 
+def _share(mask: pd.Series) -> float:
+    return float(mask.fillna(False).astype(bool).sum()) / len(mask) if len(mask) else 0.0
+
+
 def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """``(ratings [user_id, movie_id, rating, timestamp], {movie_id: title}, items)`` from the two tables."""
     flags = {"--user-col": spec.user_col, "--item-col": spec.item_col, "--rating-col": spec.rating_col,
@@ -236,6 +241,28 @@ def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     known = df.movie_id.isin(set(items.movie_id.tolist()))
     ok = (df.user_id.notna() & (df.user_id.astype(str) != "") & df.movie_id.notna() & (df.movie_id.astype(str) != "")
           & df.rating.between(lo, hi) & df.timestamp.notna() & known)
+    named = df.movie_id.notna() & (df.movie_id.astype(str) != "")
+    unknown_rows = named & ~known
+    if _share(unknown_rows) > MAX_UNKNOWN_ITEM_SHARE:
+        raise DataError(f"--item-col {spec.item_col!r}: {int(unknown_rows.sum())} of {len(df)} ratings in {spec.ratings} "
+                        f"name an item that is not in --items {spec.items} (e.g. {str(df.movie_id[unknown_rows].iloc[0])!r}; "
+                        f"its ids look like {str(items.movie_id.iloc[0]) if len(items) else None!r}); ids are compared as "
+                        f"text without surrounding spaces ('7.0', '007' and '7' differ): make the ids match, or set "
+                        f"--item-col / --items-id-col")
+    bad_time = times.isna() & raw[spec.time_col].notna()
+    if _share(bad_time) > MAX_BAD_RATING_SHARE:
+        first = raw[spec.time_col][bad_time].iloc[0]
+        raise DataError(f"--time-col {spec.time_col!r}: {int(bad_time.sum())} of {len(times)} times in {spec.ratings} "
+                        f"are unreadable (first: {first!r}); use Unix time (seconds, milliseconds, ...) or ISO 8601 "
+                        f"dates (2021-03-04 or 2021-03-04T10:00:00Z), or set --time-col to the time column")
+    bad_rating = ~rating.between(lo, hi)
+    if _share(bad_rating) > MAX_BAD_RATING_SHARE:
+        seen = rating[rating.notna() & np.isfinite(rating)]
+        span = f"they range from {seen.min():g} to {seen.max():g}" if len(seen) else "none is a number"
+        raise DataError(f"--rating-scale {lo:g},{hi:g}: {int(bad_rating.sum())} of {len(rating)} ratings in column "
+                        f"{spec.rating_col!r} of {spec.ratings} are missing, not numbers or off the scale ({span}); "
+                        f"set --rating-scale (and --like-threshold) to the data's scale, or --rating-col to the "
+                        f"ratings column")
     if (~ok).any():
         unknown = int((~known & df.movie_id.notna()).sum())
         bad_time = int(df.timestamp.isna().sum())
@@ -248,20 +275,6 @@ def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     df = df.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "movie_id"], keep="last")
     if len(df) < before:
         logger.warning(f"{spec.ratings}: {before - len(df)} duplicate (user, item) ratings; the latest of each kept")
-    bad_time = times.isna() & raw[spec.time_col].notna()
-    if bad_time.mean() > MAX_BAD_RATING_SHARE:
-        first = raw[spec.time_col][bad_time].iloc[0]
-        raise DataError(f"--time-col {spec.time_col!r}: {int(bad_time.sum())} of {len(times)} times in {spec.ratings} "
-                        f"are unreadable (first: {first!r}); use Unix time (seconds, milliseconds, ...) or ISO 8601 "
-                        f"dates (2021-03-04 or 2021-03-04T10:00:00Z), or set --time-col to the time column")
-    bad_rating = ~rating.between(lo, hi)
-    if bad_rating.mean() > MAX_BAD_RATING_SHARE:
-        seen = rating[rating.notna() & np.isfinite(rating)]
-        span = f"they range from {seen.min():g} to {seen.max():g}" if len(seen) else "none is a number"
-        raise DataError(f"--rating-scale {lo:g},{hi:g}: {int(bad_rating.sum())} of {len(rating)} ratings in column "
-                        f"{spec.rating_col!r} of {spec.ratings} are missing, not numbers or off the scale ({span}); "
-                        f"set --rating-scale (and --like-threshold) to the data's scale, or --rating-col to the "
-                        f"ratings column")
     if df.empty:
         raise DataError(f"--ratings {spec.ratings}: no valid rating rows left after cleaning (check the column flags, "
                         f"--rating-scale {lo:g},{hi:g} and --items {spec.items})")

@@ -25,8 +25,11 @@ Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json, interacti
 as one set with a ``manifest.json`` (one build id, a sha256 per file) that readers check, so an interrupted run never leaves a mixed set;
 errors exit with code 2, Ctrl-C with 130.
 ``--format session`` writes ``<out-dir>/{session_train.json, session_eval.json, session_test.jsonl,
-session_stats.json}`` instead: one example per run of up to ``--session-len`` consecutive candidates of a
-user, as a multi-turn chat (docs/data.md). ``--features`` adds prompt lines computed from earlier ratings only.
+session_stats.json}`` instead, as their own set in the same manifest: one example per run of up to
+``--session-len`` consecutive candidates of a user, as a multi-turn chat (docs/data.md). ``--features`` adds
+prompt lines computed from earlier ratings only. Item ids with the same title and year are merged into one
+id (MovieLens-100K has 18 such twins; counted in stats.json). Accepted time units, id types and encodings of
+your own tables, and what happens to each kind of bad row: docs/data.md.
 """
 
 from __future__ import annotations

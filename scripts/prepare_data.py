@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--source", choices=["bundled", "download"], default="bundled")
     p.add_argument("--raw-dir", default=None, help="extracted ml-100k, ml-1m or ml-latest-small folder")
     p.add_argument("--history-len", type=positive_int, default=15)
-    p.add_argument("--like-threshold", type=finite_float, default=4.0,
-                   help="label Yes when rating >= this (inside the rating scale)")
+    p.add_argument("--like-threshold", type=finite_float, default=None,
+                   help="label Yes when rating >= this (inside the rating scale; default 4, needed with a "
+                        "--rating-scale whose highest rating is not 5)")
     p.add_argument("--eval-ratio", type=finite_float, default=0.1)
     p.add_argument("--test-ratio", type=finite_float, default=0.1)
     p.add_argument("--seed", type=non_negative_int, default=42)
@@ -136,6 +137,11 @@ def main(args) -> dict:
     writable_dir(args.out_dir, "--out-dir")
     table = table_spec(args)
     check_inputs(args, table)
+    if args.like_threshold is None:
+        if table is not None and table.rating_scale[1] != 5:
+            raise DataError(f"--rating-scale {args.rating_scale}: give --like-threshold too (its default, 4, is for "
+                            f"ratings up to 5 stars), e.g. --like-threshold {table.rating_scale[1] * 0.8:g}")
+        args.like_threshold = 4.0
     check_params(args.history_len, args.eval_ratio, args.test_ratio, args.like_threshold, args.max_users,
                  table.rating_scale if table else None)
     start = time.perf_counter()

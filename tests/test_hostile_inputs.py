@@ -855,6 +855,8 @@ OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2,
                                  ["--out-dir", "--ratings", "overwrite"]),
     "user_col_is_item_col": (_flags("--user-col", "item_id"), ["--user-col", "--item-col", "'item_id'"]),
     "rating_scale_inf": (_flags("--rating-scale", "1,inf"), ["--rating-scale", "finite"]),
+    "scale_1_to_10_without_threshold": (_edit(lambda r, i: (r.assign(rating=r.rating * 2), i)),
+                                        None),  # filled below (needs the flag)
     "rating_scale_dash": (_flags("--rating-scale", "1-10"), ["--rating-scale", "lowest,highest"]),
     "rating_scale_one_number": (_flags("--rating-scale", "5"), ["--rating-scale"]),
     "ratings_without_items": (lambda w: _own_argv(w)[:2] + ["--out-dir", str(w / "out")], ["--ratings", "--items"]),
@@ -889,6 +891,9 @@ OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2,
     "decimal_comma_ratings": (_edit(lambda r, i: (r.assign(rating=r.rating.astype(str) + ",5"), i)),
                               ["--rating-scale", "not numbers", "--rating-col"]),
 }
+OWN_TABLE_ERRORS["scale_1_to_10_without_threshold"] = (
+    lambda w: [*_edit(lambda r, i: (r.assign(rating=r.rating * 2), i))(w), "--rating-scale", "1,10"],
+    ["--rating-scale 1,10", "--like-threshold"])
 OWN_TABLE_ERRORS["features_genres_without_genres"] = (
     lambda w: [*_edit(lambda r, i: (r, i.drop(columns="genres")))(w), "--features", "genres"],
     ["--features genres", "items.csv", "--genres-col"])
@@ -1038,6 +1043,14 @@ class TestOwnTablesAccepted:
         items = pd.read_parquet(out / "items.parquet")
         assert {"001", "1"} <= set(items.movie_id) and "duplicate (user, item)" not in caplog.text
         assert dict(zip(items.movie_id, items.title))["001"] == "Another film (2001)"
+
+    def test_users_too_short_for_a_history_are_counted(self, work, caplog):
+        r, i = _own_frames()
+        r = r[~((r.user_id == 1) & (r.index % 20 >= 4))]  # user 1 keeps 4 ratings: no example
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "short", r, i)
+        assert "1 of 6 users have at most --history-len 5 ratings" in caplog.text
+        assert 1 not in {rec["user_id"] for rec in load_test(out)}
 
     def test_repeated_item_row_with_the_same_title_is_kept_once(self, work, caplog):
         import pandas as pd

@@ -525,6 +525,10 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
     ratings, titles, twins = merge_title_twins(ratings, titles, str(raw_dir or source))
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
+    per_user = ratings.groupby("user_id").size()
+    if (per_user <= history_len).any():
+        logger.warning(f"{int((per_user <= history_len).sum())} of {len(per_user)} users have at most "
+                       f"--history-len {history_len} ratings: no example comes from them")
     params = dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
                   test_ratio=test_ratio, seed=seed, max_users=max_users,
                   rating_scale=list(table.rating_scale if table is not None else (RATING_MIN, RATING_MAX)))

@@ -87,15 +87,24 @@ def check_llm(args):
 PROMPT_PARAMS = {"features": "--features", "retrieval_history": "--retrieval-history"}
 
 
-def check_llm_data(args, params: dict) -> None:
+def check_llm_data(args, params: dict, examples) -> None:
     """The LLM ranks the test prompt with each candidate swapped in: a folder whose prompts depend on the
-    candidate beyond its title (feature lines, a history chosen by the candidate) cannot be ranked that way."""
+    candidate beyond its title (feature lines, a history chosen by the candidate) cannot be ranked that way.
+    Every test prompt must render (``format_prompt``: titles, ratings on the scale) before anything is fitted."""
+    from recsft.formatting import format_prompt
+
     used = [flag for key, flag in PROMPT_PARAMS.items() if params.get(key)]
     if used:
         raise DataError(f"--llm: {args.data_dir} was prepared with {' and '.join(used)}, whose prompt lines depend on "
                         f"the candidate, so swapping candidates into one prompt would rank prompts the model was "
                         f"not trained on; rank the LLM on a folder prepared without {' / '.join(used)} (the "
                         f"baselines alone, without --llm/--adapter, work on this folder)")
+    for i, e in enumerate(examples, 1):
+        try:
+            format_prompt(e)
+        except DataError as err:
+            raise DataError(f"--llm: {args.data_dir}: test example {i} (user {e.get('user_id')!r}, movie "
+                            f"{e.get('candidate_movie_id')!r}): {err}") from None
 
 
 def llm_rows(args, cfg, questions, titles) -> tuple[str, dict]:
@@ -138,7 +147,7 @@ def main(args) -> dict:
     cfg = check_llm(args) if use_llm else None  # config, model, adapter: before any work
     data = B.load_prepared(args.data_dir)
     if use_llm:
-        check_llm_data(args, data.params)
+        check_llm_data(args, data.params, data.splits["test"])
     train = B.train_ratings(data.ratings, data.splits)
     rated = B.rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())

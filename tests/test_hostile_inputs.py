@@ -1309,6 +1309,18 @@ class TestRankEval:
         check_case(rank_eval, ["--data_dir", str(prompt_feature_data[kind]), "--config", train_config(work, tiny_qwen3),
                                "--llm", "--output_dir", str(work / "rank")], ["--llm", flag], capsys, work)
 
+    def test_unrenderable_test_prompt_fails_before_fitting(self, work, tiny_qwen3, small_data, capsys, monkeypatch,
+                                                          no_fitting, no_tokenizer_load):
+        from recsft import formatting
+        from recsft.io import DataError
+
+        def refuse(titles, ratings, candidate):
+            raise DataError(f"history_ratings[1]: expected a number from 0.5 to 5.0, got {ratings[0]!r}")
+        monkeypatch.setattr(formatting, "check_history", refuse)
+        check_case(rank_eval, ["--data_dir", str(small_data), "--config", train_config(work, tiny_qwen3), "--llm",
+                               "--output_dir", str(work / "rank")], ["--llm", "test example 1", "history_ratings"],
+                   capsys, work)
+
     def test_baselines_alone_rank_featured_data(self, work, prompt_feature_data):
         res = rank_eval.main(rank_eval.parse_args(["--data_dir", str(prompt_feature_data["features"]), "--models",
                                                    "item-rate", "--n-negatives", "10", "--output_dir",

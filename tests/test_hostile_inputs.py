@@ -410,6 +410,8 @@ PREPARE_CASES = {
     "ratios_sum_to_1": (["--eval-ratio", "0.6", "--test-ratio", "0.5"], ["--eval-ratio", "--test-ratio"]),
     "raw_dir_missing": (["--raw-dir", "no_such_dir"], ["--raw-dir", "no_such_dir"]),
     "history_len_0": (["--history-len", "0"], ["--history-len"]),
+    "test_ratio_0": (["--test-ratio", "0", "--max-users", "10"], ["--test-ratio", "empty"]),
+    "eval_ratio_0": (["--eval-ratio", "0", "--max-users", "10"], ["--eval-ratio", "empty"]),
     "seed_negative": (["--seed", "-1"], ["--seed"]),
     "source_unknown": (["--source", "web"], ["--source", "web"]),
 }

@@ -564,6 +564,10 @@ def check_splits(splits: dict[str, list[dict]], history_len: int, like_threshold
     if not splits["train"]:
         raise DataError(f"--history-len {history_len}: no training examples: no user has more than "
                         f"{history_len} ratings; lower --history-len or add ratings")
+    for name, flag in (("eval", "--eval-ratio"), ("test", "--test-ratio")):
+        if not splits[name]:
+            raise DataError(f"{flag}: the {name} split is empty (each user's last {flag[2:]} of candidates go to "
+                            f"it); use a ratio above 0, e.g. {flag} 0.1")
     labels = {e["label"] for examples in splits.values() for e in examples}
     if len(labels) < 2:
         only = next(iter(labels))

@@ -13,7 +13,9 @@ metrics function, so every row is computed the same way; accuracy and F1 use the
 eval data (``metrics_summary.json``), not one tuned on the test rows. TRAIN_DIR is a ``finetune_lora.py``
 output_dir: its ``training_summary.json`` gives the training budget columns (examples or answers seen, tokens,
 wall time, CPU minutes of steps, device) and its last checkpoint's log the AUC-vs-examples curve. Rows that
-are compared must be evaluated on the same test file: the script refuses rows whose test rows differ.
+are compared must be evaluated on the same test file: the script refuses rows whose test rows (user, movie
+and label) differ, so data prepared with another --like-threshold cannot slip in. ``--users``: a JSON list of
+user ids (integers or strings) naming at least one test row.
 
 Outputs in --out: results.md, results.json, auc_vs_examples.png.
 """

@@ -15,7 +15,10 @@ output_dir: its ``training_summary.json`` gives the training budget columns (exa
 wall time, CPU minutes of steps, device) and its last checkpoint's log the AUC-vs-examples curve. Rows that
 are compared must be evaluated on the same test file: the script refuses rows whose test rows (user, movie
 and label) differ, so data prepared with another --like-threshold cannot slip in. ``--users``: a JSON list of
-user ids (integers or strings) naming at least one test row.
+user ids (integers or strings) naming at least one test row. A folder holding several predictions files
+(``infer_lora.py --compare_base`` writes lora_ and base_) is refused: name the file,
+``LABEL=EVAL_DIR/base_predictions.jsonl`` (its ``base_metrics.json`` gives the threshold). Each row needs
+its own label.
 
 Outputs in --out: results.md, results.json, auc_vs_examples.png.
 """
@@ -46,21 +49,36 @@ def parse_row(spec: str) -> tuple[str, Path, Path | None]:
         raise DataError(f"--row {spec!r}: expected LABEL=EVAL_DIR or LABEL=EVAL_DIR@TRAIN_DIR")
     eval_dir, _, train_dir = paths.partition("@")
     for folder in (eval_dir, train_dir):
+        if folder == eval_dir and Path(folder).is_file() and folder.endswith("predictions.jsonl"):
+            continue  # one predictions file of a folder that holds several
         if folder and Path(folder).exists() and not Path(folder).is_dir():
             raise DataError(f"--row {spec!r}: {folder!r} is a file, not a folder; give the output folder of "
-                            f"{'infer_lora.py' if folder == eval_dir else 'finetune_lora.py'}")
+                            f"{'infer_lora.py (or one of its *predictions.jsonl)' if folder == eval_dir else 'finetune_lora.py'}")
         if folder and not Path(folder).is_dir():
             raise DataError(f"--row {spec!r}: folder {folder!r} does not exist")
     return label.strip(), Path(eval_dir), Path(train_dir) if train_dir else None
 
 
 def predictions_file(eval_dir: Path) -> Path:
+    """The one ``*predictions.jsonl`` of ``eval_dir`` (or ``eval_dir`` itself when it is such a file). A folder
+    holding several (``infer_lora.py --compare_base``: lora_ and base_) is ambiguous: the row must name the file."""
+    if eval_dir.is_file():
+        return eval_dir
     found = sorted(eval_dir.glob("*predictions.jsonl"))
-    preferred = [f for f in found if f.name.startswith("lora_")] or found
-    if not preferred:
+    if not found:
         raise DataError(f"{eval_dir}: no *predictions.jsonl; run infer_lora.py --eval_mode score "
                         f"--output_dir {eval_dir} first")
-    return preferred[0]
+    if len(found) > 1:
+        raise DataError(f"{eval_dir}: holds {len(found)} predictions files ({', '.join(f.name for f in found)}); name "
+                        f"the one this row shows, e.g. --row 'LABEL={found[0]}'")
+    return found[0]
+
+
+def summary_file(predictions: Path) -> Path:
+    """``metrics_summary.json`` of the folder's primary run, or ``<name>_metrics.json`` of a secondary one."""
+    name = predictions.name[: -len("predictions.jsonl")].rstrip("_")
+    own = predictions.parent / f"{name}_metrics.json"
+    return own if name and own.is_file() else predictions.parent / "metrics_summary.json"
 
 
 def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None,
@@ -85,10 +103,10 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
     if bad:
         raise DataError(f"{path}: record {bad}: label must be Yes/No and p_yes in [0, 1], got "
                         f"{rows[bad - 1]['label']!r} / {rows[bad - 1]['p_yes']!r}; re-run infer_lora.py")
-    summary_file = eval_dir / "metrics_summary.json"
-    summary = load_json(summary_file) if summary_file.is_file() else {}
+    summary_path = summary_file(path)
+    summary = load_json(summary_path) if summary_path.is_file() else {}
     if not isinstance(summary, dict) or not isinstance(summary.get("at_eval_threshold") or {}, dict):
-        raise DataError(f"{summary_file}: expected an infer_lora.py metrics object; re-run infer_lora.py")
+        raise DataError(f"{summary_path}: expected an infer_lora.py metrics object; re-run infer_lora.py")
     threshold = (summary.get("at_eval_threshold") or {}).get("threshold")
     labels, p_yes = [r["label"] for r in rows], [float(r["p_yes"]) for r in rows]
     users = [r.get("user_id") for r in rows]
@@ -128,6 +146,11 @@ def main(args) -> dict:
 
     writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]
+    labels = [label for label, _, _ in specs]
+    twice = next((x for x in labels if labels.count(x) > 1), None)
+    if twice is not None:
+        raise DataError(f"--row {twice!r}: this label is given to {labels.count(twice)} rows; give each row its own "
+                        f"label")
     out = Path(args.out)
     if args.users and not Path(args.users).is_file():
         raise DataError(f"--users {args.users}: {'is a folder, not' if Path(args.users).is_dir() else 'no such'} "

@@ -1364,7 +1364,20 @@ COMPARE_MORE_CASES = {
     "train_dir_without_summary": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}@{w}"],
                                   ["training_summary.json", "finetune_lora"]),
     "eval_dir_is_a_file": (lambda w: ["--row", f"a={_a_file(w)}"], ["--row", "is a file"]),
+    "folder_with_lora_and_base_predictions": (lambda w: ["--row", f"zero-shot={_lora_and_base(w)}"],
+                                              ["holds 2 predictions files", "base_predictions.jsonl", "name the one"]),
+    "same_label_twice": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--row",
+                                    f"a={_eval_dir_named(w, 'b', PREDS)}"], ["--row 'a'", "its own label"]),
 }
+
+
+def _lora_and_base(work: Path) -> str:
+    folder = _eval_dir_named(work, "both", PREDS)
+    base = [{**p, "p_yes": 1 - p["p_yes"]} for p in PREDS]  # an AUC of 0 instead of 1
+    (Path(folder) / "base_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    (Path(folder) / "base_metrics.json").write_text(json.dumps({"at_eval_threshold": {"threshold": 0.5}}))
+    (Path(folder) / "metrics_summary.json").write_text(json.dumps({"at_eval_threshold": {"threshold": 0.6}}))
+    return folder
 
 
 class TestCompareRunsAndBaselines:
@@ -1373,6 +1386,13 @@ class TestCompareRunsAndBaselines:
         make, names = COMPARE_MORE_CASES[case]
         line = check_case(compare_runs, [*make(work), "--out", str(work / "cmp_out")], names, capsys, work)
         assert "prepare_data" not in line
+
+    def test_compare_runs_row_names_one_predictions_file(self, work):
+        folder = Path(_lora_and_base(work))
+        res = compare_runs.main(compare_runs.parse_args(["--row", f"base={folder / 'base_predictions.jsonl'}", "--row",
+                                                         f"lora={folder / 'lora_predictions.jsonl'}",
+                                                         "--out", str(work / "o")]))
+        assert [r["AUC"] for r in res["rows"]] == ["0.000", "1.000"]
 
     def test_compare_runs_text_user_ids(self, work):
         rows = [{**p, "user_id": f"u{p['user_id']}"} for p in PREDS]

@@ -1046,6 +1046,11 @@ class TestOwnTablesAccepted:
         assert {"001", "1"} <= set(items.movie_id) and "duplicate (user, item)" not in caplog.text
         assert dict(zip(items.movie_id, items.title))["001"] == "Another film (2001)"
 
+    def test_genre_lists_with_any_separator(self, work):
+        r, i = _own_frames()
+        out = _prepared(work, "g", r, i.assign(genres="Drama; Comedy"), "--features", "genres")
+        assert {rec["candidate_features"][0] for rec in load_test(out)} == {"Genres: Drama, Comedy"}
+
     def test_users_too_short_for_a_history_are_counted(self, work, caplog):
         r, i = _own_frames()
         r = r[~((r.user_id == 1) & (r.index % 20 >= 4))]  # user 1 keeps 4 ratings: no example

@@ -213,10 +213,10 @@ def load_genres(source: str = "bundled", raw_dir: str | Path | None = None) -> d
 
 
 def table_genres(items: pd.DataFrame | None) -> dict[int, list[str]]:
-    """``{movie_id: [genre, ...]}`` from an items table's optional ``genres`` column ("A|B" or "A, B")."""
+    """``{movie_id: [genre, ...]}`` from an items table's optional ``genres`` column ("A|B", "A, B" or "A; B")."""
     if items is None or "genres" not in items:
         return {}
-    return {m: [g.strip() for g in re.split(r"[|,]", str(v)) if g.strip()]
+    return {m: [g.strip() for g in re.split(r"[|,;]", str(v)) if g.strip()]
             for m, v in zip(items.movie_id, items.genres) if isinstance(v, str)}
 
 

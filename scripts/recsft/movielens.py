@@ -81,7 +81,7 @@ def clean_ratings(raw: pd.DataFrame, titles: dict[int, str], source: str) -> pd.
     from .ratings_table import normalize_times
 
     df = pd.DataFrame({c: pd.to_numeric(raw[c], errors="coerce") for c in COLUMNS[:3]})
-    df["timestamp"], _ = normalize_times(raw["timestamp"])
+    df["timestamp"], _ = normalize_times(raw["timestamp"], f"{source}: timestamp")
     numeric = df.notna().all(axis=1) & (df.user_id % 1 == 0) & (df.movie_id % 1 == 0)
     titled = df.movie_id.isin(list(titles))
     ok = numeric & df.rating.between(0.5, 5.0) & titled

@@ -157,6 +157,12 @@ def normalize_times(values: pd.Series, what: str = "time") -> tuple[pd.Series, s
         num = num.where(np.isfinite(num))
         median = float(num.abs().median()) if num.notna().any() else 0.0
         unit, div = next((u, d) for bound, u, d in TIME_UNITS if median < bound)
+        kinds = np.searchsorted([b for b, _, _ in TIME_UNITS[:-1]], num.abs().dropna().to_numpy(), side="right")
+        if len(set(kinds.tolist())) > 1:
+            counts = {TIME_UNITS[k][1]: int((kinds == k).sum()) for k in sorted(set(kinds.tolist()))}
+            raise DataError(f"{what}: Unix times of different units in one column ("
+                            f"{', '.join(f'{n} look like {u}' for u, n in counts.items())}); convert the column to "
+                            f"one unit (or to ISO 8601 dates)")
         seconds = np.floor(num / div)
         seconds = seconds.where(seconds.abs() < MAX_SECONDS)
         return seconds.astype("Int64"), unit
@@ -231,7 +237,7 @@ def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     if str(movies.dtype) != str(item_ids.dtype):  # one side has string ids: compare as strings
         movies, item_ids = _ids(raw[spec.item_col]), items.movie_id
     items = items.assign(movie_id=item_ids.astype("int64") if str(item_ids.dtype) == "Int64" else item_ids)
-    times, unit = normalize_times(raw[spec.time_col])
+    times, unit = normalize_times(raw[spec.time_col], f"--time-col {spec.time_col!r} of {spec.ratings}")
     if unit not in ("seconds", "dates"):
         logger.warning(f"{spec.ratings}: --time-col {spec.time_col!r} holds Unix time in {unit} (by the size of its "
                        f"values); converted to seconds")

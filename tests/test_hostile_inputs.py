@@ -1154,6 +1154,16 @@ class TestSessionFeatureRetrieval:
         assert "session_eval.json" in read_manifest(work / "d")["files"]
         check_file_set(work / "d")
 
+    def test_corrupt_manifest_is_replaced_by_a_new_build(self, work, caplog):
+        from recsft.io import check_file_set
+
+        (work / "d").mkdir()
+        (work / "d" / "manifest.json").write_text('{"build_id": "x", "fil')
+        with caplog.at_level("WARNING"):
+            _prepare_ml(work / "d")
+        assert "manifest.json: corrupt; replaced" in caplog.text
+        check_file_set(work / "d")
+
     def test_ctrl_c_during_session_preparation_keeps_the_previous_set(self, work, capsys, monkeypatch):
         from recsft import movielens
         from recsft.io import check_file_set

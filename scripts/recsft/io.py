@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from typing import Any, Iterable
 
 from .errors import UserInputError
 
+logger = logging.getLogger(__name__)
 PKG_SCHEME = "pkg://"
 MANIFEST = "manifest.json"  # written by publish_file_set: one build id and the sha256 of every file of a set
 
@@ -149,7 +151,11 @@ def publish_file_set(out_dir: str | os.PathLike, file_set: str = "single"):
     try:
         yield tmp, build_id
         files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
-        old = read_manifest(out) if out.is_dir() else None
+        try:
+            old = read_manifest(out) if out.is_dir() else None
+        except DataError:  # a corrupt manifest: this build replaces it (the other sets' files lose their entries)
+            logger.warning(f"{out / MANIFEST}: corrupt; replaced by the manifest of this build")
+            old = None
         names = {p.name for p in files}
         kept = {name: entry for name, entry in (old or {}).get("files", {}).items()
                 if name not in names and isinstance(entry, dict) and entry.get("set", "single") != file_set

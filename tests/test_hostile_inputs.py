@@ -882,8 +882,9 @@ OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2,
                                ["--item-col", "not in --items", "look like '1001'"]),
     "zero_padded_ids_do_not_match": (_edit(lambda r, i: (r, i.assign(item_id=[f"{m:03d}" for m in i.item_id]))),
                                      ["--item-col", "not in --items", "'001'", "'007' and '7' differ"]),
-    "float_ids_in_csv": (_edit(lambda r, i: (r.assign(item_id=r.item_id.astype(float)), i)),
-                         ["--item-col", "not in --items", ".0'"]),
+    "items_without_any_title": (_edit(lambda r, i: (r, i.assign(title=""))), ["--items", "no item", "--title-col"]),
+    "many_missing_times": (_edit(lambda r, i: (r.assign(timestamp=r.timestamp.where(r.index % 5 > 0)), i)),
+                           ["--time-col", "missing or unreadable"]),
     "time_col_missing": (_flags("--time-col", "ts"), ["--time-col", "'ts'", "ratings.csv"]),
     "items_id_col_missing": (_flags("--items-id-col", "sku"), ["--items-id-col", "'sku'", "items.csv"]),
     "title_col_missing_parquet": (_flags("--title-col", "name", fmt="parquet"), ["--title-col", "items.parquet"]),
@@ -973,6 +974,14 @@ def _float_ids(r, i):
     return r.assign(item_id=r.item_id.astype(float)), i.assign(item_id=i.item_id.astype(float))
 
 
+def _with_missing_item_id(r):
+    """An integer column with a gap: pandas writes it as floats (13.0); the row without an id is dropped."""
+    import pandas as pd
+
+    extra = r.iloc[:1].assign(item_id=None, timestamp=r.timestamp.max() + 10 ** 6)
+    return pd.concat([r, extra], ignore_index=True).astype({"item_id": float})
+
+
 def _padded_spaces(r, i):
     return r.assign(user_id=[f"  {u} " for u in r.user_id]), i
 
@@ -986,6 +995,7 @@ TIME_AND_ID_VARIANTS = {  # the same ratings written another way: the prepared e
     "parquet_datetime_with_zone": (_datetime_tz, "parquet", None),
     "iso_dates_as_text": (_iso_text, "csv", None),
     "float_ids_in_parquet": (_float_ids, "parquet", None),
+    "float_ids_in_csv_with_gaps": (lambda r, i: (_with_missing_item_id(r), i), "csv", None),
     "ids_with_surrounding_spaces": (_padded_spaces, "csv", None),
     "header_names_with_spaces": (lambda r, i: (r.rename(columns={"rating": " rating "}), i), "csv", None),
 }

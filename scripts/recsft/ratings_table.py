@@ -102,18 +102,23 @@ def require_columns(df: pd.DataFrame, path: str, wanted: dict[str, str]) -> None
 
 
 CANONICAL_INT = r"-?(0|[1-9][0-9]*)"  # what becomes an integer id: no sign '+', no leading zeros, no spaces
+INTEGRAL_FLOAT = r"-?(0|[1-9][0-9]*)(\.0+)?"  # 13 or 13.0: a whole number written by a float column
 
 
 def _ids(values: pd.Series) -> pd.Series:
-    """Ids as text with surrounding spaces removed, "" for a missing one; integral floats (a Parquet integer
-    column with gaps) lose their ``.0``."""
+    """Ids as text with surrounding spaces removed, "" for a missing one. Integral floats lose their ``.0``: a
+    Parquet float column of whole numbers, or a text column whose every id reads like ``13.0`` or ``13`` (an
+    integer column with gaps, written to CSV by pandas)."""
     if pd.api.types.is_float_dtype(values.dtype):
         finite = values.dropna()
         if bool((finite == finite.round()).all()):
             values = values.astype("Int64")
     text = values.astype(object).map(lambda v: "" if v is None or (not isinstance(v, str) and pd.isna(v))
-                                     else str(v).strip())
-    return text.astype(object)
+                                     else str(v).strip()).astype(object)
+    filled = text[text != ""]
+    if len(filled) and filled.str.fullmatch(INTEGRAL_FLOAT).all() and filled.str.contains(".", regex=False).any():
+        text = text.str.replace(r"\.0+$", "", regex=True).astype(object)
+    return text
 
 
 def _as_int_if_possible(*columns: pd.Series) -> list[pd.Series]:
@@ -199,6 +204,9 @@ def load_items(spec: TableSpec) -> tuple[pd.DataFrame, int]:
         logger.warning(f"{spec.items}: dropped {int(untitled.sum())} items without an id or title "
                        f"(first: row {int(untitled.idxmax()) + 2}); their ratings are dropped too")
     out = out[~untitled]
+    if out.empty:
+        raise DataError(f"--items {spec.items}: no item with both an id (column {id_col!r}) and a title (column "
+                        f"{spec.title_col!r}); check --items-id-col and --title-col")
     dup = out.movie_id.duplicated(keep=False)
     if dup.any():
         first = out[dup].groupby("movie_id", sort=False)
@@ -255,12 +263,13 @@ def load_table(spec: TableSpec) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
                         f"its ids look like {str(items.movie_id.iloc[0]) if len(items) else None!r}); ids are compared as "
                         f"text without surrounding spaces ('7.0', '007' and '7' differ): make the ids match, or set "
                         f"--item-col / --items-id-col")
-    bad_time = times.isna() & raw[spec.time_col].notna()
+    bad_time = times.isna()
     if _share(bad_time) > MAX_BAD_RATING_SHARE:
         first = raw[spec.time_col][bad_time].iloc[0]
         raise DataError(f"--time-col {spec.time_col!r}: {int(bad_time.sum())} of {len(times)} times in {spec.ratings} "
-                        f"are unreadable (first: {first!r}); use Unix time (seconds, milliseconds, ...) or ISO 8601 "
-                        f"dates (2021-03-04 or 2021-03-04T10:00:00Z), or set --time-col to the time column")
+                        f"are missing or unreadable (first: {first!r}); fill them or drop those rows, and use Unix "
+                        f"time (seconds, milliseconds, ...) or ISO 8601 dates (2021-03-04 or 2021-03-04T10:00:00Z), "
+                        f"or set --time-col to the time column")
     bad_rating = ~rating.between(lo, hi)
     if _share(bad_rating) > MAX_BAD_RATING_SHARE:
         seen = rating[rating.notna() & np.isfinite(rating)]

@@ -26,6 +26,7 @@ Outputs in --out: results.md, results.json, auc_vs_examples.png.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from recsft.cli import ArgumentParser, output_dir, run
@@ -108,11 +109,17 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
     if not isinstance(summary, dict) or not isinstance(summary.get("at_eval_threshold") or {}, dict):
         raise DataError(f"{summary_path}: expected an infer_lora.py metrics object; re-run infer_lora.py")
     threshold = (summary.get("at_eval_threshold") or {}).get("threshold")
+    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+                                  or not math.isfinite(threshold)):
+        raise DataError(f"{summary_path}: at_eval_threshold.threshold must be a finite number, got {threshold!r}; "
+                        f"re-run infer_lora.py")
     labels, p_yes = [r["label"] for r in rows], [float(r["p_yes"]) for r in rows]
     users = [r.get("user_id") for r in rows]
-    metrics = compute_metrics(labels, ["Yes" if p >= (threshold or 0.5) else "No" for p in p_yes], p_yes,
+    cut = 0.5 if threshold is None else threshold  # 0.0 is a threshold (every row Yes), not a missing one
+    metrics = compute_metrics(labels, ["Yes" if p >= cut else "No" for p in p_yes], p_yes,
                               user_ids=users if None not in users else None)
-    metrics["at_eval_threshold"] = {"accuracy": metrics["accuracy"], "f1": metrics["f1"]} if threshold else {}
+    metrics["at_eval_threshold"] = ({"accuracy": metrics["accuracy"], "f1": metrics["f1"]} if threshold is not None
+                                    else {})
     training, data, curve = None, None, []
     if train_dir is not None:
         if not (train_dir / "training_summary.json").is_file():
@@ -124,7 +131,12 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
             raise DataError(f"{train_dir / 'training_summary.json'}: expected a JSON object (finetune_lora.py output)")
         data = training.get("data_stats") or {}
         cfg = training.get("config", {})  # flat: every key of the effective config
-        per_step = cfg.get("per_device_train_batch_size", 1) * cfg.get("gradient_accumulation_steps", 1)
+        sizes = [cfg.get("per_device_train_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in sizes):
+            raise DataError(f"{train_dir / 'training_summary.json'}: config.per_device_train_batch_size and "
+                            f"gradient_accumulation_steps must be positive integers, got {sizes}; use the file "
+                            f"finetune_lora.py wrote")
+        per_step = sizes[0] * sizes[1]
         curve = auc_curve(training.get("log_history") or last_log_history(train_dir), per_step,
                           data.get("answers_per_example", 1.0))
     keys = sorted(((r.get("user_id"), r.get("candidate_movie_id"), normalize_label(r["label"])) for r in rows),

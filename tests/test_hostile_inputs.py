@@ -1394,9 +1394,19 @@ COMPARE_MORE_CASES = {
     "eval_dir_is_a_file": (lambda w: ["--row", f"a={_a_file(w)}"], ["--row", "is a file"]),
     "folder_with_lora_and_base_predictions": (lambda w: ["--row", f"zero-shot={_lora_and_base(w)}"],
                                               ["holds 2 predictions files", "base_predictions.jsonl", "name the one"]),
+    "threshold_not_a_number": (lambda w: ["--row", f"a={_eval_dir(w, PREDS, {'at_eval_threshold': {'threshold': 'x'}})}"],
+                               ["metrics_summary.json", "threshold", "'x'"]),
+    "training_summary_batch_size_text": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}@{_summary(w)}"],
+                                         ["training_summary.json", "per_device_train_batch_size"]),
     "same_label_twice": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--row",
                                     f"a={_eval_dir_named(w, 'b', PREDS)}"], ["--row 'a'", "its own label"]),
 }
+
+
+def _summary(work: Path) -> str:
+    (work / "run").mkdir()
+    (work / "run" / "training_summary.json").write_text(json.dumps({"config": {"per_device_train_batch_size": "4"}}))
+    return str(work / "run")
 
 
 def _lora_and_base(work: Path) -> str:
@@ -1421,6 +1431,11 @@ class TestCompareRunsAndBaselines:
                                                          f"lora={folder / 'lora_predictions.jsonl'}",
                                                          "--out", str(work / "o")]))
         assert [r["AUC"] for r in res["rows"]] == ["0.000", "1.000"]
+
+    def test_compare_runs_threshold_zero_is_a_threshold(self, work):
+        res = compare_runs.main(compare_runs.parse_args(["--row", f"a={_eval_dir(work, PREDS, {'at_eval_threshold': {'threshold': 0.0}})}",
+                                                         "--out", str(work / "o")]))
+        assert res["rows"][0]["accuracy"] == "0.500"  # every row Yes: 2 of 4 right (at 0.5 it would be 1.000)
 
     def test_compare_runs_text_user_ids(self, work):
         rows = [{**p, "user_id": f"u{p['user_id']}"} for p in PREDS]

@@ -1213,6 +1213,21 @@ class TestSessionFeatureRetrieval:
         check_case(prepare_data, ["--raw-dir", str(raw), "--out-dir", str(work / "o"), "--features", "genres"],
                    ["--features genres", "no movie genres"], capsys, work)
 
+    def test_raw_dir_duplicate_rating_keeps_the_latest(self, work, caplog):
+        raw = work / "ml"
+        raw.mkdir()
+        lines = [f"{u}\t{m}\t{1 + (u * m) % 5}\t{1000 * u + m}\n" for u in (1, 2) for m in range(1, 31)]
+        lines.append("1\t5\t5\t99999\n")  # user 1 rates movie 5 again, later
+        (raw / "u.data").write_text("".join(lines))
+        (raw / "u.item").write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||x\n" for m in range(1, 31)))
+        with caplog.at_level("WARNING"):
+            stats = _prepare_ml(work / "o", "--raw-dir", str(raw), "--history-len", "5")
+        assert stats["ratings"] == 60 and "1 duplicate (user, movie) ratings" in caplog.text
+        import pandas as pd
+
+        inter = pd.read_parquet(work / "o" / "interactions.parquet")
+        assert inter[(inter.user_id == 1) & (inter.movie_id == 5)].rating.tolist() == [5.0]
+
     def test_session_cutoff_too_small_to_hold_a_question(self, work, qwen3_tokenizer):
         from recsft.io import DataError
         from recsft.preprocess import tokenize_sessions_to_arrow

@@ -91,7 +91,12 @@ def clean_ratings(raw: pd.DataFrame, titles: dict[int, str], source: str) -> pd.
         unknown = (numeric & ~titled).sum()
         detail = f"{unknown} with an unknown movie id; " if unknown else ""
         logger.warning(f"dropped {(~ok).sum()} invalid rating rows ({detail}first: {source} {where})")
-    return df[ok].astype({"user_id": int, "movie_id": int, "rating": float, "timestamp": "int64"}).reset_index(drop=True)
+    df = df[ok].astype({"user_id": int, "movie_id": int, "rating": float, "timestamp": "int64"}).reset_index(drop=True)
+    latest = df.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "movie_id"], keep="last")
+    if len(latest) < len(df):  # as for your own tables: a user who rated a movie twice keeps the latest rating
+        logger.warning(f"{source}: {len(df) - len(latest)} duplicate (user, movie) ratings; the latest of each kept")
+        df = df.loc[sorted(latest.index)].reset_index(drop=True)
+    return df
 
 
 TITLE_WITH_YEAR = re.compile(r".*\(\d{4}\)$")

@@ -1238,6 +1238,14 @@ class TestSessionFeatureRetrieval:
             tokenize_sessions_to_arrow(records, qwen3_tokenizer, 24)
         assert len(tokenize_sessions_to_arrow(records, qwen3_tokenizer, 1024)) >= len(records)
 
+    def test_finetune_session_data_at_a_cutoff_without_room_for_a_question(self, work, tiny_qwen3, capsys,
+                                                                          no_model_load):
+        _prepare_ml(work / "d", "--format", "session", max_users="3")
+        cfg = train_config(work, tiny_qwen3)
+        check_case(finetune_lora, ["--config", cfg, f"dataset={work / 'd' / 'session_train.json'}",
+                                   f"eval_dataset={work / 'd' / 'session_eval.json'}", "cutoff_len=24"],
+                   ["cutoff_len=24", "too small"], capsys, work)
+
     @pytest.mark.parametrize("keys", ["int", "text"])
     def test_earlier_counts_any_keys_and_huge_times(self, keys):
         import numpy as np

@@ -1045,6 +1045,19 @@ class TestOwnTablesAccepted:
                                                                "--out-dir", str(work / "o")]))
         assert stats["ratings"] == len(r) - 2 and "2 with an unreadable time" in caplog.text
 
+    def test_partitioned_parquet_folder(self, work):
+        r, i = _own_frames()
+        plain = _prepared(work, "plain", r, i)
+        folder = work / "in_parts" / "ratings.parquet"
+        folder.mkdir(parents=True)
+        r.iloc[:50].to_parquet(folder / "part-0.parquet", index=False)
+        r.iloc[50:].to_parquet(folder / "part-1.parquet", index=False)
+        i.to_parquet(work / "in_parts" / "items.parquet", index=False)
+        prepare_data.main(prepare_data.parse_args(["--ratings", str(folder), "--items",
+                                                   str(work / "in_parts" / "items.parquet"), "--history-len", "5",
+                                                   "--out-dir", str(work / "parts")]))
+        _same_outputs(plain, work / "parts")
+
     def test_zero_padded_and_plain_ids_stay_two_items(self, work, caplog):
         r, i = _own_frames()
         i = i.astype({"item_id": str})

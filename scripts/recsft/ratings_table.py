@@ -69,13 +69,15 @@ def _decode(path: Path, flag: str) -> str:
 
 
 def read_table(path: str | Path, flag: str) -> pd.DataFrame:
-    """CSV / TSV / Parquet by extension, every column as text (Parquet keeps its types)."""
+    """CSV / TSV / Parquet by extension (a folder named ``*.parquet``: its Parquet parts), every column as text
+    (Parquet keeps its types)."""
     path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{flag} {path}: is a folder, not a file; give the table file (.csv, .tsv or .parquet)")
-    if not path.is_file():
-        raise DataError(f"{flag} {path}: file does not exist; check the path")
     parquet = path.suffix.lower() in (".parquet", ".pq")
+    if path.is_dir() and not parquet:  # a folder named *.parquet is a partitioned Parquet data set (Spark, ...)
+        raise DataError(f"{flag} {path}: is a folder, not a file; give the table file (.csv, .tsv or .parquet, or a "
+                        f"folder named *.parquet holding Parquet parts)")
+    if not path.exists():
+        raise DataError(f"{flag} {path}: file does not exist; check the path")
     try:
         if parquet:
             return pd.read_parquet(path)

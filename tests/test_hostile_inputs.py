@@ -844,6 +844,7 @@ OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2,
     "parquet_extension_on_csv_text": (_raw_file("ratings.parquet", b"user_id,item_id\n1,2\n"),
                                       ["--ratings", "ratings.parquet", "Parquet"]),
     "empty_csv": (_raw_file("empty.csv", b""), ["--ratings", "empty.csv"]),
+    "gz_that_is_not_gzip": (_raw_file("ratings.csv.gz", b"user_id,item_id\n1,2\n"), ["--ratings", "gzip"]),
     "header_only_csv": (_raw_file("hdr.csv", b"user_id,item_id,rating,timestamp\n"),
                         ["--ratings", "no valid rating rows"]),
     "genres_col_misspelt": (_flags("--genres-col", "genre"), ["--genres-col", "'genre'", "items.csv"]),
@@ -1044,6 +1045,17 @@ class TestOwnTablesAccepted:
             stats = prepare_data.main(prepare_data.parse_args([*_write_tables(work / "in", r, i, "parquet"),
                                                                "--out-dir", str(work / "o")]))
         assert stats["ratings"] == len(r) - 2 and "2 with an unreadable time" in caplog.text
+
+    def test_gzipped_csv_and_tsv(self, work):
+        r, i = _own_frames()
+        plain = _prepared(work, "plain", r, i)
+        (work / "gz").mkdir()
+        r.to_csv(work / "gz" / "ratings.tsv.gz", sep="\t", index=False)
+        i.to_csv(work / "gz" / "items.csv.gz", index=False)
+        prepare_data.main(prepare_data.parse_args(["--ratings", str(work / "gz" / "ratings.tsv.gz"), "--items",
+                                                   str(work / "gz" / "items.csv.gz"), "--history-len", "5",
+                                                   "--out-dir", str(work / "from_gz")]))
+        _same_outputs(plain, work / "from_gz")
 
     def test_partitioned_parquet_folder(self, work):
         r, i = _own_frames()

@@ -13,6 +13,7 @@ once (with another title: an error); duplicate (user, item) ratings: the latest 
 from __future__ import annotations
 
 import codecs
+import gzip
 import io
 import logging
 import math
@@ -48,6 +49,11 @@ def _decode(path: Path, flag: str) -> str:
     Anything else (Latin-1, Windows-1252, UTF-16 without a byte-order mark) is refused: guessing would put
     replacement characters or NUL bytes into titles and column names without a word."""
     raw = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{flag} {path}: not a readable gzip file ({e}); check the file") from None
     for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
                        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if raw.startswith(bom):
@@ -81,7 +87,8 @@ def read_table(path: str | Path, flag: str) -> pd.DataFrame:
     try:
         if parquet:
             return pd.read_parquet(path)
-        sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+        inner = Path(path.stem).suffix.lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+        sep = "\t" if inner in (".tsv", ".tab") else ","
         table = pd.read_csv(io.StringIO(_decode(path, flag)), sep=sep, dtype=str, keep_default_na=False)
         return table.rename(columns=lambda c: c.strip() if isinstance(c, str) else c)  # "rating " -> "rating"
     except (ValueError, OSError, pd.errors.ParserError) as e:

@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(args) -> dict:
-    from utils import (LABELS, MODELS, PROMPT_LABELS, PROMPT_MODELS, evaluate_scores, fit_scorers, load_prepared,
-                       pointwise_scores, prediction_files, prompt_scorers, train_ratings, writable_dir,
+    from utils import (LABELS, MODELS, PROMPT_LABELS, PROMPT_MODELS, atomic_path, evaluate_scores, fit_scorers,
+                       load_prepared, pointwise_scores, prediction_files, prompt_scorers, train_ratings, writable_dir,
                        write_json_atomic, write_jsonl_atomic)
 
     writable_dir(args.output_dir, "--output_dir")
@@ -60,6 +60,11 @@ def main(args) -> dict:
     unknown = [n for n in names if n not in MODELS + PROMPT_MODELS]
     if unknown:
         raise DataError(f"--models: unknown {unknown}; choose from {', '.join(MODELS + PROMPT_MODELS)}")
+    if not names:
+        raise DataError(f"--models {args.models!r}: no model named; give a comma list of {', '.join(MODELS)}")
+    if args.predictions:  # every per-model folder is checked before any fitting
+        for name in names:
+            writable_dir(Path(args.output_dir) / name, "--predictions (--output_dir)")
     data = load_prepared(args.data_dir)
     test = data.splits["test"][: args.max_samples] if args.max_samples else data.splits["test"]
     train = train_ratings(data.ratings, data.splits)
@@ -81,10 +86,12 @@ def main(args) -> dict:
     print(f"{'model':42s} {'accuracy':>8s} {'F1':>6s} {'AUC':>6s} {'UAUC':>6s} {'logloss':>7s}  (n={len(test)})")
     for name, m in results.items():
         print(f"{name:42s} {m['accuracy']:8.4f} {m['f1']:6.4f} {m['auc']:6.4f} {m['uauc']:6.4f} {m['log_loss']:7.4f}")
-    if args.predictions:
+    if args.predictions:  # each model's folder is replaced as a whole (atomic_path), never left half-written
         for name, (rows, summary) in files.items():
-            write_jsonl_atomic(Path(args.output_dir) / name / "predictions.jsonl", rows)
-            write_json_atomic(Path(args.output_dir) / name / "metrics_summary.json", summary)
+            with atomic_path(Path(args.output_dir) / name) as tmp:
+                tmp.mkdir()
+                write_jsonl_atomic(tmp / "predictions.jsonl", rows)
+                write_json_atomic(tmp / "metrics_summary.json", summary)
     write_json_atomic(Path(args.output_dir) / "baselines.json",
                       {"test_examples": len(test), "train_ratings": len(train), "results": results})
     return results

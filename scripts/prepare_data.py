@@ -27,16 +27,19 @@ Writes ``<out-dir>/{train.json, eval.json, test_raw.jsonl, stats.json, interacti
 as one set with a ``manifest.json`` (one build id, a sha256 per file) that readers check, so an interrupted run never leaves a mixed set;
 errors exit with code 2, Ctrl-C with 130.
 ``--format session`` writes ``<out-dir>/{session_train.json, session_eval.json, session_test.jsonl,
-session_stats.json}`` instead: one example per run of up to ``--session-len`` consecutive candidates of a
-user, as a multi-turn chat (docs/data.md). ``--format blocks`` adds ``<out-dir>/{blocks_train.json,
-blocks_eval.json, blocks_test.jsonl, blocks_stats.json}`` to the set: one shared history followed by up to
-``--block-size`` candidates, each answered from the history alone. ``--features`` adds prompt lines computed from
-earlier ratings only.
+session_stats.json}`` instead, as their own set in the same manifest: one example per run of up to
+``--session-len`` consecutive candidates of a user, as a multi-turn chat (docs/data.md). ``--format blocks``
+adds ``<out-dir>/{blocks_train.json, blocks_eval.json, blocks_test.jsonl, blocks_stats.json}`` to the single
+format's set: one shared history followed by up to ``--block-size`` candidates, each answered from the history
+alone. ``--features`` adds prompt lines computed from earlier ratings only. Item ids with the same title and year
+are merged into one id (MovieLens-100K has 18 such twins; counted in stats.json). Accepted time units, id types
+and encodings of your own tables, and what happens to each kind of bad row: docs/data.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from utils import RATING_SCALE, ArgumentParser, finite_float, non_negative_int, output_dir, positive_int, run
@@ -49,8 +52,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--source", choices=["bundled", "download"], default="bundled")
     p.add_argument("--raw-dir", default=None, help="extracted ml-100k, ml-1m or ml-latest-small folder")
     p.add_argument("--history-len", type=positive_int, default=15)
-    p.add_argument("--like-threshold", type=finite_float, default=4.0,
-                   help="label Yes when rating >= this (inside the rating scale)")
+    p.add_argument("--like-threshold", type=finite_float, default=None,
+                   help="label Yes when rating >= this (inside the rating scale; default 4, needed with a "
+                        "--rating-scale whose highest rating is not 5)")
     p.add_argument("--eval-ratio", type=finite_float, default=0.1)
     p.add_argument("--test-ratio", type=finite_float, default=0.1)
     p.add_argument("--seed", type=non_negative_int, default=42)
@@ -58,7 +62,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--format", choices=["single", "session", "blocks"], default="single",
                    help="single: one question per example (default); session: multi-turn runs of candidates; "
                         "blocks: one shared history and up to --block-size candidates, each asked on its own")
-    p.add_argument("--session-len", type=int, default=16, help="--format session: candidates per example (max)")
+    p.add_argument("--session-len", type=int, default=None,
+                   help="--format session: candidates per example (max; default 16)")
     p.add_argument("--block-size", type=int, default=16, help="--format blocks: candidates per example (max)")
     p.add_argument("--history-from", choices=["all", "train"], default="all",
                    help="--format blocks: all = the ratings before the candidates (online protocol); train = "
@@ -79,7 +84,8 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--time-col", default="timestamp", help="Unix seconds or dates")
     g.add_argument("--items-id-col", default=None, help="item id column of the items table (default: --item-col)")
     g.add_argument("--title-col", default="title")
-    g.add_argument("--genres-col", default="genres", help="optional; kept in items.parquet when present")
+    g.add_argument("--genres-col", default=None,
+                   help="genres column of the items table (default: 'genres' when present; given: it must exist)")
     g.add_argument("--rating-scale", default=",".join(f"{x:g}" for x in RATING_SCALE),
                    help="lowest,highest valid rating (others dropped); kept in stats.json, where inference reads it")
     return p.parse_args(argv)
@@ -99,8 +105,38 @@ def table_spec(args):
         raise DataError(f"--rating-scale {args.rating_scale!r}: use lowest,highest (e.g. 1,5 or 0.5,5)") from None
     if not lo < hi:
         raise DataError(f"--rating-scale {args.rating_scale}: the lowest rating must be below the highest")
+    if not all(map(math.isfinite, (lo, hi))):
+        raise DataError(f"--rating-scale {args.rating_scale}: both ends must be finite numbers (e.g. 1,5 or 0.5,5)")
     return TableSpec(args.ratings, args.items, args.user_col, args.item_col, args.rating_col, args.time_col,
-                     args.items_id_col, args.title_col, args.genres_col, (lo, hi))
+                     args.items_id_col, args.title_col, args.genres_col or "genres", (lo, hi),
+                     genres_explicit=args.genres_col is not None)
+
+
+def check_inputs(args, table) -> None:
+    """Input paths are what they claim to be, and the output folder is not the folder of an input."""
+    from pathlib import Path
+
+    from utils import DataError
+
+    out = Path(args.out_dir).resolve()
+    if args.raw_dir:
+        raw = Path(args.raw_dir)
+        if raw.exists() and not raw.is_dir():
+            raise DataError(f"--raw-dir {raw}: is a file, not a folder; pass the extracted MovieLens folder "
+                            f"(e.g. ml-100k/, holding u.data and u.item)")
+        if raw.resolve() == out:
+            raise DataError(f"--out-dir {args.out_dir}: is the --raw-dir folder; write the prepared data to its own "
+                            f"folder (e.g. --out-dir data/movielens_qwen3)")
+    if table is not None:
+        for flag, path in (("--ratings", table.ratings), ("--items", table.items)):
+            if Path(path).resolve().parent == out:
+                raise DataError(f"--out-dir {args.out_dir}: holds the {flag} table {path}, which the prepared "
+                                f"files could overwrite; choose another --out-dir (e.g. {Path(args.out_dir) / 'prepared'})")
+    if args.session_len is not None and args.format != "session":
+        raise DataError(f"--session-len {args.session_len}: only used with --format session; add --format session "
+                        f"or drop --session-len")
+    if (args.ratings or args.items) and (args.raw_dir or args.source != "bundled"):
+        raise DataError("--ratings/--items replace MovieLens: drop --raw-dir/--source, or drop the tables")
 
 
 def main(args) -> dict:
@@ -108,20 +144,29 @@ def main(args) -> dict:
 
     args.out_dir = args.out_dir or ("data/movielens_blocks" if args.format == "blocks" else "data/movielens_qwen3")
     features = check_features([f for item in args.features for f in item.split(",") if f])
-    if args.session_len < 1:
+    if args.session_len is not None and args.session_len < 1:
         raise DataError(f"--session-len must be >= 1, got {args.session_len}")
     writable_dir(args.out_dir, "--out-dir")
     table = table_spec(args)
+    check_inputs(args, table)
+    if args.like_threshold is None:
+        if table is not None and table.rating_scale[1] != 5:
+            raise DataError(f"--rating-scale {args.rating_scale}: give --like-threshold too (its default, 4, is for "
+                            f"ratings up to 5 stars), e.g. --like-threshold {table.rating_scale[1] * 0.8:g}")
+        args.like_threshold = 4.0
     check_params(args.history_len, args.eval_ratio, args.test_ratio, args.like_threshold, args.max_users,
                  table.rating_scale if table else None)
     start = time.perf_counter()
     stats = prepare(args.out_dir, args.source, args.raw_dir, args.history_len, args.like_threshold,
                     args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table, fmt=args.format,
-                    session_len=args.session_len, features=features, retrieval=args.retrieval_history,
+                    session_len=args.session_len or 16, features=features, retrieval=args.retrieval_history,
                     block_size=args.block_size, history_from=args.history_from,
                     shuffle_titles=args.shuffle_history_titles)
     print(f"{'Ratings' if table else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, "
           f"{stats['users']} users, {stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
+    if stats.get("merged_ids"):
+        print(f"  {stats['merged_ids']} twin item ids (same title and year) merged into one id each; "
+              f"{stats['merged_duplicate_ratings']} duplicate ratings dropped")
     for name, s in stats["splits"].items():
         answers = f" ({s['answers']:,d} answers)" if "answers" in s else ""
         print(f"  {name:5s}: {s['examples']:6,d} examples{answers}, Yes share {s['yes_share']:.1%}")

@@ -69,18 +69,53 @@ def check_args(args) -> list[str]:
     return names
 
 
-def llm_rows(args, questions, titles) -> tuple[str, dict]:
-    """(row label, sampled ranking metrics) of the LLM; the adapter is checked before the model loads."""
+def check_llm(args):
+    """The LLM's config, adapter (folder, config, weights, shapes against the base model) and model source: every
+    check of the LLM row, done before any data is read or any baseline is fitted. Returns the config."""
+    from utils import adapter_path, check_adapter, load_config, preflight_inference
+
+    cfg = load_config(args.config, args.overrides)
+    preflight_inference(cfg.model)
+    adapter = adapter_path(args.adapter_dir)
+    if adapter is not None:
+        check_adapter(adapter, cfg.model.model_name_or_path, flag="--adapter_dir")
+    return cfg
+
+
+PROMPT_PARAMS = {"features": "--features", "retrieval_history": "--retrieval-history"}
+
+
+def check_llm_data(args, params: dict, examples) -> None:
+    """The LLM ranks the test prompt with each candidate swapped in: a folder whose prompts depend on the
+    candidate beyond its title (feature lines, a history chosen by the candidate) cannot be ranked that way.
+    Every test prompt must render (``format_prompt``: titles, ratings on the scale) before anything is fitted."""
+    from utils import format_prompt
+
+    used = [flag for key, flag in PROMPT_PARAMS.items() if params.get(key)]
+    if used:
+        raise DataError(f"--llm: {args.data_dir} was prepared with {' and '.join(used)}, whose prompt lines depend on "
+                        f"the candidate, so swapping candidates into one prompt would rank prompts the model was "
+                        f"not trained on; rank the LLM on a folder prepared without {' / '.join(used)} (the "
+                        f"baselines alone, without --llm/--adapter, work on this folder)")
+    for i, e in enumerate(examples, 1):
+        try:
+            format_prompt(e)
+        except DataError as err:
+            raise DataError(f"--llm: {args.data_dir}: test example {i} (user {e.get('user_id')!r}, movie "
+                            f"{e.get('candidate_movie_id')!r}): {err}") from None
+
+
+def llm_rows(args, cfg, questions, titles) -> tuple[str, dict]:
+    """(row label, sampled ranking metrics) of the LLM (checked by :func:`check_llm`)."""
     import numpy as np
     from tqdm.auto import tqdm
 
-    from utils import (adapter_path, llm_question_scores, load_config, load_for_eval, load_residual, mean_metrics,
-                       prompt_budget, rank_metrics)
+    from utils import (adapter_path, llm_question_scores, load_for_eval, load_residual, mean_metrics, prompt_budget,
+                       rank_metrics)
 
-    cfg = load_config(args.config, args.overrides)
     adapter = adapter_path(args.adapter_dir)
     residual = load_residual(adapter)  # an adapter trained with a CF residual ranks by c + a * margin + b
-    model, tok = load_for_eval(cfg.model, adapter, merge=True)  # checks the adapter before the model loads
+    model, tok = load_for_eval(cfg.model, adapter, merge=True)
     budget = prompt_budget(tok, cfg.data.cutoff_len)
     rows, cut = [], 0
     for q in tqdm(questions, desc="LLM ranking", unit="question"):
@@ -109,11 +144,10 @@ def main(args) -> dict:
     names = check_args(args)
     writable_dir(args.output_dir, "--output_dir")
     use_llm = args.llm or args.adapter_dir is not None
-    if use_llm:
-        from utils import load_config
-
-        load_config(args.config, args.overrides)  # a bad config fails before any work
+    cfg = check_llm(args) if use_llm else None  # config, model, adapter: before any work
     data = load_prepared(args.data_dir)
+    if use_llm:
+        check_llm_data(args, data.params, data.splits["test"])
     train = train_ratings(data.ratings, data.splits)
     rated = rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())
@@ -140,7 +174,7 @@ def main(args) -> dict:
             entry["full"] = full_ranking(questions, scorer, rated, items)
         results[LABELS[name]] = entry
     if use_llm:
-        label, metrics = llm_rows(args, questions, data.titles)
+        label, metrics = llm_rows(args, cfg, questions, data.titles)
         results[label] = {"sampled": metrics}
     table = "\n".join([MARKDOWN_HEADER, *(markdown_row(k, v["sampled"]) for k, v in results.items())])
     full = [markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]

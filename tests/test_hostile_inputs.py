@@ -81,8 +81,10 @@ def check_case(script, argv, names, capsys, root: Path, exit_code: int = 2) -> s
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """A scratch folder that is also the working directory (default output paths land in it)."""
+    """A scratch folder that is also the working directory (default output paths land in it); logging goes to
+    this test's stderr (an earlier ``cli.run`` may have pointed it at a stream that is closed by now)."""
     monkeypatch.chdir(tmp_path)
+    cli.setup_logging()
     return tmp_path
 
 
@@ -297,6 +299,7 @@ def _corrupt_safetensors(work: Path, base: str) -> str:
 
 ADAPTER_CASES = {
     "missing_folder": (lambda w, b: str(w / "no_adapter"), ["adapter_dir", "no_adapter"]),
+    "is_a_file": (lambda w, b: _a_file(w), ["adapter_dir", "is a file, not a folder"]),
     "corrupt_config": (lambda w, b: _adapter(w, b, config="{\"r\": 4,"), ["adapter_config.json"]),
     "config_not_object": (lambda w, b: _adapter(w, b, config="[4]"), ["adapter_config.json"]),
     "no_weights": (lambda w, b: _adapter(w, b), ["adapter_model.safetensors"]),
@@ -407,6 +410,8 @@ PREPARE_CASES = {
     "ratios_sum_to_1": (["--eval-ratio", "0.6", "--test-ratio", "0.5"], ["--eval-ratio", "--test-ratio"]),
     "raw_dir_missing": (["--raw-dir", "no_such_dir"], ["--raw-dir", "no_such_dir"]),
     "history_len_0": (["--history-len", "0"], ["--history-len"]),
+    "test_ratio_0": (["--test-ratio", "0", "--max-users", "10"], ["--test-ratio", "empty"]),
+    "eval_ratio_0": (["--eval-ratio", "0", "--max-users", "10"], ["--eval-ratio", "empty"]),
     "seed_negative": (["--seed", "-1"], ["--seed"]),
     "source_unknown": (["--source", "web"], ["--source", "web"]),
 }
@@ -486,6 +491,7 @@ BASELINE_FLAG_CASES = {
     "max_samples_0": (["--max_samples", "0"], ["--max_samples"]),
     "svd_rank_0": (["--svd_rank", "0"], ["--svd_rank"]),
     "data_dir_missing": (["--data_dir", "nowhere"], ["--data_dir", "nowhere"]),
+    "data_dir_is_a_file": (["--data_dir", "a_file"], ["--data_dir", "is a file"]),
     "output_dir_is_a_file": (["--output_dir", "a_file"], ["--output_dir"]),
 }
 
@@ -765,3 +771,757 @@ def test_resume_lora_check_reads_peft_module_paths(tmp_path):
         check_resume_lora(str(ckpt), LoraArgs(lora_rank=16, lora_target="all"), layers)
     with pytest.raises(ConfigError, match=r"asks r=8 on \['q_proj', 'v_proj'\]"):
         check_resume_lora(str(ckpt), LoraArgs(lora_rank=8, lora_target="qv"), layers)
+
+
+# ============================================================================ own ratings tables (prepare_data)
+# A small, fully known ratings table: every case below changes one thing a user plausibly gets wrong.
+def _own_frames(n_users: int = 6, n_items: int = 30, per_user: int = 20, seed: int = 0):
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = [{"user_id": u + 1, "item_id": m + 1, "rating": rng.randint(1, 5), "timestamp": 1_000_000_000 + 1000 * u + 60 * k}
+            for u in range(n_users) for k, m in enumerate(rng.sample(range(n_items), per_user))]
+    items = [{"item_id": m + 1, "title": f"Film {m + 1} ({1950 + m})", "genres": rng.choice(["Drama", "Comedy|Drama",
+                                                                                           "Horror"])}
+             for m in range(n_items)]
+    return pd.DataFrame(rows), pd.DataFrame(items)
+
+
+def pd_dates(seconds):
+    import pandas as pd
+
+    return pd.to_datetime(seconds, unit="s")
+
+
+def _write_tables(folder: Path, ratings, items, fmt: str = "csv") -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, df in (("ratings", ratings), ("items", items)):
+        path = folder / f"{name}.{fmt}"
+        df.to_parquet(path, index=False) if fmt == "parquet" else df.to_csv(path, index=False)
+        paths.append(str(path))
+    return ["--ratings", paths[0], "--items", paths[1], "--history-len", "5"]
+
+
+def _own_argv(work: Path, ratings=None, items=None, fmt: str = "csv", out: str = "out") -> list[str]:
+    r, i = _own_frames()
+    argv = _write_tables(work / "in", r if ratings is None else ratings, i if items is None else items, fmt)
+    return [*argv, "--out-dir", str(work / out)]
+
+
+def _edit(frame_fn):
+    """``argv`` maker: the default tables with ``frame_fn(ratings, items) -> (ratings, items)`` applied."""
+    def make(work):
+        r, i = frame_fn(*_own_frames())
+        return _own_argv(work, r, i)
+    return make
+
+
+def _raw_file(name: str, data: bytes, which: str = "ratings"):
+    def make(work):
+        argv = _own_argv(work)
+        path = work / "in" / name
+        path.write_bytes(data)
+        argv[argv.index(f"--{which}") + 1] = str(path)
+        return argv
+    return make
+
+
+def _flags(*flags, fmt: str = "csv"):
+    return lambda work: [*_own_argv(work, fmt=fmt), *flags]
+
+
+OWN_TABLE_ERRORS = {  # argv maker -> names the error line must contain (exit 2, nothing written)
+    "ratings_is_a_folder": (lambda w: [*_own_argv(w), "--ratings", str(w / "in")], ["--ratings", "is a folder"]),
+    "items_missing": (lambda w: [*_own_argv(w), "--items", str(w / "nope.csv")], ["--items", "nope.csv", "does not"]),
+    "utf16_without_bom": (_raw_file("r16.csv", "user_id,item_id\n1,2\n".encode("utf-16-le")),
+                          ["--ratings", "r16.csv", "UTF-16", "byte-order mark"]),
+    "latin1_items": (_raw_file("items_latin1.csv", "item_id,title\n1,Am\xe9lie (2001)\n".encode("latin-1"), "items"),
+                     ["--items", "items_latin1.csv", "line 2", "UTF-8"]),
+    "xlsx_given_as_table": (_raw_file("ratings.xlsx", b"PK\x03\x04\x00\x00binary"), ["--ratings", "ratings.xlsx"]),
+    "parquet_extension_on_csv_text": (_raw_file("ratings.parquet", b"user_id,item_id\n1,2\n"),
+                                      ["--ratings", "ratings.parquet", "Parquet"]),
+    "empty_csv": (_raw_file("empty.csv", b""), ["--ratings", "empty.csv"]),
+    "gz_that_is_not_gzip": (_raw_file("ratings.csv.gz", b"user_id,item_id\n1,2\n"), ["--ratings", "gzip"]),
+    "header_only_csv": (_raw_file("hdr.csv", b"user_id,item_id,rating,timestamp\n"),
+                        ["--ratings", "no valid rating rows"]),
+    "genres_col_misspelt": (_flags("--genres-col", "genre"), ["--genres-col", "'genre'", "items.csv"]),
+    "features_genres_without_genres": (_edit(lambda r, i: (r, i.drop(columns="genres"))),
+                                       None),  # filled below (needs the flag)
+    "retrieval_without_genres": (None, ["--retrieval-history", "items.csv", "--genres-col"]),
+    "empty_genres_column": (None, ["--features genres", "items.csv"]),
+    "item_id_twice_other_title": (_edit(lambda r, i: (r, i.assign(item_id=[*i.item_id[:-1], 1]))),
+                                  ["--items", "id '1'", "twice", "different titles"]),
+    "out_dir_holds_the_inputs": (lambda w: [*_own_argv(w, fmt="parquet")[:-2], "--out-dir", str(w / "in")],
+                                 ["--out-dir", "--ratings", "overwrite"]),
+    "user_col_is_item_col": (_flags("--user-col", "item_id"), ["--user-col", "--item-col", "'item_id'"]),
+    "rating_scale_inf": (_flags("--rating-scale", "1,inf"), ["--rating-scale", "finite"]),
+    "scale_1_to_10_without_threshold": (_edit(lambda r, i: (r.assign(rating=r.rating * 2), i)),
+                                        None),  # filled below (needs the flag)
+    "rating_scale_dash": (_flags("--rating-scale", "1-10"), ["--rating-scale", "lowest,highest"]),
+    "rating_scale_one_number": (_flags("--rating-scale", "5"), ["--rating-scale"]),
+    "ratings_without_items": (lambda w: _own_argv(w)[:2] + ["--out-dir", str(w / "out")], ["--ratings", "--items"]),
+    "tables_and_raw_dir": (_flags("--raw-dir", "somewhere"), ["--ratings", "--raw-dir"]),
+    "every_rating_below_threshold": (_edit(lambda r, i: (r.assign(rating=1 + (r.rating > 3)), i)),
+                                     ["--like-threshold", "every example is labelled No"]),
+    "scale_too_wide_for_the_ratings": (_flags("--rating-scale", "1,10", "--like-threshold", "8"),
+                                       ["--like-threshold 8", "every example is labelled No", "--rating-scale"]),
+    "every_time_unreadable": (_edit(lambda r, i: (r.assign(timestamp="yesterday"), i)),
+                              ["--time-col", "'yesterday'", "ISO 8601"]),
+    "day_first_dates": (_edit(lambda r, i: (r.assign(timestamp=pd_dates(r.timestamp).dt.strftime("%d/%m/%Y %H:%M")), i)),
+                        ["--time-col 'timestamp'", "unreadable", "ISO 8601"]),
+    "seconds_and_milliseconds_mixed": (_edit(lambda r, i: (r.assign(timestamp=r.timestamp.where(r.index % 3 > 0,
+                                                                                           r.timestamp * 1000)), i)),
+                                       ["--time-col 'timestamp'", "different units", "look like milliseconds"]),
+    "semicolon_separated_csv": (_raw_file("semi.csv", b"user_id;item_id;rating;timestamp\n1;2;4;100\n"),
+                                ["--user-col", "semi.csv", "';'"]),
+    "tab_separated_saved_as_csv": (_raw_file("tabs.csv", b"user_id\titem_id\trating\ttimestamp\n1\t2\t4\t100\n"),
+                                   ["--user-col", "tabs.csv", "'\\t'"]),
+    "no_rated_item_in_items": (_edit(lambda r, i: (r, i.assign(item_id=i.item_id + 1000))),
+                               ["--item-col", "not in --items", "look like '1001'"]),
+    "zero_padded_ids_do_not_match": (_edit(lambda r, i: (r, i.assign(item_id=[f"{m:03d}" for m in i.item_id]))),
+                                     ["--item-col", "not in --items", "'001'", "'007' and '7' differ"]),
+    "items_without_any_title": (_edit(lambda r, i: (r, i.assign(title=""))), ["--items", "no item", "--title-col"]),
+    "many_missing_times": (_edit(lambda r, i: (r.assign(timestamp=r.timestamp.where(r.index % 5 > 0)), i)),
+                           ["--time-col", "missing or unreadable"]),
+    "time_col_missing": (_flags("--time-col", "ts"), ["--time-col", "'ts'", "ratings.csv"]),
+    "items_id_col_missing": (_flags("--items-id-col", "sku"), ["--items-id-col", "'sku'", "items.csv"]),
+    "title_col_missing_parquet": (_flags("--title-col", "name", fmt="parquet"), ["--title-col", "items.parquet"]),
+    "history_longer_than_every_user": (_flags("--history-len", "50"), ["--history-len", "no training examples"]),
+    "session_len_without_session_format": (_flags("--session-len", "8"), ["--session-len", "--format session"]),
+    "session_len_0": (_flags("--format", "session", "--session-len", "0"), ["--session-len"]),
+    "features_unknown_in_comma_list": (_flags("--features", "item_stats,genre"), ["--features", "'genre'"]),
+    "ratings_1_to_10_on_the_default_scale": (_edit(lambda r, i: (r.assign(rating=r.rating * 2), i)),
+                                             ["--rating-scale 0.5,5", "off the scale", "from 2 to 10"]),
+    "decimal_comma_ratings": (_edit(lambda r, i: (r.assign(rating=r.rating.astype(str) + ",5"), i)),
+                              ["--rating-scale", "not numbers", "--rating-col"]),
+}
+OWN_TABLE_ERRORS["scale_1_to_10_without_threshold"] = (
+    lambda w: [*_edit(lambda r, i: (r.assign(rating=r.rating * 2), i))(w), "--rating-scale", "1,10"],
+    ["--rating-scale 1,10", "--like-threshold"])
+OWN_TABLE_ERRORS["features_genres_without_genres"] = (
+    lambda w: [*_edit(lambda r, i: (r, i.drop(columns="genres")))(w), "--features", "genres"],
+    ["--features genres", "items.csv", "--genres-col"])
+OWN_TABLE_ERRORS["retrieval_without_genres"] = (
+    lambda w: [*_edit(lambda r, i: (r, i.drop(columns="genres")))(w), "--retrieval-history"],
+    OWN_TABLE_ERRORS["retrieval_without_genres"][1])
+OWN_TABLE_ERRORS["empty_genres_column"] = (
+    lambda w: [*_edit(lambda r, i: (r, i.assign(genres="")))(w), "--features", "genres"],
+    OWN_TABLE_ERRORS["empty_genres_column"][1])
+
+
+class TestOwnTablesRefused:
+    """Own ratings/items tables that cannot give correct data: exit 2, one line naming the flag or file."""
+
+    @pytest.mark.parametrize("case", sorted(OWN_TABLE_ERRORS))
+    def test_refused(self, case, work, capsys):
+        make, names = OWN_TABLE_ERRORS[case]
+        check_case(prepare_data, make(work), names, capsys, work)
+
+    def test_raw_dir_that_is_a_file(self, work, capsys):
+        check_case(prepare_data, ["--raw-dir", _a_file(work), "--out-dir", str(work / "o")],
+                   ["--raw-dir", "is a file, not a folder"], capsys, work)
+
+    def test_out_dir_is_the_raw_dir(self, work, capsys):
+        (work / "ml").mkdir()
+        check_case(prepare_data, ["--raw-dir", str(work / "ml"), "--out-dir", str(work / "ml")],
+                   ["--out-dir", "--raw-dir"], capsys, work)
+
+
+def _prepared(work: Path, name: str, ratings, items, *flags, fmt: str = "csv") -> Path:
+    argv = _write_tables(work / f"in_{name}", ratings, items, fmt)
+    prepare_data.main(prepare_data.parse_args([*argv, "--out-dir", str(work / name), *flags]))
+    return work / name
+
+
+def _same_outputs(a: Path, b: Path, files=("train.json", "eval.json", "test_raw.jsonl")) -> None:
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def _ms(r, i):
+    return r.assign(timestamp=r.timestamp * 1000), i
+
+
+def _us(r, i):
+    return r.assign(timestamp=r.timestamp * 1_000_000), i
+
+
+def _ns(r, i):
+    return r.assign(timestamp=r.timestamp * 1_000_000_000), i
+
+
+def _datetime(r, i):
+    import pandas as pd
+
+    return r.assign(timestamp=pd.to_datetime(r.timestamp, unit="s")), i
+
+
+def _datetime_tz(r, i):
+    import pandas as pd
+
+    return r.assign(timestamp=pd.to_datetime(r.timestamp, unit="s", utc=True).dt.tz_convert("Europe/Paris")), i
+
+
+def _iso_text(r, i):
+    import pandas as pd
+
+    return r.assign(timestamp=pd.to_datetime(r.timestamp, unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ")), i
+
+
+def _float_ids(r, i):
+    return r.assign(item_id=r.item_id.astype(float)), i.assign(item_id=i.item_id.astype(float))
+
+
+def _with_missing_item_id(r):
+    """An integer column with a gap: pandas writes it as floats (13.0); the row without an id is dropped."""
+    import pandas as pd
+
+    extra = r.iloc[:1].assign(item_id=None, timestamp=r.timestamp.max() + 10 ** 6)
+    return pd.concat([r, extra], ignore_index=True).astype({"item_id": float})
+
+
+def _padded_spaces(r, i):
+    return r.assign(user_id=[f"  {u} " for u in r.user_id]), i
+
+
+TIME_AND_ID_VARIANTS = {  # the same ratings written another way: the prepared examples are byte-identical
+    "milliseconds": (_ms, "csv", "milliseconds"),
+    "milliseconds_parquet": (_ms, "parquet", "milliseconds"),
+    "microseconds": (_us, "parquet", "microseconds"),
+    "nanoseconds": (_ns, "parquet", "nanoseconds"),
+    "parquet_datetime": (_datetime, "parquet", None),
+    "parquet_datetime_with_zone": (_datetime_tz, "parquet", None),
+    "iso_dates_as_text": (_iso_text, "csv", None),
+    "float_ids_in_parquet": (_float_ids, "parquet", None),
+    "float_ids_in_csv_with_gaps": (lambda r, i: (_with_missing_item_id(r), i), "csv", None),
+    "ids_with_surrounding_spaces": (_padded_spaces, "csv", None),
+    "header_names_with_spaces": (lambda r, i: (r.rename(columns={"rating": " rating "}), i), "csv", None),
+}
+
+
+class TestOwnTablesAccepted:
+    """Inputs accepted by a documented rule: the output is what the plain table gives, with a counted warning."""
+
+    @pytest.mark.parametrize("case", sorted(TIME_AND_ID_VARIANTS))
+    def test_time_units_and_id_types(self, case, work, caplog):
+        change, fmt, unit = TIME_AND_ID_VARIANTS[case]
+        r, i = _own_frames()
+        plain = _prepared(work, "plain", r, i, "--features", "item_stats", "user_stats")
+        with caplog.at_level("WARNING"):
+            other = _prepared(work, case, *change(r, i), "--features", "item_stats", "user_stats", fmt=fmt)
+        _same_outputs(plain, other)
+        if unit:
+            assert f"Unix time in {unit}" in caplog.text
+
+    def test_feature_counts_do_not_overflow_on_millisecond_times(self, work):
+        r, i = _own_frames()
+        out = _prepared(work, "ms", *_ms(r, i), "--features", "user_stats")
+        per_user = r.groupby("user_id").size().to_dict()
+        for rec in load_test(out):
+            n = int(rec["candidate_features"][0].split(" of ")[1].split()[0]) if "of" in rec["candidate_features"][0] \
+                else 0
+            assert n < per_user[rec["user_id"]]
+
+    def test_string_ids_with_features(self, work):
+        r, i = _own_frames()
+        r, i = r.assign(user_id="u" + r.user_id.astype(str), item_id="m" + r.item_id.astype(str)), \
+            i.assign(item_id="m" + i.item_id.astype(str))
+        out = _prepared(work, "s", r, i, "--features", "item_stats", "user_stats")
+        rows = load_test(out)
+        assert rows and all(isinstance(x["user_id"], str) for x in rows)
+        for rec in rows:  # against the raw table: ratings of the same item strictly earlier
+            earlier = r[(r.item_id == rec["candidate_movie_id"]) & (r.timestamp < rec["candidate_timestamp"])]
+            line = rec["candidate_features"][0]
+            assert (f"of {len(earlier)} earlier" in line) if len(earlier) else "no earlier ratings" in line
+
+    def test_inf_and_nan_times_are_dropped_and_counted(self, work, caplog):
+        r, i = _own_frames()
+        r = r.astype({"timestamp": float})
+        r.loc[0, "timestamp"], r.loc[1, "timestamp"] = float("inf"), float("nan")
+        with caplog.at_level("WARNING"):
+            stats = prepare_data.main(prepare_data.parse_args([*_write_tables(work / "in", r, i, "parquet"),
+                                                               "--out-dir", str(work / "o")]))
+        assert stats["ratings"] == len(r) - 2 and "2 with an unreadable time" in caplog.text
+
+    def test_gzipped_csv_and_tsv(self, work):
+        r, i = _own_frames()
+        plain = _prepared(work, "plain", r, i)
+        (work / "gz").mkdir()
+        r.to_csv(work / "gz" / "ratings.tsv.gz", sep="\t", index=False)
+        i.to_csv(work / "gz" / "items.csv.gz", index=False)
+        prepare_data.main(prepare_data.parse_args(["--ratings", str(work / "gz" / "ratings.tsv.gz"), "--items",
+                                                   str(work / "gz" / "items.csv.gz"), "--history-len", "5",
+                                                   "--out-dir", str(work / "from_gz")]))
+        _same_outputs(plain, work / "from_gz")
+
+    def test_partitioned_parquet_folder(self, work):
+        r, i = _own_frames()
+        plain = _prepared(work, "plain", r, i)
+        folder = work / "in_parts" / "ratings.parquet"
+        folder.mkdir(parents=True)
+        r.iloc[:50].to_parquet(folder / "part-0.parquet", index=False)
+        r.iloc[50:].to_parquet(folder / "part-1.parquet", index=False)
+        i.to_parquet(work / "in_parts" / "items.parquet", index=False)
+        prepare_data.main(prepare_data.parse_args(["--ratings", str(folder), "--items",
+                                                   str(work / "in_parts" / "items.parquet"), "--history-len", "5",
+                                                   "--out-dir", str(work / "parts")]))
+        _same_outputs(plain, work / "parts")
+
+    def test_zero_padded_and_plain_ids_stay_two_items(self, work, caplog):
+        r, i = _own_frames()
+        i = i.astype({"item_id": str})
+        i.loc[0, "item_id"], i.loc[0, "title"] = "001", "Another film (2001)"
+        extra = r.groupby("user_id").head(1).iloc[:3].assign(item_id="001", timestamp=r.timestamp.max() + 1)
+        import pandas as pd
+
+        r = pd.concat([r.astype({"item_id": str}), extra], ignore_index=True)
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "p", r, pd.concat([i, _own_frames()[1].iloc[:1].astype({"item_id": str})]))
+        items = pd.read_parquet(out / "items.parquet")
+        assert {"001", "1"} <= set(items.movie_id) and "duplicate (user, item)" not in caplog.text
+        assert dict(zip(items.movie_id, items.title))["001"] == "Another film (2001)"
+
+    def test_genre_lists_with_any_separator(self, work):
+        r, i = _own_frames()
+        out = _prepared(work, "g", r, i.assign(genres="Drama; Comedy"), "--features", "genres")
+        assert {rec["candidate_features"][0] for rec in load_test(out)} == {"Genres: Drama, Comedy"}
+
+    def test_users_too_short_for_a_history_are_counted(self, work, caplog):
+        r, i = _own_frames()
+        r = r[~((r.user_id == 1) & (r.index % 20 >= 4))]  # user 1 keeps 4 ratings: no example
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "short", r, i)
+        assert "1 of 6 users have at most --history-len 5 ratings" in caplog.text
+        assert 1 not in {rec["user_id"] for rec in load_test(out)}
+
+    def test_repeated_item_row_with_the_same_title_is_kept_once(self, work, caplog):
+        import pandas as pd
+
+        r, i = _own_frames()
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "d", r, pd.concat([i, i.iloc[:2]]))
+        assert "2 repeated rows of an id with the same title" in caplog.text
+        assert pd.read_parquet(out / "items.parquet").movie_id.is_unique
+
+    @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+    def test_byte_order_marks_are_read(self, work, encoding):
+        r, i = _own_frames()
+        i = i.assign(title=[f"Amélie {t}" for t in i.title])
+        plain = _prepared(work, "plain", r, i)
+        folder = work / "in_bom"
+        folder.mkdir()
+        r.to_csv(folder / "ratings.csv", index=False, encoding=encoding)
+        i.to_csv(folder / "items.csv", index=False, encoding=encoding)
+        prepare_data.main(prepare_data.parse_args(["--ratings", str(folder / "ratings.csv"), "--items",
+                                                   str(folder / "items.csv"), "--history-len", "5",
+                                                   "--out-dir", str(work / "bom")]))
+        _same_outputs(plain, work / "bom")
+
+    def test_line_breaks_in_titles_become_spaces(self, work, caplog):
+        r, i = _own_frames()
+        i.loc[:, "title"] = i.title.str.replace(" (", "\n(", regex=False)
+        with caplog.at_level("WARNING"):
+            out = _prepared(work, "nl", r, i)
+        assert "control characters" in caplog.text
+        assert all("\n" not in t for rec in load_test(out) for t in rec["history_titles"] + [rec["candidate_title"]])
+
+    def test_title_twins_are_merged_and_counted(self, work):
+        import pandas as pd
+
+        r, i = _own_frames()
+        i.loc[1, "title"] = i.title[0]  # same title and year: one film under two ids
+        i.loc[3, "title"] = "Untitled"  # no year: never merged
+        i.loc[4, "title"] = "Untitled"
+        out = _prepared(work, "tw", r, i)
+        stats = json.loads((out / "stats.json").read_text())
+        both = r[r.item_id.isin([1, 2])].groupby("user_id").size()
+        assert stats["merged_ids"] == 1 and stats["merged_duplicate_ratings"] == int((both == 2).sum())
+        inter = pd.read_parquet(out / "interactions.parquet")
+        assert 2 not in set(inter.movie_id) and {4, 5} <= set(inter.movie_id)
+        assert not inter.duplicated(["user_id", "movie_id"]).any()
+
+    def test_scale_1_to_10_end_to_end(self, work):
+        """--rating-scale 1,10 --like-threshold 8: every file agrees on the scale and the labels."""
+        from recsft import baselines as B
+        from recsft.movielens import check_stats
+
+        r, i = _own_frames()
+        r = r.assign(rating=r.rating * 2)  # 2..10
+        out = _prepared(work, "ten", r, i, "--rating-scale", "1,10", "--like-threshold", "8")
+        stats = check_stats(json.loads((out / "stats.json").read_text()), out / "stats.json")
+        assert stats["params"]["rating_scale"] == [1.0, 10.0] and stats["params"]["like_threshold"] == 8
+        rating = {(u, m): x for u, m, x in zip(r.user_id, r.item_id, r.rating)}
+        for rec in load_test(out):
+            assert all(1 <= x <= 10 for x in rec["history_ratings"])
+            assert rec["label"] == ("Yes" if rating[rec["user_id"], rec["candidate_movie_id"]] >= 8 else "No")
+        train = json.loads((out / "train.json").read_text())
+        assert any("rating ≈ 10" in t["input"] or "rating ≈ 8" in t["input"] for t in train)
+        data = B.load_prepared(out)  # the baselines rebuild the same split from stats.json
+        assert len(data.splits["test"]) == len(load_test(out))
+
+
+def load_test(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "test_raw.jsonl").read_text().splitlines()]
+
+
+# ============================================================================ sessions, features, retrieval
+def _prepare_ml(out: Path, *flags: str, max_users: str = "20") -> dict:
+    return prepare_data.main(prepare_data.parse_args(["--out-dir", str(out), "--max-users", max_users, *flags]))
+
+
+class TestSessionFeatureRetrieval:
+    """The session format's files form a set of their own in manifest.json; the feature and retrieval flags
+    refuse data they cannot serve; feature counts are right for any id type and time unit."""
+
+    def test_session_files_are_listed_next_to_the_single_set(self, work):
+        from recsft.io import check_file_set, read_manifest
+
+        _prepare_ml(work / "d")
+        _prepare_ml(work / "d", "--format", "session")
+        manifest = read_manifest(work / "d")
+        sets = {name: e["set"] for name, e in manifest["files"].items()}
+        assert sets["session_train.json"] == sets["session_test.jsonl"] == "session" and sets["train.json"] == "single"
+        assert set(manifest["sets"]) == {"single", "session"}
+        _prepare_ml(work / "d", "--seed", "3")  # re-publishing the single set keeps the session entries
+        assert "session_eval.json" in read_manifest(work / "d")["files"]
+        check_file_set(work / "d")
+
+    def test_corrupt_manifest_is_replaced_by_a_new_build(self, work, caplog):
+        from recsft.io import check_file_set
+
+        (work / "d").mkdir()
+        (work / "d" / "manifest.json").write_text('{"build_id": "x", "fil')
+        with caplog.at_level("WARNING"):
+            _prepare_ml(work / "d")
+        assert "manifest.json: corrupt; replaced" in caplog.text
+        check_file_set(work / "d")
+
+    def test_ctrl_c_during_session_preparation_keeps_the_previous_set(self, work, capsys, monkeypatch):
+        from recsft import movielens
+        from recsft.io import check_file_set
+
+        _prepare_ml(work / "d", "--format", "session")
+        before = {p.name: p.read_bytes() for p in (work / "d").iterdir()}
+        monkeypatch.setattr(movielens, "write_jsonl_atomic", _interrupt)  # after session_train/eval are written
+        check_case(prepare_data, ["--out-dir", str(work / "d"), "--max-users", "20", "--format", "session",
+                                  "--seed", "5"], ["Ctrl-C"], capsys, work, exit_code=130)
+        assert {p.name: p.read_bytes() for p in (work / "d").iterdir()} == before
+        check_file_set(work / "d")
+
+    def test_half_published_session_set_is_refused(self, work, monkeypatch):
+        from recsft import io
+        from recsft.io import DataError, load_data
+
+        _prepare_ml(work / "d", "--format", "session")
+        real = os.replace
+
+        def die_before_test_file(src, dst):
+            if Path(dst) == work / "d" / "session_test.jsonl":  # the publish rename, not the temp write
+                raise KeyboardInterrupt
+            return real(src, dst)
+
+        monkeypatch.setattr(io.os, "replace", die_before_test_file)
+        with pytest.raises(KeyboardInterrupt):
+            _prepare_ml(work / "d", "--format", "session", "--seed", "9")
+        monkeypatch.setattr(io.os, "replace", real)
+        with pytest.raises(DataError, match="session_train.json: not the file of build"):
+            load_data(work / "d" / "session_train.json")
+
+    def test_features_genres_on_a_raw_dir_without_genres(self, work, capsys):
+        raw = work / "ml"
+        raw.mkdir()
+        (raw / "u.data").write_text("".join(f"1\t{m}\t{1 + m % 5}\t{m}\n" for m in range(1, 21)))
+        (raw / "u.item").write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||x\n" for m in range(1, 21)))
+        check_case(prepare_data, ["--raw-dir", str(raw), "--out-dir", str(work / "o"), "--features", "genres"],
+                   ["--features genres", "no movie genres"], capsys, work)
+
+    def test_raw_dir_duplicate_rating_keeps_the_latest(self, work, caplog):
+        raw = work / "ml"
+        raw.mkdir()
+        lines = [f"{u}\t{m}\t{1 + (u * m) % 5}\t{1000 * u + m}\n" for u in (1, 2) for m in range(1, 31)]
+        lines.append("1\t5\t5\t99999\n")  # user 1 rates movie 5 again, later
+        (raw / "u.data").write_text("".join(lines))
+        (raw / "u.item").write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||x\n" for m in range(1, 31)))
+        with caplog.at_level("WARNING"):
+            stats = _prepare_ml(work / "o", "--raw-dir", str(raw), "--history-len", "5")
+        assert stats["ratings"] == 60 and "1 duplicate (user, movie) ratings" in caplog.text
+        import pandas as pd
+
+        inter = pd.read_parquet(work / "o" / "interactions.parquet")
+        assert inter[(inter.user_id == 1) & (inter.movie_id == 5)].rating.tolist() == [5.0]
+
+    def test_session_cutoff_too_small_to_hold_a_question(self, work, qwen3_tokenizer):
+        from recsft.io import DataError
+        from recsft.preprocess import tokenize_sessions_to_arrow
+
+        _prepare_ml(work / "d", "--format", "session", max_users="3")
+        records = json.loads((work / "d" / "session_train.json").read_text())[:4]
+        with pytest.raises(DataError, match="cutoff_len=24: too small"):
+            tokenize_sessions_to_arrow(records, qwen3_tokenizer, 24)
+        assert len(tokenize_sessions_to_arrow(records, qwen3_tokenizer, 1024)) >= len(records)
+
+    def test_finetune_session_data_at_a_cutoff_without_room_for_a_question(self, work, tiny_qwen3, capsys,
+                                                                          no_model_load):
+        _prepare_ml(work / "d", "--format", "session", max_users="3")
+        cfg = train_config(work, tiny_qwen3)
+        check_case(finetune_lora, ["--config", cfg, f"dataset={work / 'd' / 'session_train.json'}",
+                                   f"eval_dataset={work / 'd' / 'session_eval.json'}", "cutoff_len=24"],
+                   ["cutoff_len=24", "too small"], capsys, work)
+
+    @pytest.mark.parametrize("keys", ["int", "text"])
+    def test_earlier_counts_any_keys_and_huge_times(self, keys):
+        import numpy as np
+
+        from recsft.movielens import earlier_counts
+
+        rng = np.random.default_rng(0)
+        k = rng.integers(0, 7, 300)
+        key = k if keys == "int" else np.array([f"user-{x}" for x in k], dtype=object)
+        ts = rng.integers(0, 50, 300) * 10 ** 15 + 1_700_000_000_000_000_000  # nanoseconds near 2023
+        liked = rng.random(300) < 0.5
+        n, likes = earlier_counts(key, ts, liked)
+        for r in range(300):
+            earlier = (key == key[r]) & (ts < ts[r])
+            assert (n[r], likes[r]) == (earlier.sum(), (earlier & liked).sum())
+
+    def test_session_format_with_text_ids_and_features(self, work):
+        r, i = _own_frames()
+        r = r.assign(user_id="u" + r.user_id.astype(str))
+        out = _prepared(work, "s", r, i, "--format", "session", "--features", "item_stats", "user_stats", "genres")
+        records = json.loads((out / "session_train.json").read_text())
+        assert records and all("This user:" in t["start"] for rec in records for t in rec["turns"])
+
+
+@pytest.fixture(scope="module")
+def full_movielens(tmp_path_factory) -> Path:
+    """The whole bundled MovieLens-100K, prepared once (the title twins are spread over all users)."""
+    out = tmp_path_factory.mktemp("ml_full") / "data"
+    prepare_data.main(prepare_data.parse_args(["--out-dir", str(out)]))
+    return out
+
+
+class TestMovieLensTwins:
+    """MovieLens-100K lists 18 films under two ids: merged into one id at preparation, counted in stats.json."""
+
+    def test_merged_and_counted(self, full_movielens):
+        import pandas as pd
+
+        stats = json.loads((full_movielens / "stats.json").read_text())
+        assert stats["merged_ids"] == 18 and stats["merged_duplicate_ratings"] > 0
+        items = pd.read_parquet(full_movielens / "items.parquet")
+        assert items.title.is_unique and len(items) == stats["movies"]
+
+    def test_no_prompt_shows_the_candidate_in_its_history(self, full_movielens):
+        rows = load_test(full_movielens)
+        assert not [r for r in rows if r["candidate_title"] in r["history_titles"]]
+
+    def test_no_ranking_negative_is_a_rated_film(self, full_movielens):
+        from recsft import baselines as B
+        from recsft import ranking as R
+
+        data = B.load_prepared(full_movielens)
+        rated = B.rated_sets(data.ratings)
+        questions, _ = R.build_questions(data.splits["test"], rated, sorted(data.titles), 99, 0, max_users=300)
+        rated_titles = {u: {data.titles[m] for m in ms} for u, ms in rated.items()}
+        assert not [q for q in questions for c in q["candidates"][1:] if data.titles[c] in rated_titles[q["user_id"]]]
+
+
+# ====================================================================================== rank_eval
+import rank_eval  # noqa: E402
+
+
+@pytest.fixture
+def no_fitting(monkeypatch):
+    """Fitting a baseline fails the test: every check of rank_eval/baselines comes before it."""
+    from recsft import baselines as B
+
+    def boom(*a, **k):
+        raise AssertionError("a baseline was fitted before the bad input was detected")
+    monkeypatch.setattr(B, "fit_scorers", boom)
+
+
+@pytest.fixture(scope="module")
+def prompt_feature_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("featured")
+    _prepare_ml(root / "features", "--features", "item_stats", "genres", max_users="30")
+    _prepare_ml(root / "retrieval", "--retrieval-history", max_users="30")
+    return {"features": root / "features", "retrieval": root / "retrieval"}
+
+
+RANK_EVAL_CASES = {  # argv maker (work, base model) -> names; "--adapter" must be named as rank_eval spells it
+    "adapter_missing": (lambda w, b: ["--adapter", str(w / "no_adapter")], ["--adapter", "no_adapter", "does not exist"]),
+    "adapter_is_a_file": (lambda w, b: ["--adapter", _a_file(w)], ["--adapter", "is a file"]),
+    "adapter_without_weights": (lambda w, b: ["--adapter", _adapter(w, b)], ["adapter_model.safetensors"]),
+    "adapter_corrupt_config": (lambda w, b: ["--adapter", _adapter(w, b, config="{")], ["adapter_config.json"]),
+    "adapter_of_another_base": (lambda w, b: ["--adapter", _adapter(w, b, {f"{Q}.lora_A.weight": [4, 896],
+                                                                           f"{Q}.lora_B.weight": [1024, 4]})],
+                                ["lora_A", "896"]),
+    "model_missing": (lambda w, b: ["--llm", "model_name_or_path=/no/such/model"], ["model_name_or_path"]),
+    "config_unknown_key": (lambda w, b: ["--llm", "cutof_len=512"], ["cutof_len", "cutoff_len"]),
+    "flash_attention_2_on_cpu": (lambda w, b: ["--llm", "flash_attn=flash_attention_2"], ["flash_attn"]),
+    "n_negatives_0": (lambda w, b: ["--n-negatives", "0"], ["--n-negatives"]),
+    "max_users_0": (lambda w, b: ["--max-users", "0"], ["--max-users"]),
+    "models_unknown": (lambda w, b: ["--models", "mf,svd"], ["--models", "svd"]),
+    "output_dir_is_a_file": (lambda w, b: ["--output_dir", _a_file(w)], ["--output_dir"]),
+}
+
+
+class TestRankEval:
+    """rank_eval.py: every check (flags, config, model, adapter, data) before any baseline is fitted."""
+
+    @pytest.mark.parametrize("case", sorted(RANK_EVAL_CASES))
+    def test_refused_before_fitting(self, case, work, tiny_qwen3, small_data, capsys, no_fitting, no_tokenizer_load):
+        make, names = RANK_EVAL_CASES[case]
+        argv = ["--data_dir", str(_data_copy(work, small_data, keep_manifest=True)), "--config",
+                train_config(work, tiny_qwen3), *make(work, tiny_qwen3)]
+        argv += [] if "--output_dir" in argv else ["--output_dir", str(work / "rank")]
+        line = check_case(rank_eval, argv, names, capsys, work)
+        assert "--adapter_dir" not in line
+
+    @pytest.mark.parametrize("kind,flag", [("features", "--features"), ("retrieval", "--retrieval-history")])
+    def test_llm_on_prompt_dependent_data(self, kind, flag, work, tiny_qwen3, prompt_feature_data, capsys, no_fitting,
+                                          no_tokenizer_load):
+        check_case(rank_eval, ["--data_dir", str(prompt_feature_data[kind]), "--config", train_config(work, tiny_qwen3),
+                               "--llm", "--output_dir", str(work / "rank")], ["--llm", flag], capsys, work)
+
+    def test_unrenderable_test_prompt_fails_before_fitting(self, work, tiny_qwen3, small_data, capsys, monkeypatch,
+                                                          no_fitting, no_tokenizer_load):
+        from recsft import formatting
+        from recsft.io import DataError
+
+        def refuse(titles, ratings, candidate):
+            raise DataError(f"history_ratings[1]: expected a number from 0.5 to 5.0, got {ratings[0]!r}")
+        monkeypatch.setattr(formatting, "check_history", refuse)
+        check_case(rank_eval, ["--data_dir", str(small_data), "--config", train_config(work, tiny_qwen3), "--llm",
+                               "--output_dir", str(work / "rank")], ["--llm", "test example 1", "history_ratings"],
+                   capsys, work)
+
+    def test_baselines_alone_rank_featured_data(self, work, prompt_feature_data):
+        res = rank_eval.main(rank_eval.parse_args(["--data_dir", str(prompt_feature_data["features"]), "--models",
+                                                   "item-rate", "--n-negatives", "10", "--output_dir",
+                                                   str(work / "r"), "--no-full-ranking"]))
+        assert res["counts"]["questions"] > 0
+
+
+# ===================================================================================== compare_runs
+def _eval_dir_named(work: Path, name: str, rows: list[dict]) -> str:
+    folder = work / name
+    folder.mkdir()
+    (folder / "lora_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+PREDS = [{**PRED, "user_id": u, "candidate_movie_id": m, "label": lab, "p_yes": p}
+         for u, m, lab, p in [(1, 3, "Yes", 0.7), (1, 4, "No", 0.2), (2, 3, "No", 0.4), (2, 5, "Yes", 0.9)]]
+
+
+def _json_file(work: Path, name: str, value) -> str:
+    (work / name).write_text(json.dumps(value))
+    return str(work / name)
+
+
+COMPARE_MORE_CASES = {
+    "labels_differ": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--row",
+                                 f"b={_eval_dir_named(w, 'b', [{**p, 'label': 'Yes'} for p in PREDS])}"],
+                      ["--row 'b'", "labels differ", "like-threshold"]),
+    "users_match_no_row": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                      _json_file(w, "users.json", [99])], ["--users", "users.json", "none of"]),
+    "users_empty_list": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                    _json_file(w, "users.json", [])], ["--users", "non-empty"]),
+    "users_not_a_list": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                    _json_file(w, "users.json", {"ids": [1]})], ["--users"]),
+    "users_booleans": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users",
+                                  _json_file(w, "users.json", [True])], ["--users"]),
+    "users_file_missing": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--users", str(w / "u.json")],
+                           ["--users", "u.json"]),
+    "train_dir_without_summary": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}@{w}"],
+                                  ["training_summary.json", "finetune_lora"]),
+    "eval_dir_is_a_file": (lambda w: ["--row", f"a={_a_file(w)}"], ["--row", "is a file"]),
+    "folder_with_lora_and_base_predictions": (lambda w: ["--row", f"zero-shot={_lora_and_base(w)}"],
+                                              ["holds 2 predictions files", "base_predictions.jsonl", "name the one"]),
+    "threshold_not_a_number": (lambda w: ["--row", f"a={_eval_dir(w, PREDS, {'at_eval_threshold': {'threshold': 'x'}})}"],
+                               ["metrics_summary.json", "threshold", "'x'"]),
+    "training_summary_batch_size_text": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}@{_summary(w)}"],
+                                         ["training_summary.json", "per_device_train_batch_size"]),
+    "same_label_twice": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--row",
+                                    f"a={_eval_dir_named(w, 'b', PREDS)}"], ["--row 'a'", "its own label"]),
+}
+
+
+def _summary(work: Path) -> str:
+    (work / "run").mkdir()
+    (work / "run" / "training_summary.json").write_text(json.dumps({"config": {"per_device_train_batch_size": "4"}}))
+    return str(work / "run")
+
+
+def _lora_and_base(work: Path) -> str:
+    folder = _eval_dir_named(work, "both", PREDS)
+    base = [{**p, "p_yes": 1 - p["p_yes"]} for p in PREDS]  # an AUC of 0 instead of 1
+    (Path(folder) / "base_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    (Path(folder) / "base_metrics.json").write_text(json.dumps({"at_eval_threshold": {"threshold": 0.5}}))
+    (Path(folder) / "metrics_summary.json").write_text(json.dumps({"at_eval_threshold": {"threshold": 0.6}}))
+    return folder
+
+
+class TestCompareRunsAndBaselines:
+    @pytest.mark.parametrize("case", sorted(COMPARE_MORE_CASES))
+    def test_compare_runs_refused(self, case, work, capsys):
+        make, names = COMPARE_MORE_CASES[case]
+        line = check_case(compare_runs, [*make(work), "--out", str(work / "cmp_out")], names, capsys, work)
+        assert "prepare_data" not in line
+
+    def test_compare_runs_row_names_one_predictions_file(self, work):
+        folder = Path(_lora_and_base(work))
+        res = compare_runs.main(compare_runs.parse_args(["--row", f"base={folder / 'base_predictions.jsonl'}", "--row",
+                                                         f"lora={folder / 'lora_predictions.jsonl'}",
+                                                         "--out", str(work / "o")]))
+        assert [r["AUC"] for r in res["rows"]] == ["0.000", "1.000"]
+
+    def test_compare_runs_threshold_zero_is_a_threshold(self, work):
+        res = compare_runs.main(compare_runs.parse_args(["--row", f"a={_eval_dir(work, PREDS, {'at_eval_threshold': {'threshold': 0.0}})}",
+                                                         "--out", str(work / "o")]))
+        assert res["rows"][0]["accuracy"] == "0.500"  # every row Yes: 2 of 4 right (at 0.5 it would be 1.000)
+
+    def test_compare_runs_text_user_ids(self, work):
+        rows = [{**p, "user_id": f"u{p['user_id']}"} for p in PREDS]
+        res = compare_runs.main(compare_runs.parse_args(["--row", f"a={_eval_dir_named(work, 'a', rows)}", "--users",
+                                                         _json_file(work, "users.json", ["u1"]),
+                                                         "--out", str(work / "o")]))
+        assert len(res["rows"]) == 1
+
+    @pytest.mark.parametrize("models", ["", " , "])
+    def test_baselines_no_model_named(self, models, work, small_data, capsys, no_fitting):
+        check_case(baselines, ["--data_dir", str(small_data), "--models", models, "--output_dir", str(work / "bl")],
+                   ["--models"], capsys, work)
+
+    def test_baselines_predictions_folder_is_a_file(self, work, small_data, capsys, no_fitting):
+        (work / "bl").mkdir()
+        (work / "bl" / "mf").write_text("not a folder")
+        check_case(baselines, ["--data_dir", str(small_data), "--models", "item-rate,mf", "--predictions",
+                               "--output_dir", str(work / "bl")], ["--predictions", "mf", "is a file"], capsys, work)
+
+
+# ========================================================================================== metrics
+class TestMetricFunctions:
+    def test_uauc_reads_yes_no_labels(self):
+        from recsft.metrics import uauc
+
+        y, s, u = ["Yes", "No", "Yes", "No"], [0.9, 0.1, 0.2, 0.8], [1, 1, 2, 2]
+        assert uauc(y, s, u) == uauc([True, False, True, False], s, u) == 0.5
+
+    @pytest.mark.parametrize("labels,scores", [(["Yes", "maybe"], [0.1, 0.2]), (["Yes", "No"], [0.1, float("nan")])])
+    def test_uauc_refuses_bad_labels_and_nan(self, labels, scores):
+        from recsft.metrics import uauc
+
+        with pytest.raises(ValueError):
+            uauc(labels, scores, [1, 1])
+
+    @pytest.mark.parametrize("pos,neg", [(float("nan"), [0.1, 0.2]), (0.5, [0.1, float("nan")])])
+    def test_rank_metrics_refuses_nan(self, pos, neg):
+        from recsft.ranking import rank_metrics
+
+        with pytest.raises(ValueError, match="NaN"):
+            rank_metrics(pos, neg)

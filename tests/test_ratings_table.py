@@ -82,7 +82,7 @@ def test_movielens_exported_as_csv_gives_identical_outputs(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--user-col", "user"], "--user-col 'user': no such column"),
     (["--title-col", "title"], "--title-col 'title': no such column"),
-    (["--rating-scale", "6,10", "--like-threshold", "8"], "no valid rating rows left"),
+    (["--rating-scale", "6,10", "--like-threshold", "8"], "--rating-scale 6,10: "),
     (["--rating-scale", "5,1"], "--rating-scale 5,1"),
     (["--rating-scale", "1,10", "--like-threshold", "1"], "--like-threshold must be on the rating scale"),
 ])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from typing import Any, Iterable
 
 from .errors import UserInputError
 
+logger = logging.getLogger(__name__)
 PKG_SCHEME = "pkg://"
 MANIFEST = "manifest.json"  # written by publish_file_set: one build id and the sha256 of every file of a set
 
@@ -114,7 +116,7 @@ def check_in_set(path: str | os.PathLike, raw: bytes | None = None) -> None:
     if not isinstance(entry, dict):
         return
     if sha256_file(path, raw) != entry.get("sha256"):
-        raise DataError(f"{path}: not the file of build {manifest.get('build_id')} recorded in "
+        raise DataError(f"{path}: not the file of build {entry.get('build_id', manifest.get('build_id'))} recorded in "
                         f"{path.parent / MANIFEST} (the folder mixes files of two prepare_data runs, e.g. one "
                         f"was interrupted); re-run `python scripts/prepare_data.py --out-dir {path.parent}`")
 
@@ -131,13 +133,16 @@ def check_file_set(folder: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def publish_file_set(out_dir: str | os.PathLike):
+def publish_file_set(out_dir: str | os.PathLike, file_set: str = "single"):
     """Yield ``(temp_folder, build_id)``; the files written there are published into ``out_dir`` as one set.
 
-    On success: the manifest (build id + sha256 of every file) is renamed into ``out_dir`` first, then each
-    file; so at every instant ``out_dir`` holds a manifest, and a reader of a half-published set (a kill
-    between two renames) finds a file that does not match it (:func:`check_in_set`). On an exception or
-    Ctrl-C nothing is published and the temp folder is removed.
+    ``file_set`` names the set (``single``, ``session``, ...): one folder can hold several sets, each listed
+    in the same ``manifest.json`` under its own build id (``sets``), every file with its sha256 and the set
+    it belongs to. Publishing a set replaces that set's entries and leaves the other sets' entries alone.
+    On success: the manifest is renamed into ``out_dir`` first, then each file; so at every instant
+    ``out_dir`` holds a manifest, and a reader of a half-published set (a kill between two renames) finds a
+    file that does not match it (:func:`check_in_set`). On an exception or Ctrl-C nothing is published and the
+    temp folder is removed.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,14 +151,39 @@ def publish_file_set(out_dir: str | os.PathLike):
     try:
         yield tmp, build_id
         files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
-        manifest = {"build_id": build_id,
-                    "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
+        try:
+            old = read_manifest(out) if out.is_dir() else None
+        except DataError:  # a corrupt manifest: this build replaces it (the other sets' files lose their entries)
+            logger.warning(f"{out / MANIFEST}: corrupt; replaced by the manifest of this build")
+            old = None
+        names = {p.name for p in files}
+        kept = {name: entry for name, entry in (old or {}).get("files", {}).items()
+                if name not in names and isinstance(entry, dict) and entry.get("set", "single") != file_set
+                and (out / name).is_file()}
+        sets = {k: v for k, v in (old or {}).get("sets", {}).items()
+                if k != file_set and any(e.get("set", "single") == k for e in kept.values())}
+        if old and "sets" not in old and any(e.get("set", "single") == "single" for e in kept.values()):
+            sets["single"] = old.get("build_id")  # a manifest written before sets were named
+        files_entry = {**kept, **{p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size, "set": file_set,
+                                           "build_id": build_id} for p in files}}
+        manifest = {"build_id": build_id, "sets": {**sets, file_set: build_id}, "files": dict(sorted(files_entry.items()))}
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / MANIFEST, manifest)
         for p in files:
             os.replace(p, out / p.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_same_build(folder: str | os.PathLike, names: Iterable[str], fix: str) -> None:
+    """The named files of ``folder`` come from one prepare_data build (their manifest entries agree); no-op for
+    files the manifest does not list."""
+    manifest = read_manifest(folder) or {}
+    builds = {n: (manifest.get("files", {}).get(n) or {}).get("build_id", manifest.get("build_id")) for n in names
+              if n in manifest.get("files", {})}
+    if len(set(builds.values())) > 1:
+        detail = ", ".join(f"{n}: {b}" for n, b in builds.items())
+        raise DataError(f"{folder}: these files come from different prepare_data runs ({detail}); {fix}")
 
 
 def load_json(path: str | os.PathLike) -> Any:

@@ -7,6 +7,8 @@ import numbers
 import re
 from typing import Any, Sequence
 
+import numpy as np
+
 _THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", flags=re.DOTALL | re.IGNORECASE)
 _SPECIAL = re.compile(r"<\|[^|>]*\|>")
 _YES = re.compile(r"\byes\b", re.IGNORECASE)
@@ -86,7 +88,10 @@ def compute_metrics(labels: Sequence[Any], preds: Sequence[Any], p_yes: Sequence
 
 
 def uauc(y_true: Sequence[bool], scores: Sequence[float], user_ids: Sequence[Any]) -> float:
-    """User-averaged AUC: the mean of per-user ROC-AUCs over users with both classes (NaN when none)."""
+    """User-averaged AUC: the mean of per-user ROC-AUCs over users with both classes (NaN when none).
+
+    ``y_true``: booleans, 1/0, or labels ``"Yes"``/``"No"`` (:func:`normalize_label`); anything else, or a NaN
+    score, is a ValueError (a truthy "No" must not count as a positive)."""
     return _user_aucs(y_true, scores, user_ids)[0]
 
 
@@ -94,9 +99,16 @@ def _user_aucs(y_true: Sequence[bool], scores: Sequence[float], user_ids: Sequen
     """``(uauc, uauc_users)``: the mean per-user AUC and the number of users it averages (both classes)."""
     from sklearn.metrics import roc_auc_score
 
+    if not len(y_true) == len(scores) == len(user_ids):
+        raise ValueError(f"y_true ({len(y_true)}), scores ({len(scores)}) and user_ids ({len(user_ids)}) differ in length")
     groups: dict[Any, tuple[list, list]] = {}
     for y, s, u in zip(y_true, scores, user_ids):
-        groups.setdefault(u, ([], []))[0].append(int(bool(y)))
+        label = normalize_label(bool(y) if isinstance(y, (bool, np.bool_)) else y)
+        if label is None:
+            raise ValueError(f"uauc: label {y!r} is not Yes/No, True/False or 1/0")
+        if math.isnan(float(s)):
+            raise ValueError(f"uauc: score {s!r} is NaN")
+        groups.setdefault(u, ([], []))[0].append(int(label == "Yes"))
         groups[u][1].append(float(s))
     aucs = [roc_auc_score(y, s) for y, s in groups.values() if 0 < sum(y) < len(y)]
     return (float(sum(aucs) / len(aucs)) if aucs else math.nan), float(len(aucs))

@@ -389,16 +389,20 @@ def apply_lora(model, rank: int, alpha: int, dropout: float, target: str, gradie
         return get_peft_model(model, config)
 
 
-def check_adapter(adapter_dir: str, base_model: str | None = None) -> dict:
+def check_adapter(adapter_dir: str, base_model: str | None = None, flag: str = "--adapter_dir") -> dict:
     """Validate an adapter folder before loading; return its ``adapter_config.json``.
 
     Fails when the folder or its config is missing, or when it was trained on another base model
-    (compared by model name, ignoring the cache folder a GGUF base was converted into).
+    (compared by model name, ignoring the cache folder a GGUF base was converted into). ``flag`` is the
+    script's flag named in the messages.
     """
     path = Path(adapter_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"adapter_dir {adapter_dir!r}: is a file, not a folder; pass the adapter folder "
+                        f"(the finetune_lora.py output_dir holding adapter_config.json) to {flag}")
     if not path.is_dir():
         raise DataError(f"adapter_dir {adapter_dir!r} does not exist; train one first "
-                        f"(python scripts/finetune_lora.py --config ...) or pass --adapter_dir")
+                        f"(python scripts/finetune_lora.py --config ...) or pass {flag}")
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise DataError(f"{adapter_dir!r} has no adapter_config.json: not a LoRA adapter folder")

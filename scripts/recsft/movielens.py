@@ -79,26 +79,78 @@ def read_titles(path: Path, fmt: str) -> dict[int, str]:
 
 
 def clean_ratings(raw: pd.DataFrame, titles: dict[int, str], source: str) -> pd.DataFrame:
-    """Numeric ratings on the MovieLens scale (``RATING_SCALE``) of titled movies; invalid rows dropped with one
-    counted warning."""
-    df = pd.DataFrame({c: pd.to_numeric(raw[c], errors="coerce") for c in COLUMNS})
+    """Numeric ratings on the MovieLens scale (``RATING_SCALE``) of titled movies with a readable time
+    (``normalize_times``); invalid rows dropped with one counted warning."""
+    from .ratings_table import normalize_times
+
+    df = pd.DataFrame({c: pd.to_numeric(raw[c], errors="coerce") for c in COLUMNS[:3]})
+    df["timestamp"], _ = normalize_times(raw["timestamp"], f"{source}: timestamp")
     numeric = df.notna().all(axis=1) & (df.user_id % 1 == 0) & (df.movie_id % 1 == 0)
     titled = df.movie_id.isin(list(titles))
     ok = numeric & df.rating.between(*RATING_SCALE) & titled
     if (~ok).any():
-        first = raw[~ok].iloc[0]
+        first = raw[~ok.to_numpy()].iloc[0]
         where = f"line {first['line']}: {first['text']!r}" if "line" in raw else f"row {first.name}"
         unknown = (numeric & ~titled).sum()
         detail = f"{unknown} with an unknown movie id; " if unknown else ""
         logger.warning(f"dropped {(~ok).sum()} invalid rating rows ({detail}first: {source} {where})")
-    return df[ok].astype({"user_id": int, "movie_id": int, "rating": float, "timestamp": int}).reset_index(drop=True)
+    df = df[ok].astype({"user_id": int, "movie_id": int, "rating": float, "timestamp": "int64"}).reset_index(drop=True)
+    latest = df.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "movie_id"], keep="last")
+    if len(latest) < len(df):  # as for your own tables: a user who rated a movie twice keeps the latest rating
+        logger.warning(f"{source}: {len(df) - len(latest)} duplicate (user, movie) ratings; the latest of each kept")
+        df = df.loc[sorted(latest.index)].reset_index(drop=True)
+    return df
+
+
+TITLE_WITH_YEAR = re.compile(r".*\(\d{4}\)$")
+
+
+def merge_title_twins(ratings: pd.DataFrame, titles: dict, source: str = "") -> tuple[pd.DataFrame, dict, dict]:
+    """One id per film: ids whose titles are identical and end in a year, ``Heat (1995)``, are one film.
+
+    MovieLens-100K lists 18 films under two ids each; left apart, a prompt can show the user's own rating of
+    the candidate under its twin id, and a ranking negative can be a film the user rated. The smallest id of
+    each group is kept (sorted as text for text ids); the others' ratings move to it, and a user who rated
+    two twins keeps the latest rating (as for any duplicate rating). Titles without a year are never merged
+    (two products may share a name). Returns ``(ratings, titles, counts)`` with ``counts`` =
+    ``{"merged_ids": ..., "merged_duplicate_ratings": ...}``.
+    """
+    groups: dict[str, list] = {}
+    for mid, title in titles.items():
+        key = str(title).strip()
+        if TITLE_WITH_YEAR.fullmatch(key):
+            groups.setdefault(key, []).append(mid)
+    remap = {}
+    for ids in groups.values():
+        if len(ids) > 1:
+            keep = min(ids, key=lambda i: (str(type(i)), i))
+            remap.update({i: keep for i in ids if i != keep})
+    counts = {"merged_ids": len(remap), "merged_duplicate_ratings": 0}
+    if not remap:
+        return ratings, titles, counts
+    titles = {k: v for k, v in titles.items() if k not in remap}
+    moved = ratings.movie_id.isin(list(remap))
+    if moved.any():
+        ratings = ratings.assign(movie_id=ratings.movie_id.map(lambda m: remap.get(m, m)).astype(ratings.movie_id.dtype))
+        before = len(ratings)
+        latest = ratings.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "movie_id"], keep="last")
+        ratings = ratings.loc[sorted(latest.index)].reset_index(drop=True)
+        counts["merged_duplicate_ratings"] = before - len(ratings)
+    example = next(iter(remap.items()))
+    logger.warning(f"{source or 'ratings'}: {len(remap)} item ids have the title of another id (same title and year, "
+                   f"e.g. {example[0]!r} -> {example[1]!r}: {titles[example[1]]!r}); merged into one id each, "
+                   f"{counts['merged_duplicate_ratings']} ratings of a user who rated both twins dropped (latest kept)")
+    return ratings, titles, counts
 
 
 def load_raw_dir(raw_dir: str | Path) -> tuple[pd.DataFrame, dict[int, str]]:
     """Ratings and titles from an extracted ml-100k, ml-1m or ml-latest-small folder."""
     raw_dir = Path(raw_dir)
+    if raw_dir.exists() and not raw_dir.is_dir():
+        raise DataError(f"--raw-dir {raw_dir}: is a file, not a folder; pass the extracted MovieLens folder "
+                        f"(e.g. ml-100k/, holding u.data and u.item)")
     if not raw_dir.is_dir():
-        raise DataError(f"--raw-dir {raw_dir}: folder does not exist")
+        raise DataError(f"--raw-dir {raw_dir}: folder does not exist; check the path")
     fmt = detect_raw_format(raw_dir)
     ratings_file, movies_file, sep, header = RAW_FORMATS[fmt]
     try:
@@ -169,10 +221,10 @@ def load_genres(source: str = "bundled", raw_dir: str | Path | None = None) -> d
 
 
 def table_genres(items: pd.DataFrame | None) -> dict[int, list[str]]:
-    """``{movie_id: [genre, ...]}`` from an items table's optional ``genres`` column ("A|B" or "A, B")."""
+    """``{movie_id: [genre, ...]}`` from an items table's optional ``genres`` column ("A|B", "A, B" or "A; B")."""
     if items is None or "genres" not in items:
         return {}
-    return {m: [g.strip() for g in re.split(r"[|,]", str(v)) if g.strip()]
+    return {m: [g.strip() for g in re.split(r"[|,;]", str(v)) if g.strip()]
             for m, v in zip(items.movie_id, items.genres) if isinstance(v, str)}
 
 
@@ -306,13 +358,20 @@ def check_features(features) -> list[str]:
 
 
 def earlier_counts(keys: np.ndarray, ts: np.ndarray, liked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: how many rows with the same key have a strictly smaller timestamp, and how many of those liked."""
-    order = np.lexsort((ts, keys))
-    k, t = keys[order], ts[order]
+    """Per row: how many rows with the same key have a strictly smaller timestamp, and how many of those liked.
+
+    Keys may be any hashable ids (integers or text) and timestamps any integers: both are replaced by dense
+    ranks before they are packed into one sortable integer, so nothing can overflow."""
+    key_codes = pd.factorize(pd.Series(keys, dtype=object), sort=True)[0].astype(np.int64)
+    _, t_codes = np.unique(np.asarray(ts, dtype=np.int64), return_inverse=True)
+    t_codes = t_codes.astype(np.int64).ravel()
+    width = np.int64(t_codes.max() + 2 if len(t_codes) else 1)
+    packed_rows = key_codes * width + t_codes
+    order = np.argsort(packed_rows, kind="stable")
+    packed = packed_rows[order]
     cum = np.concatenate([[0], np.cumsum(liked[order].astype(np.int64))])
-    packed = k.astype(np.int64) * (1 << 33) + t.astype(np.int64)
-    start = np.searchsorted(packed, keys.astype(np.int64) * (1 << 33), "left")
-    end = np.searchsorted(packed, keys.astype(np.int64) * (1 << 33) + ts.astype(np.int64), "left")
+    start = np.searchsorted(packed, key_codes * width, "left")
+    end = np.searchsorted(packed, packed_rows, "left")
     return end - start, cum[end] - cum[start]
 
 
@@ -332,9 +391,9 @@ def feature_lines(df: pd.DataFrame, rows: np.ndarray, features: list[str], like_
     ts = df.timestamp.to_numpy(np.int64)
     stats = {}
     if "item_stats" in features:
-        stats["item_stats"] = earlier_counts(df.movie_id.to_numpy(np.int64), ts, liked)
+        stats["item_stats"] = earlier_counts(df.movie_id.to_numpy(object), ts, liked)
     if "user_stats" in features:
-        stats["user_stats"] = earlier_counts(df.user_id.to_numpy(np.int64), ts, liked)
+        stats["user_stats"] = earlier_counts(df.user_id.to_numpy(object), ts, liked)
     movies = df.movie_id.to_numpy()
     out = []
     for r in rows.tolist():
@@ -469,35 +528,46 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         ratings, titles, items = load_table(table)
         source = str(table.ratings)
         genres = table_genres(items) if "genres" in features or retrieval else None
+        where = (f"--items {table.items} (no column {table.genres_col!r}, or it is empty; set --genres-col to the "
+                 f"genres column)")
     else:
         genres = load_genres(source, raw_dir) if "genres" in features or retrieval else None
         items = None
+        where = f"{raw_dir or source}"
     if retrieval and not any((genres or {}).values()):
-        raise DataError(f"--retrieval-history: {raw_dir or source} has no movie genres to compare; "
-                        f"drop the flag or use a dataset with genres (ml-100k, ml-1m, ml-latest-small)")
+        raise DataError(f"--retrieval-history: {where} has no movie genres to compare; drop the flag or use a "
+                        f"dataset with genres (ml-100k, ml-1m, ml-latest-small, or --genres-col)")
+    if "genres" in features and not any((genres or {}).values()):
+        raise DataError(f"--features genres: {where} has no movie genres; drop 'genres' from --features or use a "
+                        f"dataset with genres")
     if table is None:
         ratings, titles = load_ratings(source, raw_dir)
+    ratings, titles, twins = merge_title_twins(ratings, titles, str(raw_dir or source))
     if max_users:
         ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[:max_users])]
+    per_user = ratings.groupby("user_id").size()
+    if (per_user <= history_len).any():
+        logger.warning(f"{int((per_user <= history_len).sum())} of {len(per_user)} users have at most "
+                       f"--history-len {history_len} ratings: no example comes from them")
     params = dict(history_len=history_len, like_threshold=like_threshold, eval_ratio=eval_ratio,
                   test_ratio=test_ratio, seed=seed, max_users=max_users,
                   rating_scale=list(table.rating_scale if table is not None else RATING_SCALE))
     params.update({"features": features} if features else {})
     params.update({"retrieval_history": True} if retrieval else {})
     head = {"source": str(raw_dir) if raw_dir else source, "ratings": len(ratings),
-            "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique())}
+            "users": int(ratings.user_id.nunique()), "movies": int(ratings.movie_id.nunique()), **twins}
     if fmt == "session":
         return prepare_sessions(Path(out_dir), ratings, titles, head, params, session_len, features, genres, retrieval)
     splits = build_examples(ratings, titles, history_len, like_threshold, eval_ratio, test_ratio, seed,
                             features=features, genres=genres, retrieval=retrieval)
-    if not splits["train"]:
-        raise DataError(f"no training examples: no user has more than history_len={history_len} ratings")
+    check_splits(splits, history_len, like_threshold, params["rating_scale"])
     kept = sorted(ratings.movie_id.unique().tolist())
     if items is None:
         items = pd.DataFrame({"movie_id": kept, "title": [titles[m] for m in kept]})
     # the files are published together with a manifest (one build id, a sha256 per file): an interrupted
     # run publishes nothing, and readers detect a folder that mixes two builds (recsft.io.check_in_set)
-    with publish_file_set(out_dir) as (tmp, build_id):
+    # --format blocks publishes the single files with its own under the set name "blocks" (one build)
+    with publish_file_set(out_dir, "blocks" if fmt == "blocks" else "single") as (tmp, build_id):
         write_json_atomic(tmp / "train.json", [to_train_record(e) for e in splits["train"]], indent=None)
         write_json_atomic(tmp / "eval.json", [to_train_record(e) for e in splits["eval"]], indent=None)
         write_jsonl_atomic(tmp / "test_raw.jsonl", splits["test"])
@@ -531,20 +601,41 @@ def write_blocks(folder: Path, ratings: pd.DataFrame, titles: dict, head: dict, 
     return stats
 
 
+def check_splits(splits: dict[str, list[dict]], history_len: int, like_threshold: float, scale) -> None:
+    """There is something to train on, and both labels occur (else the threshold or the scale is wrong)."""
+    if not splits["train"]:
+        raise DataError(f"--history-len {history_len}: no training examples: no user has more than "
+                        f"{history_len} ratings; lower --history-len or add ratings")
+    for name, flag in (("eval", "--eval-ratio"), ("test", "--test-ratio")):
+        if not splits[name]:
+            raise DataError(f"{flag}: the {name} split is empty (each user's last {flag[2:]} of candidates go to "
+                            f"it); use a ratio above 0, e.g. {flag} 0.1")
+    labels = {e["label"] for examples in splits.values() for e in examples}
+    if len(labels) < 2:
+        only = next(iter(labels))
+        raise DataError(f"--like-threshold {like_threshold:g}: every example is labelled {only} (ratings on the scale "
+                        f"{scale[0]:g}..{scale[1]:g}); set --like-threshold (and --rating-scale) to match the ratings")
+
+
 def prepare_sessions(out: Path, ratings: pd.DataFrame, titles: dict[int, str], head: dict, params: dict,
                      session_len: int, features: list[str], genres, retrieval: bool) -> dict:
-    """The session files of :func:`prepare` (each written atomically; the single format's manifest is left alone)."""
+    """The session files of :func:`prepare`, published as their own set (``session``) in the folder's manifest.
+
+    The single format's files and manifest entries are left alone; a reader of a half-published session set
+    finds a file that does not match the manifest (:func:`recsft.io.check_in_set`).
+    """
     p = params
     splits = build_sessions(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"], p["test_ratio"],
                             p["seed"], session_len, features, genres, retrieval=retrieval)
-    if not splits["train"]:
-        raise DataError(f"no training examples: no user has more than history_len={p['history_len']} ratings")
-    write_json_atomic(out / "session_train.json", splits["train"], indent=None)
-    write_json_atomic(out / "session_eval.json", splits["eval"], indent=None)
-    write_jsonl_atomic(out / "session_test.jsonl", splits["test"])
-    stats = {**head, "format": "session", "params": {**params, "session_len": session_len},
-             "splits": {name: session_stats(records) for name, records in splits.items()}}
-    write_json_atomic(out / "session_stats.json", stats)
+    answers = {name: [{"label": t["answer"]} for r in records for t in r["turns"]] for name, records in splits.items()}
+    check_splits(answers, p["history_len"], p["like_threshold"], p["rating_scale"])
+    with publish_file_set(out, "session") as (tmp, build_id):
+        write_json_atomic(tmp / "session_train.json", splits["train"], indent=None)
+        write_json_atomic(tmp / "session_eval.json", splits["eval"], indent=None)
+        write_jsonl_atomic(tmp / "session_test.jsonl", splits["test"])
+        stats = {**head, "format": "session", "params": {**params, "session_len": session_len},
+                 "splits": {name: session_stats(records) for name, records in splits.items()}, "build_id": build_id}
+        write_json_atomic(tmp / "session_stats.json", stats)
     return stats
 
 
@@ -709,6 +800,9 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     stats' parameters and must give the same test candidates as ``test_raw.jsonl``.
     """
     data = Path(data_dir)
+    if data.exists() and not data.is_dir():
+        raise DataError(f"--data_dir {str(data)!r}: is a file, not a folder; pass the folder prepare_data.py wrote "
+                        f"(its --out-dir)")
     if not data.is_dir():
         raise DataError(f"--data_dir {str(data)!r}: folder does not exist; run `python scripts/prepare_data.py` "
                         f"or pass the folder it wrote")

@@ -251,6 +251,24 @@ def plan_sessions(turn_lens: list[list[tuple[int, int, int]]], cutoff_len: int) 
     return examples
 
 
+def check_question_fits(turn_lens: list[list[tuple[int, int, int]]], cutoff_len: int, budget: int,
+                        source: str = "data") -> None:
+    """Every example must still hold a question after the left cut: a turn that opens an example keeps at least
+    as many tokens as its short follow-up question (the candidate line and the generation prompt), else the
+    model would be trained on an answer to a history without a candidate. A :class:`DataError` naming
+    ``cutoff_len`` otherwise."""
+    worst = None
+    for turns in turn_lens:
+        for opening, cont, answer in turns:
+            keep = min(cutoff_len - answer, budget)
+            if keep < min(cont, opening) and (worst is None or cont + answer > worst):
+                worst = cont + answer
+    if worst is not None:
+        raise DataError(f"cutoff_len={cutoff_len}: too small for the session examples of {source}: a question cut to "
+                        f"fit would lose its candidate (one question and its answer need at least {worst} tokens, "
+                        f"the full first question more); raise cutoff_len (see scripts/check_seq_len.py)")
+
+
 def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int, system_prompt: str | None = None,
                                enable_thinking: bool = False, source: str = "data", batch_size: int = 4096):
     """Session records -> a pyarrow Table (``input_ids``, ``labels``, ``user_id``): labels on every answer's tokens.
@@ -271,6 +289,7 @@ def tokenize_sessions_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: i
     lens = [[(int(open_off[k + 1] - open_off[k]), int(cont_off[k + 1] - cont_off[k]), len(ans_ids[flat[k][2]]))
              for k in range(starts[r], starts[r + 1])] for r in range(len(texts))]
     budget = prompt_budget(tokenizer, cutoff_len, enable_thinking)
+    check_question_fits(lens, cutoff_len, budget, source)
     input_ids, labels, users = [], [], []
     codes = user_codes(records)
     for example in plan_sessions(lens, cutoff_len):

@@ -78,6 +78,9 @@ def rank_metrics(pos: float, neg: np.ndarray, ks: Sequence[int] = (1, 5, 10), nd
     g+1 .. g+t+1; each metric is its mean over those ranks (so a constant scorer gets chance, not 1.0).
     """
     neg = np.asarray(neg, dtype=float)
+    if np.isnan(pos) or np.isnan(neg).any():
+        raise ValueError(f"rank_metrics: NaN score (positive {pos!r}, {int(np.isnan(neg).sum())} NaN negatives); "
+                         f"a NaN compares false with everything and would rank the positive first")
     greater, ties = int((neg > pos).sum()), int((neg == pos).sum())
     ranks = np.arange(greater + 1, greater + ties + 2)
     out = {f"hr@{k}": float((ranks <= k).mean()) for k in ks}

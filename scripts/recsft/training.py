@@ -97,9 +97,14 @@ def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int):
     if "answer_keys" not in train_ds.column_names or (eval_ds is not None and "answer_keys" not in eval_ds.column_names):
         raise ConfigError([f"cf_residual: {kind} needs each answer's user and movie id: train and evaluate on "
                            f"candidate-block data (prepare_data.py --format blocks), or set cf_residual=none"])
-    lookup, table = cf_lookups(Path(train_path).parent, kind, seed)
+    from .io import check_same_build
+
+    folder = Path(train_path).parent
+    check_same_build(folder, [Path(train_path).name, "stats.json", "test_raw.jsonl", "interactions.parquet"],
+                     f"re-run `python scripts/prepare_data.py --format blocks --out-dir {folder}`")
+    lookup, table = cf_lookups(folder, kind, seed)
     logger.info("CF residual: %s fit on %s (%d training interactions, out-of-fold logits for training rows)",
-                kind, Path(train_path).parent, len(lookup))
+                kind, folder, len(lookup))
 
     def add(ds, oof: bool):
         def cf_of(batch):

@@ -117,3 +117,16 @@ def test_residual_trains_saves_and_scores_end_to_end(tmp_path, tiny_qwen3):
                         "save_steps=2", "max_samples=8", "max_eval_samples=4", "max_train_minutes=null", "--resume"],
                        **run)
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_residual_head_has_its_own_learning_rate(tiny_qwen3, qwen3_tokenizer, block_records, tmp_path):
+    from datasets import Dataset
+
+    table = tokenize_any(block_records, qwen3_tokenizer, 2048).to_pydict()
+    table["cf"] = [[0.0] * len(k) for k in table["answer_keys"]]
+    trainer, model = _trainer(tiny_qwen3, tmp_path, Dataset.from_dict(table), table=object())
+    optimizer = trainer.create_optimizer()
+    head = {id(p) for p in model.cf_head.parameters()}
+    groups = [g for g in optimizer.param_groups if any(id(p) in head for p in g["params"])]
+    assert len(groups) == 1 and len(groups[0]["params"]) == 2 and groups[0]["lr"] == trainer.args.cf_head_lr == 1e-2
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())

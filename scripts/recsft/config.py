@@ -186,6 +186,9 @@ class TrainArgs(_Section):
     # of a Cornac model (biases: user+item biases; mf: matrix factorisation) fit on the training split, a and b
     # learned. none = the LLM alone. Needs loss_type yes_no and candidate-block data (user and movie ids).
     cf_residual: str = field(default="none", metadata=_OWN)
+    # learning rate of the residual's two scalars a and b (Adam moves each by about this much per step; the LoRA
+    # learning rate would take thousands of steps to grow a from its start of 0.01)
+    cf_head_lr: float = 1e-2
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -221,6 +224,7 @@ class TrainArgs(_Section):
         self._check(self.budget_clock in ("wall", "cpu"), f"budget_clock: must be wall or cpu, got {self.budget_clock!r}")
         self._check(self.loss_type in LOSS_TYPES,
                     f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        self._check(self.cf_head_lr > 0, f"cf_head_lr: must be > 0, got {self.cf_head_lr}")
         self._check(self.cf_residual in CF_RESIDUALS,
                     f"cf_residual: {self.cf_residual!r} is not one of {', '.join(CF_RESIDUALS)}")
         self._check(self.cf_residual == "none" or self.loss_type == "yes_no",

@@ -52,6 +52,8 @@ class RecSFTConfig(SFTConfig):
     max_train_minutes: float | None = field(default=None, metadata={
         "help": "stop (evaluate + save) once the optimizer steps used this many minutes; None = no budget."})
     budget_clock: str = field(default="wall", metadata={"help": "wall (elapsed) or cpu (this process's CPU time)."})
+    cf_head_lr: float = field(default=1e-2, metadata={
+        "help": "learning rate of a CF residual's two scalars (model.cf_head), in their own optimizer group."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -167,6 +169,18 @@ class RecSFTTrainer(SFTTrainer):
         return getattr(model, "module", model).cf_head(cf.to(margin.device), margin)
 
     # ------------------------------------------------------------------------- CF residual head
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with a CF residual's two scalars in a group of their own (``cf_head_lr``)."""
+        optimizer = super().create_optimizer(model)
+        head = getattr(getattr(self.model, "module", self.model), "cf_head", None)
+        if head is not None:
+            own = {id(p) for p in head.parameters()}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in own]
+            optimizer.add_param_group({"params": list(head.parameters()), "lr": self.args.cf_head_lr,
+                                       "weight_decay": 0.0})
+        return optimizer
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         if self.cf_table is not None:  # the residual travels with every checkpoint and the final adapter

@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--shuffle-history-titles", type=non_negative_int, default=None, metavar="SEED",
                    help="--format blocks ablation: each history shows another user's titles (same split, seeded "
                         "permutation) with its own ratings, to measure what the titles add")
+    p.add_argument("--negatives", type=non_negative_int, default=0, metavar="N",
+                   help="--format blocks: N movies the user never rated added to every training record, answered "
+                        "No and marked sampled (ranking training; eval/test keep rated candidates only)")
+    p.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform",
+                   help="--negatives: uniform, or in proportion to 1 + the movie's training ratings")
     p.add_argument("--features", nargs="+", default=[], metavar="NAME",
                    help="prompt lines from earlier ratings: item_stats, user_stats, genres (space or comma list)")
     p.add_argument("--retrieval-history", action="store_true",
@@ -161,14 +166,16 @@ def main(args) -> dict:
                     args.eval_ratio, args.test_ratio, args.seed, args.max_users, table=table, fmt=args.format,
                     session_len=args.session_len or 16, features=features, retrieval=args.retrieval_history,
                     block_size=args.block_size, history_from=args.history_from,
-                    shuffle_titles=args.shuffle_history_titles)
+                    shuffle_titles=args.shuffle_history_titles, negatives=args.negatives,
+                    negative_sampling=args.negative_sampling)
     print(f"{'Ratings' if table else 'MovieLens'} from {stats['source']}: {stats['ratings']:,} ratings, "
           f"{stats['users']} users, {stats['movies']} movies -> {args.out_dir} in {time.perf_counter() - start:.1f}s")
     if stats.get("merged_ids"):
         print(f"  {stats['merged_ids']} twin item ids (same title and year) merged into one id each; "
               f"{stats['merged_duplicate_ratings']} duplicate ratings dropped")
     for name, s in stats["splits"].items():
-        answers = f" ({s['answers']:,d} answers)" if "answers" in s else ""
+        sampled = f", {s['sampled_negatives']:,d} of them sampled No" if s.get("sampled_negatives") else ""
+        answers = f" ({s['answers']:,d} answers{sampled})" if "answers" in s else ""
         print(f"  {name:5s}: {s['examples']:6,d} examples{answers}, Yes share {s['yes_share']:.1%}")
     return stats
 

@@ -105,25 +105,83 @@ def check_llm_data(args, params: dict, examples) -> None:
                             f"{e.get('candidate_movie_id')!r}): {err}") from None
 
 
-def llm_rows(args, cfg, questions, titles) -> tuple[str, dict]:
-    """(row label, sampled ranking metrics) of the LLM (checked by :func:`check_llm`)."""
+def blocks_for_ranking(args, data) -> tuple[list[dict], dict] | None:
+    """A folder prepared with ``--format blocks``: its test records and every movie's candidate block text (rebuilt
+    from the folder's ratings, static protocol); None for a single-format folder. Checked before any fitting."""
+    from utils import load_data, load_json, static_candidate_texts, train_ratings
+
+    folder = Path(args.data_dir)
+    if not (folder / "blocks_stats.json").is_file():
+        return None
+    params = load_json(folder / "blocks_stats.json").get("params", {})
+    if params.get("history_from") != "train":
+        raise DataError(f"--llm: {folder} holds candidate blocks of the online protocol (--history-from all), whose "
+                        f"history moves with each test candidate; rank the LLM on a folder prepared with "
+                        f"`--format blocks --history-from train`")
+    features = params.get("features") or []
+    if "genres" in features and data.genres is None:
+        raise DataError(f"--llm: {folder / 'items.parquet'} has no genres column to rebuild the candidates' Genres "
+                        f"lines; re-run `python scripts/prepare_data.py --format blocks ...` into {folder}")
+    records = load_data(folder / "blocks_test.jsonl")
+    items = sorted(data.ratings.movie_id.unique().tolist())
+    texts = static_candidate_texts(train_ratings(data.ratings, data.splits), data.titles, items, features,
+                                   data.params["like_threshold"], data.genres)
+    return records, texts
+
+
+def block_margins(model, tok, cfg, args, questions, groups, texts, budget) -> tuple[list, int]:
+    """Per question, logit(Yes) - logit(No) of its candidates as candidate blocks: one prefix pass per group."""
     import numpy as np
     from tqdm.auto import tqdm
 
-    from utils import (adapter_path, llm_question_scores, load_for_eval, load_residual, mean_metrics, prompt_budget,
-                       rank_metrics)
+    from utils import block_candidate_scores
+
+    out, cut = [None] * len(questions), 0
+    with tqdm(total=len(questions), desc="LLM ranking (blocks)", unit="question") as bar:
+        for g in groups:
+            margin, was_cut = block_candidate_scores(model, tok, g["record"], [texts[m] for m in g["movies"]],
+                                                     args.batch_size, cfg.data.system_prompt,
+                                                     cfg.model.enable_thinking, budget)
+            cut += was_cut * len(g["questions"])
+            at = dict(zip(g["movies"], np.asarray(margin, dtype=float)))
+            for i in g["questions"]:
+                out[i] = np.array([at[c] for c in questions[i]["candidates"]])
+            bar.update(len(g["questions"]))
+    return out, cut
+
+
+def question_margins(model, tok, cfg, args, questions, titles, budget) -> tuple[list, int]:
+    """Per question, logit(Yes) - logit(No) of its candidates swapped into the test prompt: one prefix pass each."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from utils import llm_question_scores
+
+    out, cut = [], 0
+    for q in tqdm(questions, desc="LLM ranking", unit="question"):
+        margin, was_cut = llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
+                                                args.batch_size, cfg.data.system_prompt, cfg.model.enable_thinking,
+                                                budget)
+        out.append(np.asarray(margin, dtype=float))
+        cut += was_cut
+    return out, cut
+
+
+def llm_rows(args, cfg, questions, titles, blocks=None, groups=None) -> tuple[str, dict]:
+    """(row label, sampled ranking metrics) of the LLM (checked by :func:`check_llm`); ``blocks``/``groups``: rank
+    with candidate blocks (:func:`blocks_for_ranking`, ``recsft.ranking.block_groups``)."""
+    from utils import adapter_path, load_for_eval, load_residual, mean_metrics, prompt_budget, rank_metrics
 
     adapter = adapter_path(args.adapter_dir)
     residual = load_residual(adapter)  # an adapter trained with a CF residual ranks by c + a * margin + b
     model, tok = load_for_eval(cfg.model, adapter, merge=True)
     budget = prompt_budget(tok, cfg.data.cutoff_len)
-    rows, cut = [], 0
-    for q in tqdm(questions, desc="LLM ranking", unit="question"):
-        margin, was_cut = llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
-                                                args.batch_size, cfg.data.system_prompt, cfg.model.enable_thinking,
-                                                budget)
-        cut += was_cut
-        margin = np.asarray(margin, dtype=float)
+    if groups is not None:
+        margins, cut = block_margins(model, tok, cfg, args, questions, groups, blocks[1], budget)
+    else:
+        margins, cut = question_margins(model, tok, cfg, args, questions, titles, budget)
+    rows = []
+    for q, margin in zip(questions, margins):
         if residual is not None:
             users = [q["example"]["user_id"]] * len(q["candidates"])
             margin = residual.table.logit(users, list(q["candidates"])) + residual.a * margin + residual.b
@@ -137,8 +195,8 @@ def llm_rows(args, cfg, questions, titles) -> tuple[str, dict]:
 
 
 def main(args) -> dict:
-    from utils import (LABELS, MARKDOWN_HEADER, PER_USER_CONSTANT, build_questions, fit_scorers, full_ranking,
-                       load_prepared, markdown_row, rated_sets, score_questions, train_ratings, writable_dir,
+    from utils import (LABELS, MARKDOWN_HEADER, PER_USER_CONSTANT, block_groups, build_questions, fit_scorers,
+                       full_ranking, load_prepared, markdown_row, rated_sets, score_questions, train_ratings, writable_dir,
                        write_json_atomic, write_jsonl_atomic, write_text_atomic)
 
     names = check_args(args)
@@ -146,7 +204,8 @@ def main(args) -> dict:
     use_llm = args.llm or args.adapter_dir is not None
     cfg = check_llm(args) if use_llm else None  # config, model, adapter: before any work
     data = load_prepared(args.data_dir)
-    if use_llm:
+    blocks = blocks_for_ranking(args, data) if use_llm else None
+    if use_llm and blocks is None:
         check_llm_data(args, data.params, data.splits["test"])
     train = train_ratings(data.ratings, data.splits)
     rated = rated_sets(data.ratings)
@@ -156,13 +215,16 @@ def main(args) -> dict:
                                           args.sampling, popularity, args.max_users)
     if not questions:
         raise DataError(f"{args.data_dir}: no test user has a liked (Yes) test candidate; nothing to rank")
+    groups = block_groups(questions, *blocks, str(Path(args.data_dir) / "blocks_test.jsonl")) if blocks else None
     protocol = {"n_negatives": args.n_negatives, "sampling": args.sampling, "seed": args.seed,
                 "max_users": args.max_users, "negatives": "movies the user never rated (any split), without replacement",
                 "popularity_weights": "1 + number of training ratings" if args.sampling == "popularity" else None,
                 "positive": "each test candidate labelled Yes (one question each)",
                 "ties": "metrics are expected values under random tie-breaking",
                 "averaged_over": "questions", "full_ranking": "positive among all movies the user never rated",
-                "llm": "P(Yes) of the test example's prompt (same history) with each candidate swapped in"}
+                "llm": ("P(Yes) of each candidate as a candidate block after the user's test prefix (static "
+                        "protocol: training-split history and counts), one prefix pass per user" if blocks else
+                        "P(Yes) of the test example's prompt (same history) with each candidate swapped in")}
     results: dict = {}
     scorers = fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
     for name, scorer in scorers.items():
@@ -174,7 +236,7 @@ def main(args) -> dict:
             entry["full"] = full_ranking(questions, scorer, rated, items)
         results[LABELS[name]] = entry
     if use_llm:
-        label, metrics = llm_rows(args, cfg, questions, data.titles)
+        label, metrics = llm_rows(args, cfg, questions, data.titles, blocks, groups)
         results[label] = {"sampled": metrics}
     table = "\n".join([MARKDOWN_HEADER, *(markdown_row(k, v["sampled"]) for k, v in results.items())])
     full = [markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]

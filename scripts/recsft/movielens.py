@@ -13,7 +13,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -491,7 +491,8 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
             like_threshold: float = 4.0, eval_ratio: float = 0.1, test_ratio: float = 0.1,
             seed: int = 42, max_users: int | None = None, table=None, fmt: str = "single",
             session_len: int = 16, features=None, retrieval: bool = False, block_size: int = 16,
-            history_from: str = "all", shuffle_titles: int | None = None) -> dict:
+            history_from: str = "all", shuffle_titles: int | None = None, negatives: int = 0,
+            negative_sampling: str = "uniform") -> dict:
     """Write train.json, eval.json, test_raw.jsonl, stats.json, interactions.parquet and items.parquet to
     ``out_dir``; return the stats.
 
@@ -515,6 +516,8 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         raise DataError(f"--block-size must be >= 1, got {block_size}")
     if history_from not in HISTORY_FROM:
         raise DataError(f"--history-from: {history_from!r} is not one of {', '.join(HISTORY_FROM)}")
+    if negatives and fmt != "blocks":
+        raise DataError("--negatives adds sampled candidates to training blocks; add --format blocks or drop it")
     if shuffle_titles is not None and fmt != "blocks":
         raise DataError("--shuffle-history-titles is an ablation of --format blocks; add --format blocks")
     if history_from != "all" and fmt != "blocks":
@@ -564,6 +567,8 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
     kept = sorted(ratings.movie_id.unique().tolist())
     if items is None:
         items = pd.DataFrame({"movie_id": kept, "title": [titles[m] for m in kept]})
+    if genres is not None:  # the genres the prompts show, kept for readers that rebuild candidate lines (rank_eval)
+        items = items.assign(genres=["|".join(genres.get(m, [])) for m in items.movie_id])
     # the files are published together with a manifest (one build id, a sha256 per file): an interrupted
     # run publishes nothing, and readers detect a folder that mixes two builds (recsft.io.check_in_set)
     # --format blocks publishes the single files with its own under the set name "blocks" (one build)
@@ -579,23 +584,26 @@ def prepare(out_dir: str | Path, source: str = "bundled", raw_dir: str | None = 
         write_json_atomic(tmp / "stats.json", stats)
         if fmt == "blocks":
             stats = write_blocks(tmp, ratings, titles, head, params, block_size, history_from, features, genres,
-                                 shuffle_titles)
+                                 shuffle_titles, negatives, negative_sampling)
     return stats
 
 
 def write_blocks(folder: Path, ratings: pd.DataFrame, titles: dict, head: dict, params: dict, block_size: int,
-                 history_from: str, features: list[str], genres, shuffle_titles: int | None = None) -> dict:
+                 history_from: str, features: list[str], genres, shuffle_titles: int | None = None,
+                 negatives: int = 0, negative_sampling: str = "uniform") -> dict:
     """The candidate-block files of :func:`prepare` into ``folder`` (published with the rest of the set)."""
     p = params
     splits = build_blocks(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"], p["test_ratio"],
                           p["seed"], block_size, features, genres, history_from=history_from,
-                          shuffle_titles=shuffle_titles)
+                          shuffle_titles=shuffle_titles, negatives=negatives,
+                          negative_sampling=negative_sampling)
     write_json_atomic(folder / "blocks_train.json", splits["train"], indent=None)
     write_json_atomic(folder / "blocks_eval.json", splits["eval"], indent=None)
     write_jsonl_atomic(folder / "blocks_test.jsonl", splits["test"])
     stats = {**head, "format": "blocks",
              "params": {**params, "block_size": block_size, "history_from": history_from,
-                        **({"shuffle_titles": shuffle_titles} if shuffle_titles is not None else {})},
+                        **({"shuffle_titles": shuffle_titles} if shuffle_titles is not None else {}),
+                        **({"negatives": negatives, "negative_sampling": negative_sampling} if negatives else {})},
              "splits": {name: blocks_stats(records) for name, records in splits.items()}}
     write_json_atomic(folder / "blocks_stats.json", stats)
     return stats
@@ -672,7 +680,8 @@ def counts_before(ref_keys: np.ndarray, ref_ts: np.ndarray, ref_liked: np.ndarra
 def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, like_threshold: float = 4.0,
                  eval_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 42, block_size: int = 16,
                  features=None, genres: dict | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                 history_from: str = "all", shuffle_titles: int | None = None) -> dict[str, list[dict]]:
+                 history_from: str = "all", shuffle_titles: int | None = None, negatives: int = 0,
+                 negative_sampling: str = "uniform") -> dict[str, list[dict]]:
     """Candidate-block records: one shared prefix (the user's history) and up to ``block_size`` candidates.
 
     The candidates, labels and splits are those of :func:`build_examples`; a record holds consecutive
@@ -683,6 +692,9 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
     protocol their counts use training-split ratings only (a training row: those strictly before it).
     ``shuffle_titles`` (a seed; an ablation): every record's history titles are those of another record of the same
     split (a seeded permutation), its ratings and counts its own, so a model can use the titles only as noise.
+    ``negatives`` N (training records only): N more blocks per record, movies the user never rated in any split,
+    answered "No" and marked ``"sampled": true`` (:func:`sample_negatives`, ``negative_sampling`` uniform or by
+    popularity, seeded); their feature lines count the reference ratings before the record's first candidate.
     """
     from .formatting import block_candidate_text, block_prefix_text
 
@@ -692,6 +704,9 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
         raise DataError(f"--block-size must be >= 1, got {block_size}")
     if history_from not in HISTORY_FROM:
         raise DataError(f"--history-from: {history_from!r} is not one of {', '.join(HISTORY_FROM)}")
+    if negatives < 0 or negative_sampling not in SAMPLINGS:
+        raise DataError(f"--negatives {negatives} / --negative-sampling {negative_sampling!r}: use N >= 0 and one "
+                        f"of {', '.join(SAMPLINGS)}")
     df = ratings.sort_values(["user_id", "timestamp", "movie_id"], kind="stable").reset_index(drop=True)
     names = df.movie_id.map(titles).to_numpy(object)
     if pd.isna(names).any():
@@ -716,6 +731,8 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
     train_end = start_of_user + history_len + (df.assign(t=split == "train").groupby("user_id").t
                                                .transform("sum").to_numpy())
     stars = df.rating.to_numpy(float)
+    sampler = _NegativeBlocks(df, np.isin(split, ["history", "train"]), in_train, liked, titles, negatives,
+                              negative_sampling, seed, features, genres) if negatives else None
     out: dict[str, list[dict]] = {"train": [], "eval": [], "test": []}
     cand = np.flatnonzero(k >= 0)
     runs: list[list[int]] = []
@@ -732,14 +749,12 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
         user_lines = [_rate_line("This user", int(user_n[first]), int(user_k[first]))] if "user_stats" in features else []
         blocks = []
         for r in run:
-            lines = []
-            if "genres" in features:
-                lines.append(f"Genres: {', '.join((genres or {}).get(df.movie_id.iat[r], [])) or 'unknown'}")
-            if "item_stats" in features:
-                lines.append(_rate_line("Candidate movie, all users", int(item_n[r]), int(item_k[r])))
+            lines = candidate_lines(df.movie_id.iat[r], int(item_n[r]), int(item_k[r]), features, genres)
             blocks.append({"candidate_movie_id": _plain(df.movie_id.iat[r]), "candidate_title": names[r],
                            "candidate_timestamp": int(df.timestamp.iat[r]),
                            "text": block_candidate_text(names[r], lines), "answer": "Yes" if liked[r] else "No"})
+        if sampler is not None and split[first] == "train":
+            blocks += sampler.blocks(df.user_id.iat[first], ts[first])
         out[str(split[first])].append({
             "user_id": _plain(df.user_id.iat[first]), "split": str(split[first]),
             "system": system_prompt, "history_from": history_from,
@@ -747,6 +762,73 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
     for name in out:
         random.Random(seed).shuffle(out[name])
     return out
+
+
+SAMPLINGS = ("uniform", "popularity")
+
+
+def sample_negatives(rng: np.random.Generator, pool: np.ndarray, n: int, weights: np.ndarray | None) -> np.ndarray:
+    """``n`` distinct items of ``pool`` (all of it when smaller); ``weights`` (same length) bias the draw."""
+    if n >= len(pool):
+        return pool.copy()
+    p = None if weights is None else weights / weights.sum()
+    return rng.choice(pool, size=n, replace=False, p=p)
+
+
+class _NegativeBlocks:
+    """Sampled "No" blocks for :func:`build_blocks`: movies a user never rated (any split), drawn by one seeded
+    generator in record order, uniformly or with probability proportional to 1 + the movie's training ratings."""
+
+    def __init__(self, df, train_rows, ref_rows, liked, titles, n, sampling, seed, features, genres):
+        self.items = np.asarray(sorted(df.movie_id.unique().tolist()), dtype=object)
+        counts = df.movie_id[train_rows].value_counts()
+        self.weights = (1.0 + counts.reindex(self.items, fill_value=0).to_numpy(float)) \
+            if sampling == "popularity" else None
+        self.rated = df.groupby("user_id").movie_id.agg(set).to_dict()
+        self.ref = (df.movie_id.to_numpy()[ref_rows], df.timestamp.to_numpy(np.int64).astype(float)[ref_rows],
+                    liked[ref_rows])
+        self.titles, self.n, self.features, self.genres = titles, n, features, genres
+        self.rng = np.random.default_rng(seed)
+        self.pools: dict = {}
+
+    def blocks(self, user, t0: float) -> list[dict]:
+        from .formatting import block_candidate_text
+
+        if user not in self.pools:
+            unrated = np.array([m not in self.rated[user] for m in self.items])
+            self.pools[user] = (self.items[unrated], None if self.weights is None else self.weights[unrated])
+        pool, weights = self.pools[user]
+        movies = sample_negatives(self.rng, pool, self.n, weights).tolist()
+        n, k = counts_before(*self.ref, np.asarray(movies, dtype=object), np.full(len(movies), t0))
+        return [{"candidate_movie_id": _plain(m), "candidate_title": self.titles[m], "sampled": True,
+                 "text": block_candidate_text(self.titles[m], candidate_lines(m, int(a), int(b), self.features,
+                                                                              self.genres)), "answer": "No"}
+                for m, a, b in zip(movies, n, k)]
+
+
+def candidate_lines(movie, n: int, likes: int, features: Sequence[str], genres: dict | None) -> list[str]:
+    """A candidate block's feature lines: its genres, then its like-rate over ``n`` earlier ratings."""
+    lines = []
+    if "genres" in features:
+        lines.append(f"Genres: {', '.join((genres or {}).get(movie, [])) or 'unknown'}")
+    if "item_stats" in features:
+        lines.append(_rate_line("Candidate movie, all users", n, likes))
+    return lines
+
+
+def static_candidate_texts(train: pd.DataFrame, titles: dict, movies: Sequence, features: Sequence[str],
+                           like_threshold: float, genres: dict | None) -> dict:
+    """``{movie: candidate block text}`` as :func:`build_blocks` writes it for an eval/test candidate under the
+    static protocol (``history_from="train"``): its counts cover every training-split rating (``train``, see
+    :func:`train_ratings`), so the text depends on the movie only and holds for a movie nobody asked about
+    (a ranking negative)."""
+    from .formatting import block_candidate_text
+
+    liked = train.rating.to_numpy(float) >= like_threshold
+    agg = pd.DataFrame({"m": train.movie_id.to_numpy(), "y": liked}).groupby("m").y.agg(["size", "sum"])
+    n, k = agg["size"].to_dict(), agg["sum"].to_dict()
+    return {m: block_candidate_text(titles[m], candidate_lines(m, int(n.get(m, 0)), int(k.get(m, 0)), features,
+                                                               genres)) for m in movies}
 
 
 def _shuffled_within(items: list, groups: list, seed: int | None) -> list:
@@ -775,7 +857,9 @@ def _plain(value):
 def blocks_stats(records: list[dict]) -> dict:
     answers = [b["answer"] for r in records for b in r["blocks"]]
     yes = sum(a == "Yes" for a in answers)
-    return {"examples": len(records), "answers": len(answers), "yes_share": round(yes / max(len(answers), 1), 4)}
+    sampled = sum(bool(b.get("sampled")) for r in records for b in r["blocks"])
+    return {"examples": len(records), "answers": len(answers), "yes_share": round(yes / max(len(answers), 1), 4),
+            **({"sampled_negatives": sampled} if sampled else {})}
 
 
 # ------------------------------------------------------------------------------ a prepared folder, read back
@@ -790,6 +874,7 @@ class Prepared:
     params: dict
     source: str
     build_id: str | None = None  # stats.json's build id (None for a folder written before it existed)
+    genres: dict | None = None  # {movie_id: [genre, ...]} when the folder was prepared with genres
 
 
 def load_prepared(data_dir: str | Path) -> Prepared:
@@ -816,6 +901,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
         ratings = pd.read_parquet(data / "interactions.parquet")
         items = pd.read_parquet(data / "items.parquet")
         titles = dict(zip(items.movie_id.tolist(), items.title.tolist()))
+        genres = table_genres(items) if "genres" in items else None
     else:  # a folder written before the parquet files existed: reload its MovieLens source
         if source not in ("bundled", "download") and not Path(source).is_dir():
             raise DataError(f"{data / 'stats.json'}: the data was prepared from {source!r}, which no longer exists; "
@@ -824,6 +910,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
                                        None if source in ("bundled", "download") else source)
         if p.get("max_users"):
             ratings = ratings[ratings.user_id.isin(sorted(ratings.user_id.unique())[: p["max_users"]])]
+        genres = None
     splits = build_examples(ratings, titles, p["history_len"], p["like_threshold"], p["eval_ratio"],
                             p["test_ratio"], p["seed"])
     test = load_data(data / "test_raw.jsonl")
@@ -831,7 +918,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     if [e["candidate_movie_id"] for e in splits["test"]] != [e["candidate_movie_id"] for e in test]:
         raise DataError(f"{data}: test_raw.jsonl does not match the split rebuilt from stats.json; "
                         f"re-run prepare_data.py")
-    return Prepared(ratings.reset_index(drop=True), titles, splits, p, str(source), stats.get("build_id"))
+    return Prepared(ratings.reset_index(drop=True), titles, splits, p, str(source), stats.get("build_id"), genres)
 
 
 def train_ratings(ratings: pd.DataFrame, splits: dict) -> pd.DataFrame:

@@ -14,18 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .movielens import SAMPLINGS, sample_negatives
+
 logger = logging.getLogger(__name__)
 CANDIDATE_MARKER = "Candidate movie:"
-SAMPLINGS = ("uniform", "popularity")
-
-
-# ----------------------------------------------------------------------------------------- questions
-def sample_negatives(rng: np.random.Generator, pool: np.ndarray, n: int, weights: np.ndarray | None) -> np.ndarray:
-    """``n`` distinct items of ``pool`` (all of it when smaller); ``weights`` (same length) bias the draw."""
-    if n >= len(pool):
-        return pool.copy()
-    p = None if weights is None else weights / weights.sum()
-    return rng.choice(pool, size=n, replace=False, p=p)
 
 
 def build_questions(test: Sequence[dict], rated: dict, items: np.ndarray, n_negatives: int = 99, seed: int = 0,
@@ -88,6 +80,35 @@ def rank_metrics(pos: float, neg: np.ndarray, ks: Sequence[int] = (1, 5, 10), nd
     out["mrr"] = float((1.0 / ranks).mean())
     out["rank"] = float(ranks.mean())
     return out
+
+
+def block_groups(questions: Sequence[dict], records: Sequence[dict], texts: dict, source: str) -> list[dict]:
+    """Candidate-block ranking: the questions grouped by the test record prefix their positive is asked after (one
+    group per user under the static protocol), each ``{"record", "questions": [index], "movies": [movie]}``
+    with the union of its questions' candidates, so a group costs one prefix pass.
+
+    ``texts``: ``{movie: candidate block text}`` rebuilt from the folder's ratings
+    (:func:`recsft.movielens.static_candidate_texts`); each positive's text must be the one in ``records``.
+    """
+    from .io import DataError
+
+    where = {(rec["user_id"], b["candidate_movie_id"]): (rec, b["text"]) for rec in records for b in rec["blocks"]}
+    groups: dict = {}
+    for i, q in enumerate(questions):
+        user, movie = q["user_id"], q["candidates"][0]
+        if (user, movie) not in where:
+            raise DataError(f"{source}: no candidate block for test (user {user!r}, movie {movie!r}); re-run "
+                            f"`python scripts/prepare_data.py --format blocks --history-from train`")
+        rec, text = where[(user, movie)]
+        if texts.get(movie) != text:
+            raise DataError(f"{source}: the block of (user {user!r}, movie {movie!r}) reads {text!r}, not "
+                            f"{texts.get(movie)!r} as rebuilt from the folder's ratings; re-run `python "
+                            f"scripts/prepare_data.py --format blocks --history-from train` into a fresh --out-dir")
+        g = groups.setdefault((user, rec["prefix"]), {"record": rec, "questions": [], "movies": {}})
+        g["questions"].append(i)
+        for m in q["candidates"]:
+            g["movies"].setdefault(m, len(g["movies"]))
+    return [{**g, "movies": list(g["movies"])} for g in groups.values()]
 
 
 def mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
@@ -214,18 +235,38 @@ def shared_prefix_scores(model, prefix_ids: Sequence[int], suffix_ids: Sequence[
 def llm_question_scores(model, tokenizer, example: dict, titles: Sequence[str], batch_size: int = 32,
                         system_prompt: str | None = None, enable_thinking: bool = False,
                         max_prompt_tokens: int | None = None) -> tuple[np.ndarray, bool]:
-    """``(logit_yes - logit_no per title, prefix_was_cut)`` for one question, scored with a shared prefix.
+    """``(logit_yes - logit_no per title, prefix_was_cut)`` for one question, scored with a shared prefix."""
+    prefix, suffixes = question_texts(example, titles, tokenizer, system_prompt, enable_thinking)
+    return prefix_margins(model, tokenizer, prefix, suffixes, batch_size, max_prompt_tokens)
 
-    When the longest candidate prompt exceeds ``max_prompt_tokens``, the prefix is cut from the left by the
-    same amount for every candidate (training cuts prompts from the left too), so all candidates still see
-    the same history.
+
+def block_candidate_scores(model, tokenizer, record: dict, texts: Sequence[str], batch_size: int = 32,
+                           system_prompt: str | None = None, enable_thinking: bool = False,
+                           max_prompt_tokens: int | None = None) -> tuple[np.ndarray, bool]:
+    """``(logit_yes - logit_no per text, prefix_was_cut)``: each candidate block text asked after the shared
+    prefix of the candidate-block ``record`` (its history and question), as in training; one prefix pass.
+    Equal to scoring each ``prefix + text`` as one ordinary question (:func:`recsft.formatting.block_texts`)."""
+    from .formatting import block_texts
+
+    rec = {"prefix": record["prefix"], "system": record.get("system"),
+           "blocks": [{"text": t, "answer": "Yes"} for t in texts]}
+    [(prefix, blocks)] = block_texts([rec], tokenizer, system_prompt, enable_thinking)
+    return prefix_margins(model, tokenizer, prefix, [b for b, _ in blocks], batch_size, max_prompt_tokens)
+
+
+def prefix_margins(model, tokenizer, prefix: str, suffixes: Sequence[str], batch_size: int = 32,
+                   max_prompt_tokens: int | None = None) -> tuple[np.ndarray, bool]:
+    """``(logit_yes - logit_no after prefix + suffix for each suffix, prefix_was_cut)``.
+
+    When the longest ``prefix + suffix`` exceeds ``max_prompt_tokens``, the prefix is cut from the left by the
+    same amount for every suffix (training cuts prompts from the left too), so all candidates still see the
+    same history.
     """
     from .inference import answer_token_ids
 
     yes_id, no_id = answer_token_ids(tokenizer)
-    prefix, suffixes = question_texts(example, titles, tokenizer, system_prompt, enable_thinking)
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    suffix_ids = tokenizer(suffixes, add_special_tokens=False)["input_ids"]
+    suffix_ids = tokenizer(list(suffixes), add_special_tokens=False)["input_ids"]
     cut = False
     if max_prompt_tokens:
         room = max_prompt_tokens - max(len(s) for s in suffix_ids)

@@ -46,8 +46,8 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
          resume_from_checkpoint: str | None = None) -> dict:
     """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
     from utils import (build_trainer, check_blocks, check_launch, datasets_for, finish_training, get_device, model_for,
-                       plan_resume, preflight_training, residual_datasets, resolve_data, run_lock, stopped_early,
-                       tokenizer_for)
+                       plan_resume, preflight_training, residual_datasets, resolve_data, run_lock, stack_residual,
+                       stopped_early, tokenizer_for)
 
     start = time.perf_counter()
     check_launch(cfg.model.quantization_bit)
@@ -63,15 +63,19 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     cf_table = None
     if cfg.train.cf_residual != "none":  # the CF model is fit (and the data checked) before the LLM loads
         cf_table, train_ds, eval_ds = residual_datasets(cfg.train.cf_residual, train_path, train_ds, eval_ds,
-                                                        cfg.train.seed)
+                                                        cfg.train.seed, stacked=cfg.train.cf_fit == "stacked")
     with run_lock(cfg.train.output_dir):  # one run per output_dir (a stale lock of a dead run is taken over)
         model, device = model_for(model_args, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
-        trainer, stopper = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs, cf_table)
+        stacked = cfg.train.cf_fit == "stacked" and cf_table is not None  # two stages: the head after training
+        trainer, stopper = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs,
+                                         None if stacked else cf_table)
         with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
             result = plan.train(trainer)
         if stopper.requested:
             return stopped_early(trainer, stopper.requested)
-        return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device)
+        fit = stack_residual(trainer, cf_table, eval_ds, cfg.train.output_dir) if stacked else None
+        return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device,
+                               cf_fit=fit)
 
 
 def cli(args) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recsft import movielens
-from recsft.io import load_data
+from recsft.io import DataError, load_data
 from recsft.preprocess import tokenize_any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +130,54 @@ def test_residual_head_has_its_own_learning_rate(tiny_qwen3, qwen3_tokenizer, bl
     groups = [g for g in optimizer.param_groups if any(id(p) in head for p in g["params"])]
     assert len(groups) == 1 and len(groups[0]["params"]) == 2 and groups[0]["lr"] == trainer.args.cf_head_lr == 1e-2
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------- two stages (cf_fit: stacked)
+def test_fit_head_recovers_a_and_b_with_c_as_offset():
+    from recsft.cf import fit_head
+
+    rng = np.random.default_rng(0)
+    c, m = rng.normal(0, 1, 20000), rng.normal(0, 2, 20000)
+    y = rng.random(20000) < 1 / (1 + np.exp(-(c + 0.7 * m - 0.3)))
+    a, b = fit_head(c, m, y)
+    assert a == pytest.approx(0.7, abs=0.05) and b == pytest.approx(-0.3, abs=0.05)
+    a0, _ = fit_head(c, rng.normal(0, 2, 20000), y)  # a margin without information gets a ~ 0
+    assert abs(a0) < 0.03
+    with pytest.raises(DataError, match="both labels"):
+        fit_head(c[:5], m[:5], np.ones(5, bool))
+
+
+def test_stacked_fit_needs_a_residual():
+    from recsft.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="cf_fit: stacked fits a CF residual's head; set cf_residual=biases"):
+        load_config("configs/smollm2_movielens_blocks.yaml", ["cf_fit=stacked"])
+    with pytest.raises(ConfigError, match="cf_fit: 'twice' is not one of joint, stacked"):
+        load_config("configs/smollm2_movielens_blocks.yaml", ["cf_fit=twice", "cf_residual=biases"])
+
+
+@pytest.mark.slow
+def test_stacked_residual_trains_text_then_fits_the_head_on_eval(tmp_path, tiny_qwen3):
+    data = tmp_path / "data"
+    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--format", "blocks", "--history-from", "train",
+                        "--max-users", "12", "--out-dir", str(data)], **run)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out"
+    common = ["--config", "configs/smollm2_movielens_blocks.yaml", f"model_name_or_path={tiny_qwen3}",
+              f"dataset={data / 'blocks_train.json'}", f"eval_dataset={data / 'blocks_eval.json'}",
+              f"output_dir={out}", f"preprocessing_cache_dir={tmp_path / 'cache'}", "dtype=float32",
+              "cf_residual=biases", "cf_fit=stacked"]
+    p = subprocess.run([sys.executable, "scripts/finetune_lora.py", *common, "max_steps=2", "eval_steps=2",
+                        "save_steps=2", "max_samples=4", "max_eval_samples=6", "max_train_minutes=null"], **run)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {"cf_residual.json", "cf_head.safetensors"} <= {f.name for f in out.iterdir()}
+    assert not (out / "checkpoint-2" / "cf_head.safetensors").exists()  # stage 1 trains the text alone
+    fit = json.loads((out / "training_summary.json").read_text())["cf_residual_fit"]
+    evals = load_data(data / "blocks_eval.json")[:6]
+    assert fit["fit"] == "stacked" and fit["eval_answers"] == sum(len(r["blocks"]) for r in evals)
+    p = subprocess.run([sys.executable, "scripts/infer_lora.py", *common, "--test_file", str(data / "blocks_test.jsonl"),
+                        "--eval_mode", "score", "--max_samples", "3", "--output_dir", str(tmp_path / "eval")], **run)
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    assert metrics["cf_residual"]["a"] == pytest.approx(fit["a"]) and metrics["cf_residual"]["b"] == pytest.approx(fit["b"])

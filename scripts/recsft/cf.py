@@ -271,6 +271,26 @@ def calibrate(predicted: np.ndarray, liked: np.ndarray) -> tuple[float, float]:
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
+def fit_head(cf_logit, margin, liked) -> tuple[float, float]:
+    """``(a, b)`` of P(Yes) = sigmoid(c + a * margin + b) by maximum likelihood, ``c`` a fixed offset: the second
+    stage of a two-stage residual (``cf_fit: stacked``), on answers the LLM was not trained on."""
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    c, m, y = (np.asarray(v, dtype=np.float64) for v in (cf_logit, margin, liked))
+    if not len(y) or y.all() or not y.any():
+        raise DataError(f"cf_fit: stacked needs eval answers of both labels to fit a and b, got {len(y)} answers "
+                        f"({int(y.sum())} Yes); use more eval records (max_eval_samples)")
+
+    def nll(theta):
+        z = c + theta[0] * m + theta[1]
+        err = expit(z) - y
+        return float(np.mean(np.logaddexp(0.0, z) - y * z)), np.array([np.mean(err * m), np.mean(err)])
+
+    res = minimize(nll, np.zeros(2), jac=True, method="BFGS")
+    return float(res.x[0]), float(res.x[1])
+
+
 def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
     """A fold number per row: a seeded permutation dealt round-robin (fold sizes differ by at most one)."""
     fold = np.empty(n, dtype=int)

@@ -39,6 +39,7 @@ STRATEGIES = ("no", "steps", "epoch")
 EVAL_MODES = ("generate", "score")
 LOSS_TYPES = ("nll", "yes_no")
 CF_RESIDUALS = ("none", "biases", "mf")
+CF_FITS = ("joint", "stacked")  # how a CF residual's a and b are fit (RecSFT train section: cf_fit)
 
 
 LORA_TARGET_ITEM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -189,6 +190,9 @@ class TrainArgs(_Section):
     # learning rate of the residual's two scalars a and b (Adam moves each by about this much per step; the LoRA
     # learning rate would take thousands of steps to grow a from its start of 0.01)
     cf_head_lr: float = 1e-2
+    # joint: a, b and LoRA trained together (cross-fitted c on training answers); stacked (two stages): LoRA trained
+    # on the text alone, then a and b fit on the eval answers with the LoRA weights frozen
+    cf_fit: str = field(default="joint", metadata=_OWN)
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -227,6 +231,9 @@ class TrainArgs(_Section):
         self._check(self.cf_head_lr > 0, f"cf_head_lr: must be > 0, got {self.cf_head_lr}")
         self._check(self.cf_residual in CF_RESIDUALS,
                     f"cf_residual: {self.cf_residual!r} is not one of {', '.join(CF_RESIDUALS)}")
+        self._check(self.cf_fit in CF_FITS, f"cf_fit: {self.cf_fit!r} is not one of {', '.join(CF_FITS)}")
+        self._check(self.cf_fit == "joint" or self.cf_residual != "none",
+                    f"cf_fit: {self.cf_fit} fits a CF residual's head; set cf_residual=biases (or mf)")
         self._check(self.cf_residual == "none" or self.loss_type == "yes_no",
                     f"cf_residual: {self.cf_residual} adds a CF logit to logit(Yes) - logit(No), which only the "
                     f"yes_no loss trains; set loss_type=yes_no")

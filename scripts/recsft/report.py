@@ -151,8 +151,10 @@ def data_stats(dataset: str, dataset_dir: str) -> dict:
             "retrieval_history": bool(params.get("retrieval_history")), "answers_per_example": per_example}
 
 
-def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, device: str) -> dict:
-    """Save the final (best) adapter, run the optional generation eval, write summary and curves."""
+def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall: float, device: str,
+                    cf_fit: dict | None = None) -> dict:
+    """Save the final (best) adapter, run the optional generation eval, write summary and curves (``cf_fit``: a
+    stacked CF residual's fit, recorded in the summary)."""
     from .evaluation import EvalSettings, generation_eval
 
     out = cfg.train.output_dir
@@ -176,7 +178,7 @@ def finish_training(trainer, tokenizer, cfg, eval_path: str | None, result, wall
                    "budget_clock": cfg.train.budget_clock, "best_checkpoint": state.best_model_checkpoint,
                    "best_metric": state.best_metric, "metric_for_best_model": cfg.train.metric_for_best_model,
                    "best_eval": best, "final_eval": final, "config": cfg.to_dict(),
-                   "log_history": state.log_history}
+                   "log_history": state.log_history, **({"cf_residual_fit": cf_fit} if cf_fit else {})}
         from .modeling import sharded_launch
 
         sharded = sharded_launch()

@@ -87,16 +87,20 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
     return RecSFTConfig(**(kwargs | extra))
 
 
-def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int):
+def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int, stacked: bool = False):
     """CF residual set-up, before the model loads: fit the CF model on the training split of ``train_path``'s data
     folder and add each answer's ``cf`` logit to the datasets (training rows: 5-fold out-of-fold logits).
-    Returns ``(table, train_ds, eval_ds)``; :func:`build_trainer` adds the learned head to the model."""
+    Returns ``(table, train_ds, eval_ds)``; :func:`build_trainer` adds the learned head to the model.
+    ``stacked`` (``cf_fit: stacked``): the datasets stay text-only; :func:`stack_residual` fits the head after
+    training."""
     from .cf import cf_lookups
     from .config import ConfigError
 
     if "answer_keys" not in train_ds.column_names or (eval_ds is not None and "answer_keys" not in eval_ds.column_names):
         raise ConfigError([f"cf_residual: {kind} needs each answer's user and movie id: train and evaluate on "
                            f"candidate-block data (prepare_data.py --format blocks), or set cf_residual=none"])
+    if stacked and eval_ds is None:
+        raise ConfigError(["cf_fit: stacked fits the residual's a and b on the eval answers; set eval_dataset"])
     from .io import check_same_build
 
     folder = Path(train_path).parent
@@ -116,7 +120,43 @@ def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int):
             return {"cf": out}
         return None if ds is None else ds.map(cf_of, batched=True, desc="CF logits")
 
+    if stacked:
+        return table, train_ds, eval_ds
     return table, add(train_ds, True), add(eval_ds, False)
+
+
+def stack_residual(trainer, table, eval_ds, output_dir: str) -> dict:
+    """The second stage of ``cf_fit: stacked``: with the trained LoRA weights frozen, score the eval answers (held
+    out from training; ``c`` from the CF model fit on the whole training split, as for test rows), fit ``a`` and
+    ``b`` of sigmoid(c + a * margin + b) on them and save the CF table and head with the adapter. Returns the fit."""
+    import numpy as np
+
+    from scipy.special import expit
+
+    from .cf import ResidualHead, fit_head
+    from .metrics import score_metrics
+    from .preprocess import IGNORE_INDEX
+
+    out = trainer.predict(eval_ds, metric_key_prefix="stack")
+    preds = np.asarray(out.predictions, dtype=np.float64).reshape(-1, 3)
+    gold = np.asarray(out.label_ids).reshape(-1, 2)
+    valid = gold[:, 0] != IGNORE_INDEX
+    keys = [json.loads(k) for ks in eval_ds["answer_keys"] for k in ks]
+    if int(valid.sum()) != len(keys):
+        raise RuntimeError(f"{int(valid.sum())} eval answers scored for {len(keys)} answer keys")
+    margin, liked = preds[valid, 1] - preds[valid, 2], gold[valid, 0] == trainer.yes_id
+    c = table.logit([u for u, _ in keys], [m for _, m in keys])
+    a, b = fit_head(c, margin, liked)
+    if trainer.is_world_process_zero():
+        table.save(output_dir)
+        ResidualHead(a, b).save(output_dir)
+    auc = {name: score_metrics(liked, expit(z))["auc"] for name, z in
+           (("llm", margin), ("cf", c), ("stacked_in_sample", c + a * margin + b))}
+    fit = {"kind": table.kind, "fit": "stacked", "a": a, "b": b, "eval_answers": len(keys),
+           **{f"eval_auc_{k}": v for k, v in auc.items()}}
+    logger.info("CF residual (stacked): a = %.4f, b = %.4f fit on %d eval answers; eval AUC LLM %.3f, CF %.3f, "
+                "both %.3f (in sample)", a, b, len(keys), auc["llm"], auc["cf"], auc["stacked_in_sample"])
+    return fit
 
 
 def check_blocks(cfg, train_ds, eval_ds):

@@ -144,6 +144,7 @@ def test_popularity_negatives_prefer_popular_movies(ml):
     assert mean_pop["popularity"] > 1.3 * mean_pop["uniform"]
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.parametrize("flags, message", [
     (["--negatives", "4"], "--negatives adds sampled candidates to training blocks; add --format blocks"),
     (["--format", "blocks", "--negatives", "-1"], "--negatives"),
@@ -156,6 +157,7 @@ def test_bad_negative_flags_exit_2(tmp_path, flags, message):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow  # subprocesses
 def test_prepared_negatives_are_counted_and_genres_kept(tmp_path):
     out = tmp_path / "d"
     p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--format", "blocks", "--history-from", "train",
@@ -177,6 +179,7 @@ def _rank(tmp_path, data, *extra):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # subprocesses
 def test_rank_eval_refuses_online_blocks_before_fitting(tmp_path, tiny_qwen3):
     data = tmp_path / "online"
     subprocess.run([sys.executable, "scripts/prepare_data.py", "--format", "blocks", "--max-users", "8",

@@ -151,7 +151,7 @@ def load_residual(adapter_dir: str | None) -> Residual | None:
         return None
     fix = "the adapter folder is incomplete; copy it again from the training output_dir"
     table, head = CFTable.load(adapter_dir, fix=fix), ResidualHead.load(adapter_dir, fix=fix)
-    return Residual(table, float(head.a), float(head.b))
+    return Residual(table, head.a.item(), head.b.item())  # plain floats (no autograd warning)
 
 
 def check_residual_records(records: Sequence[dict], source: str) -> None:

@@ -166,7 +166,8 @@ def test_stacked_fit_needs_a_residual():
 def test_stacked_residual_trains_text_then_fits_the_head_on_eval(tmp_path, tiny_qwen3):
     data, out, common, run = _residual_run(tmp_path, tiny_qwen3, "cf_fit=stacked")
     p = subprocess.run([sys.executable, "scripts/finetune_lora.py", *common, "max_steps=2", "eval_steps=2",
-                        "save_steps=2", "max_samples=4", "max_eval_samples=6", "max_train_minutes=null"], **run)
+                        "save_steps=2", "max_samples=4", "max_eval_samples=3", "cf_fit_samples=6",
+                        "max_train_minutes=null"], **run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert {"cf_residual.json", "cf_head.safetensors"} <= {f.name for f in out.iterdir()}
     assert not (out / "checkpoint-2" / "cf_head.safetensors").exists()  # stage 1 trains the text alone

@@ -193,6 +193,8 @@ class TrainArgs(_Section):
     # joint: a, b and LoRA trained together (cross-fitted c on training answers); stacked (two stages): LoRA trained
     # on the text alone, then a and b fit on the eval answers with the LoRA weights frozen
     cf_fit: str = field(default="joint", metadata=_OWN)
+    # stacked: eval records scored for the fit of a and b (null: the whole eval file); ~8 answers per record
+    cf_fit_samples: int | None = field(default=256, metadata=_OWN)
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -231,6 +233,8 @@ class TrainArgs(_Section):
         self._check(self.cf_head_lr > 0, f"cf_head_lr: must be > 0, got {self.cf_head_lr}")
         self._check(self.cf_residual in CF_RESIDUALS,
                     f"cf_residual: {self.cf_residual!r} is not one of {', '.join(CF_RESIDUALS)}")
+        self._check(self.cf_fit_samples is None or self.cf_fit_samples > 0,
+                    f"cf_fit_samples: must be > 0 or null (the whole eval file), got {self.cf_fit_samples}")
         self._check(self.cf_fit in CF_FITS, f"cf_fit: {self.cf_fit!r} is not one of {', '.join(CF_FITS)}")
         self._check(self.cf_fit == "joint" or self.cf_residual != "none",
                     f"cf_fit: {self.cf_fit} fits a CF residual's head; set cf_residual=biases (or mf)")

@@ -519,6 +519,18 @@ def resolve_data(data) -> tuple[str, str | None]:
     return train, evals
 
 
+def eval_subset(data, enable_thinking: bool, tokenizer, eval_path: str, max_records: int | None, cpu: bool):
+    """The eval file tokenized as :func:`datasets_for` does, keeping its first ``max_records`` records (all: None)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu)
+    with state.main_process_first():
+        return load_or_build("eval", eval_path, tokenizer, data.cutoff_len, max_records,
+                             cache_dir=data.preprocessing_cache_dir, system_prompt=data.system_prompt,
+                             enable_thinking=enable_thinking, clear_cache=False,
+                             tokenizer_fp=tokenizer_fingerprint(tokenizer))
+
+
 def datasets_for(data, enable_thinking: bool, tokenizer, train_path: str, eval_path: str | None, clear_cache: bool,
                  cpu: bool):
     """Tokenized train/eval datasets; under DDP rank 0 builds the cache first and the others load it.

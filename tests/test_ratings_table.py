@@ -64,6 +64,7 @@ def test_csv_with_string_ids(tmp_path, caplog, scale, threshold):
     assert labels == {"Yes", "No"}
 
 
+@pytest.mark.slow  # prepares the whole of MovieLens-100K twice (~9 s)
 def test_movielens_exported_as_csv_gives_identical_outputs(tmp_path):
     ratings, titles = movielens.load_bundled()
     ratings.to_csv(tmp_path / "ratings.csv", index=False)

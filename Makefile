@@ -34,7 +34,7 @@ test: setup
 	$(BIN)/python -m pytest tests -q
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -q -m "not slow"
+	$(BIN)/python -m pytest tests -q -m "not slow" -n 2
 
 clean-cache:
 	rm -rf .cache/preprocessed

@@ -167,8 +167,8 @@ def question_margins(model, tok, cfg, args, questions, titles, budget) -> tuple[
     return out, cut
 
 
-def llm_rows(args, cfg, questions, titles, blocks=None, groups=None) -> tuple[str, dict]:
-    """(row label, sampled ranking metrics) of the LLM (checked by :func:`check_llm`); ``blocks``/``groups``: rank
+def llm_rows(args, cfg, questions, titles, texts=None, groups=None) -> tuple[str, dict]:
+    """(row label, sampled ranking metrics) of the LLM (checked by :func:`check_llm`); ``texts``/``groups``: rank
     with candidate blocks (:func:`blocks_for_ranking`, ``recsft.ranking.block_groups``)."""
     from utils import adapter_path, load_for_eval, load_residual, mean_metrics, prompt_budget, rank_metrics
 
@@ -177,7 +177,7 @@ def llm_rows(args, cfg, questions, titles, blocks=None, groups=None) -> tuple[st
     model, tok = load_for_eval(cfg.model, adapter, merge=True)
     budget = prompt_budget(tok, cfg.data.cutoff_len)
     if groups is not None:
-        margins, cut = block_margins(model, tok, cfg, args, questions, groups, blocks[1], budget)
+        margins, cut = block_margins(model, tok, cfg, args, questions, groups, texts, budget)
     else:
         margins, cut = question_margins(model, tok, cfg, args, questions, titles, budget)
     rows = []
@@ -236,7 +236,7 @@ def main(args) -> dict:
             entry["full"] = full_ranking(questions, scorer, rated, items)
         results[LABELS[name]] = entry
     if use_llm:
-        label, metrics = llm_rows(args, cfg, questions, data.titles, blocks, groups)
+        label, metrics = llm_rows(args, cfg, questions, data.titles, blocks[1] if blocks else None, groups)
         results[label] = {"sampled": metrics}
     table = "\n".join([MARKDOWN_HEADER, *(markdown_row(k, v["sampled"]) for k, v in results.items())])
     full = [markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]

@@ -280,7 +280,7 @@ def fit_head(cf_logit, margin, liked) -> tuple[float, float]:
     c, m, y = (np.asarray(v, dtype=np.float64) for v in (cf_logit, margin, liked))
     if not len(y) or y.all() or not y.any():
         raise DataError(f"cf_fit: stacked needs eval answers of both labels to fit a and b, got {len(y)} answers "
-                        f"({int(y.sum())} Yes); use more eval records (max_eval_samples)")
+                        f"({int(y.sum())} Yes); use more eval records (cf_fit_samples)")
 
     def nll(theta):
         z = c + theta[0] * m + theta[1]

@@ -731,7 +731,7 @@ def build_blocks(ratings: pd.DataFrame, titles: dict, history_len: int = 15, lik
     train_end = start_of_user + history_len + (df.assign(t=split == "train").groupby("user_id").t
                                                .transform("sum").to_numpy())
     stars = df.rating.to_numpy(float)
-    sampler = _NegativeBlocks(df, np.isin(split, ["history", "train"]), in_train, liked, titles, negatives,
+    sampler = _NegativeBlocks(df, ts, np.isin(split, ["history", "train"]), in_train, liked, titles, negatives,
                               negative_sampling, seed, features, genres) if negatives else None
     out: dict[str, list[dict]] = {"train": [], "eval": [], "test": []}
     cand = np.flatnonzero(k >= 0)
@@ -779,14 +779,13 @@ class _NegativeBlocks:
     """Sampled "No" blocks for :func:`build_blocks`: movies a user never rated (any split), drawn by one seeded
     generator in record order, uniformly or with probability proportional to 1 + the movie's training ratings."""
 
-    def __init__(self, df, train_rows, ref_rows, liked, titles, n, sampling, seed, features, genres):
+    def __init__(self, df, ts, train_rows, ref_rows, liked, titles, n, sampling, seed, features, genres):
         self.items = np.asarray(sorted(df.movie_id.unique().tolist()), dtype=object)
         counts = df.movie_id[train_rows].value_counts()
         self.weights = (1.0 + counts.reindex(self.items, fill_value=0).to_numpy(float)) \
             if sampling == "popularity" else None
         self.rated = df.groupby("user_id").movie_id.agg(set).to_dict()
-        self.ref = (df.movie_id.to_numpy()[ref_rows], df.timestamp.to_numpy(np.int64).astype(float)[ref_rows],
-                    liked[ref_rows])
+        self.ref = (df.movie_id.to_numpy()[ref_rows], ts[ref_rows], liked[ref_rows])
         self.titles, self.n, self.features, self.genres = titles, n, features, genres
         self.rng = np.random.default_rng(seed)
         self.pools: dict = {}
@@ -795,7 +794,7 @@ class _NegativeBlocks:
         from .formatting import block_candidate_text
 
         if user not in self.pools:
-            unrated = np.array([m not in self.rated[user] for m in self.items])
+            unrated = ~np.isin(self.items, list(self.rated[user]))
             self.pools[user] = (self.items[unrated], None if self.weights is None else self.weights[unrated])
         pool, weights = self.pools[user]
         movies = sample_negatives(self.rng, pool, self.n, weights).tolist()

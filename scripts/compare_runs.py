@@ -7,6 +7,9 @@ Copy-paste:
         --row "SmolLM2-135M zero-shot=output/eval_base" \
         --row "SmolLM2-135M + LoRA=output/eval_lora@output/smollm2-movielens-lora"
 
+A row ending in ``#llm`` (``LABEL=EVAL_DIR@TRAIN_DIR#llm``) scores an adapter trained with a CF residual by its
+LLM alone (``llm_p_yes`` of the same predictions): the text-only row of a two-stage run, without scoring twice.
+
 EVAL_DIR is an ``infer_lora.py --output_dir`` (or a ``baselines.py`` per-model folder): its predictions file
 (``*predictions.jsonl`` with ``label``, ``p_yes`` and ``user_id``) is re-scored here with the toolkit's one
 metrics function, so every row is computed the same way; accuracy and F1 use the threshold the eval chose on
@@ -35,6 +38,7 @@ from pathlib import Path
 from utils import ArgumentParser, DataError, output_dir, run
 
 PREDICTION_KEYS = {"label": str, "p_yes": (int, float)}
+LLM_ONLY = "#llm"  # a row suffix: score an adapter trained with a CF residual by its LLM alone (llm_p_yes)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -50,10 +54,14 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_args(argv)
 
 
-def parse_row(spec: str) -> tuple[str, Path, Path | None]:
+def parse_row(spec: str) -> tuple[str, Path, Path | None, str]:
+    """``(label, eval_dir, train_dir or None, score column)``; a trailing ``#llm`` scores the row by ``llm_p_yes``."""
     label, sep, paths = spec.partition("=")
+    column = "p_yes"
+    if paths.endswith(LLM_ONLY):
+        paths, column = paths[: -len(LLM_ONLY)], "llm_p_yes"
     if not sep or not label.strip() or not paths:
-        raise DataError(f"--row {spec!r}: expected LABEL=EVAL_DIR or LABEL=EVAL_DIR@TRAIN_DIR")
+        raise DataError(f"--row {spec!r}: expected LABEL=EVAL_DIR or LABEL=EVAL_DIR@TRAIN_DIR (+ #llm)")
     eval_dir, _, train_dir = paths.partition("@")
     for folder in (eval_dir, train_dir):
         if folder == eval_dir and Path(folder).is_file() and folder.endswith("predictions.jsonl"):
@@ -63,7 +71,7 @@ def parse_row(spec: str) -> tuple[str, Path, Path | None]:
                             f"{'infer_lora.py (or one of its *predictions.jsonl)' if folder == eval_dir else 'finetune_lora.py'}")
         if folder and not Path(folder).is_dir():
             raise DataError(f"--row {spec!r}: folder {folder!r} does not exist")
-    return label.strip(), Path(eval_dir), Path(train_dir) if train_dir else None
+    return label.strip(), Path(eval_dir), Path(train_dir) if train_dir else None, column
 
 
 def predictions_file(eval_dir: Path) -> Path:
@@ -89,9 +97,10 @@ def summary_file(predictions: Path) -> Path:
 
 
 def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set | None = None,
-             keep_users_file: str | None = None):
+             keep_users_file: str | None = None, column: str = "p_yes"):
     """(row, (AUC curve, UAUC curve), test keys, {(user, movie): (label, p_yes)}) of one run (only the test rows of
-    ``keep_users`` when given)."""
+    ``keep_users`` when given). ``column="llm_p_yes"``: the LLM's own P(Yes) of a run with a CF residual, with
+    accuracy/F1 at 0.5 (the eval's threshold was chosen for the residual's P(Yes))."""
     from utils import (auc_curve, compute_metrics, load_data, load_json, normalize_label, require_keys, result_row,
                        uauc_curve)
 
@@ -102,6 +111,11 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
     if not rows:
         raise DataError(f"--users {keep_users_file}: none of these users has a test row in {path}; give user ids "
                         f"of the evaluated test file (as they appear in its user_id field)")
+    if column != "p_yes":
+        if any(r.get(column) is None for r in rows):
+            raise DataError(f"--row {label!r}: {path} has no {column} (written only for an adapter trained with a CF "
+                            f"residual); drop {LLM_ONLY} from the row")
+        rows = [{**r, "p_yes": r[column]} for r in rows]
     if any(r.get("p_yes") is None for r in rows):
         raise DataError(f"{eval_dir}: predictions without p_yes; evaluate with --eval_mode score")
     require_keys(rows, PREDICTION_KEYS, path, "re-run infer_lora.py --eval_mode score")
@@ -114,7 +128,7 @@ def load_run(label: str, eval_dir: Path, train_dir: Path | None, keep_users: set
     summary = load_json(summary_path) if summary_path.is_file() else {}
     if not isinstance(summary, dict) or not isinstance(summary.get("at_eval_threshold") or {}, dict):
         raise DataError(f"{summary_path}: expected an infer_lora.py metrics object; re-run infer_lora.py")
-    threshold = (summary.get("at_eval_threshold") or {}).get("threshold")
+    threshold = (summary.get("at_eval_threshold") or {}).get("threshold") if column == "p_yes" else None
     if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
                                   or not math.isfinite(threshold)):
         raise DataError(f"{summary_path}: at_eval_threshold.threshold must be a finite number, got {threshold!r}; "
@@ -182,7 +196,7 @@ def main(args) -> dict:
 
     writable_dir(args.out, "--out")
     specs = [parse_row(s) for s in args.row]
-    labels = [label for label, _, _ in specs]
+    labels = [label for label, *_ in specs]
     twice = next((x for x in labels if labels.count(x) > 1), None)
     if twice is not None:
         raise DataError(f"--row {twice!r}: this label is given to {labels.count(twice)} rows; give each row its own "
@@ -199,8 +213,8 @@ def main(args) -> dict:
         raise DataError(f"--users {args.users}: expected a non-empty JSON list of user ids (integers or strings)")
     users = set(users) if users is not None else None
     results, curves, ucurves, first_keys, scores = [], {}, {}, None, {}
-    for label, eval_dir, train_dir in specs:
-        row, (curve, ucurve), keys, scores[label] = load_run(label, eval_dir, train_dir, users, args.users)
+    for label, eval_dir, train_dir, column in specs:
+        row, (curve, ucurve), keys, scores[label] = load_run(label, eval_dir, train_dir, users, args.users, column)
         if first_keys is not None and keys != first_keys:
             pairs, first_pairs = [k[:2] for k in keys], [k[:2] for k in first_keys]
             if pairs == first_pairs:

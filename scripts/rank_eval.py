@@ -8,6 +8,11 @@ Copy-paste:
         --models none --output_dir output/rank_smollm2_zeroshot          # the base LLM, zero-shot
     python scripts/rank_eval.py --config configs/qwen3_movielens_qlora.yaml \\
         --adapter_dir output/qwen3-movielens-qlora --max_users 200 --output_dir output/rank_qwen3_lora
+    # candidate blocks (a folder prepared with --format blocks --history-from train), against BPR; a stopped
+    # run continues with the same command plus --resume
+    python scripts/rank_eval.py --data_dir data/movielens_blocks --config configs/smollm2_movielens_blocks.yaml \\
+        --adapter_dir output/smollm2-movielens-blocks --models bpr --reference bpr --max-users 200 \\
+        --no-full-ranking --output_dir output/rank_blocks
 
 For every test user (sorted ids; ``--max-users`` keeps the first K), every test candidate labelled Yes
 is one question: that movie plus ``--n-negatives`` movies the user never rated in any split, drawn with
@@ -17,8 +22,14 @@ The same questions are used for every model: the LLM ranks by P(Yes) of the test
 baseline ranks by its own score. Reported: HR@1/5/10, NDCG@10, MRR (expected under random tie-breaking,
 averaged over questions) and, for the baselines, the same metrics when ranking among *all* unrated movies.
 
+An adapter trained with a CF residual gives two LLM rows: the text alone (its logit(Yes) - logit(No)) and the
+text plus the residual (c + a * margin + b). ``--reference MODEL`` adds ΔNDCG@10 and ΔHR@10 of every other row
+against that baseline, with 95% intervals from a paired bootstrap over users.
+
 Outputs in --output_dir: rank_metrics.json (protocol, counts, metrics per model), questions.jsonl (the
-sampled candidates), rank_table.md (markdown rows for docs/results.md).
+sampled candidates), question_metrics.jsonl (HR@10, NDCG@10, reciprocal rank of every row per question),
+rank_table.md (markdown rows for docs/results.md) and, for the LLM, llm_margins.jsonl (its margins, written as
+each user finishes: what ``--resume`` continues from).
 """
 
 from __future__ import annotations
@@ -51,12 +62,19 @@ def parse_args(argv: list[str] | None = None):
                    help="LoRA adapter folder, or none for the base model (implies --llm)")
     p.add_argument("--name", default=None, help="label of the LLM row (default: model name + adapter)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="LLM: candidates per forward pass")
+    p.add_argument("--reference", default=None, metavar="MODEL",
+                   help="a baseline of --models (key or label, e.g. bpr): every other row gets ΔNDCG@10 and ΔHR@10 "
+                        "against it with a 95%% interval from a paired bootstrap over users")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (with --reference)")
+    p.add_argument("--resume", action="store_true",
+                   help="LLM: keep the users already scored in --output_dir/llm_margins.jsonl (a stopped run)")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
     return p.parse_args(argv)
 
 
-def check_args(args) -> list[str]:
-    from utils import MODELS
+def check_args(args) -> tuple[list[str], str | None]:
+    """The baseline keys of --models and the label of the --reference row (None without one)."""
+    from utils import MODELS, PER_USER_CONSTANT
 
     if args.n_negatives < 1:
         raise DataError(f"--n-negatives must be >= 1, got {args.n_negatives}")
@@ -66,7 +84,22 @@ def check_args(args) -> list[str]:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise DataError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)} or none")
-    return names
+    reference = None
+    if args.reference is not None:
+        from utils import LABELS
+
+        key = args.reference if args.reference in MODELS else next((k for k, v in LABELS.items()
+                                                                    if v == args.reference), None)
+        if key is None or key not in names or key in PER_USER_CONSTANT:
+            raise DataError(f"--reference {args.reference!r}: name one of the ranked baselines of --models "
+                            f"({', '.join(n for n in names if n not in PER_USER_CONSTANT) or 'none chosen'}), e.g. "
+                            f"--models bpr --reference bpr")
+        reference = LABELS[key]
+    if args.resamples < 100:
+        raise DataError(f"--resamples must be >= 100, got {args.resamples}")
+    if args.resume and not (args.llm or args.adapter_dir is not None):
+        raise DataError("--resume continues an LLM ranking run (llm_margins.jsonl); add --llm or --adapter_dir")
+    return names, reference
 
 
 def check_llm(args):
@@ -129,77 +162,152 @@ def blocks_for_ranking(args, data) -> tuple[list[dict], dict] | None:
     return records, texts
 
 
-def block_margins(model, tok, cfg, args, questions, groups, texts, budget) -> tuple[list, int]:
-    """Per question, logit(Yes) - logit(No) of its candidates as candidate blocks: one prefix pass per group."""
+def block_margins(model, tok, cfg, args, questions, groups, texts, budget, journal) -> tuple[list, int]:
+    """Per question, logit(Yes) - logit(No) of its candidates as candidate blocks: one prefix pass per group (a
+    journal unit: groups already in ``journal`` are not scored again)."""
     import numpy as np
     from tqdm.auto import tqdm
 
-    from utils import block_candidate_scores
+    from utils import block_candidate_scores, unit_key
 
     out, cut = [None] * len(questions), 0
-    with tqdm(total=len(questions), desc="LLM ranking (blocks)", unit="question") as bar:
-        for g in groups:
-            margin, was_cut = block_candidate_scores(model, tok, g["record"], [texts[m] for m in g["movies"]],
-                                                     args.batch_size, cfg.data.system_prompt,
-                                                     cfg.model.enable_thinking, budget)
+    keys = [unit_key(g["record"]["user_id"], g["record"]["prefix"], g["movies"]) for g in groups]
+    done = sum(len(g["questions"]) for g, key in zip(groups, keys) if key in journal.done)
+    with tqdm(total=len(questions), initial=done, desc="LLM ranking (blocks)", unit="question") as bar:
+        for g, key in zip(groups, keys):
+            if key not in journal.done:
+                margin, was_cut = block_candidate_scores(model, tok, g["record"], [texts[m] for m in g["movies"]],
+                                                         args.batch_size, cfg.data.system_prompt,
+                                                         cfg.model.enable_thinking, budget)
+                journal.add(key, margin, was_cut)
+                bar.update(len(g["questions"]))
+            margin, was_cut = journal.done[key]
             cut += was_cut * len(g["questions"])
-            at = dict(zip(g["movies"], np.asarray(margin, dtype=float)))
+            at = dict(zip(g["movies"], margin))
             for i in g["questions"]:
                 out[i] = np.array([at[c] for c in questions[i]["candidates"]])
-            bar.update(len(g["questions"]))
     return out, cut
 
 
-def question_margins(model, tok, cfg, args, questions, titles, budget) -> tuple[list, int]:
-    """Per question, logit(Yes) - logit(No) of its candidates swapped into the test prompt: one prefix pass each."""
-    import numpy as np
+def question_margins(model, tok, cfg, args, questions, titles, budget, journal) -> tuple[list, int]:
+    """Per question, logit(Yes) - logit(No) of its candidates swapped into the test prompt: one prefix pass each
+    (one journal unit each)."""
+    import json
+
     from tqdm.auto import tqdm
 
-    from utils import llm_question_scores
+    from utils import llm_question_scores, unit_key
 
     out, cut = [], 0
     for q in tqdm(questions, desc="LLM ranking", unit="question"):
-        margin, was_cut = llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
-                                                args.batch_size, cfg.data.system_prompt, cfg.model.enable_thinking,
-                                                budget)
-        out.append(np.asarray(margin, dtype=float))
+        key = unit_key(q["user_id"], json.dumps(q["example"], sort_keys=True, default=str), q["candidates"])
+        if key not in journal.done:
+            margin, was_cut = llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
+                                                    args.batch_size, cfg.data.system_prompt,
+                                                    cfg.model.enable_thinking, budget)
+            journal.add(key, margin, was_cut)
+        margin, was_cut = journal.done[key]
+        out.append(margin)
         cut += was_cut
     return out, cut
 
 
-def llm_rows(args, cfg, questions, titles, texts=None, groups=None) -> tuple[str, dict]:
-    """(row label, sampled ranking metrics) of the LLM (checked by :func:`check_llm`); ``texts``/``groups``: rank
-    with candidate blocks (:func:`blocks_for_ranking`, ``recsft.ranking.block_groups``)."""
-    from utils import adapter_path, load_for_eval, load_residual, mean_metrics, prompt_budget, rank_metrics
+def llm_label(args, cfg) -> str:
+    from utils import adapter_path
 
     adapter = adapter_path(args.adapter_dir)
-    residual = load_residual(adapter)  # an adapter trained with a CF residual ranks by c + a * margin + b
+    base = Path(str(cfg.model.model_name_or_path).rstrip("/")).name
+    return args.name or (f"{base} + LoRA ({Path(adapter).name})" if adapter else f"{base}, zero-shot")
+
+
+def llm_rows(args, cfg, questions, titles, header, texts=None, groups=None) -> tuple[dict[str, list], int]:
+    """``({row label: per-question ranking metrics}, questions whose prompt was cut)`` of the LLM (checked by :func:`check_llm`); ``texts``/``groups``:
+    rank with candidate blocks (:func:`blocks_for_ranking`, ``recsft.ranking.block_groups``). Margins go to
+    ``llm_margins.jsonl`` as they come (``--resume`` continues from it). An adapter trained with a CF residual
+    gives two rows: the text alone (its margin) and text + residual (c + a * margin + b)."""
+    from utils import MarginJournal, adapter_path, load_for_eval, load_residual, prompt_budget, rank_metrics
+
+    adapter = adapter_path(args.adapter_dir)
+    residual = load_residual(adapter)
+    journal = MarginJournal(Path(args.output_dir) / "llm_margins.jsonl", header, args.resume)
+    if journal.done:
+        logger.info(f"--resume: {len(journal.done)} units already scored in {journal.path}")
     model, tok = load_for_eval(cfg.model, adapter, merge=True)
     budget = prompt_budget(tok, cfg.data.cutoff_len)
     if groups is not None:
-        margins, cut = block_margins(model, tok, cfg, args, questions, groups, texts, budget)
+        margins, cut = block_margins(model, tok, cfg, args, questions, groups, texts, budget, journal)
     else:
-        margins, cut = question_margins(model, tok, cfg, args, questions, titles, budget)
-    rows = []
-    for q, margin in zip(questions, margins):
-        if residual is not None:
-            users = [q["example"]["user_id"]] * len(q["candidates"])
-            margin = residual.table.logit(users, list(q["candidates"])) + residual.a * margin + residual.b
-        rows.append(rank_metrics(margin[0], margin[1:]))
+        margins, cut = question_margins(model, tok, cfg, args, questions, titles, budget, journal)
     if cut:
         logger.warning(f"{cut} questions: prompt longer than cutoff_len={cfg.data.cutoff_len}; history cut from the "
                        f"left by the same amount for every candidate")
-    base = Path(str(cfg.model.model_name_or_path).rstrip("/")).name
-    label = args.name or (f"{base} + LoRA ({Path(adapter).name})" if adapter else f"{base}, zero-shot")
-    return label, {**mean_metrics(rows), "questions_prompt_cut": cut}
+    label = llm_label(args, cfg)
+    rows = {(f"{label}, text only" if residual else label): [rank_metrics(m[0], m[1:]) for m in margins]}
+    if residual is not None:
+        combined = []
+        for q, m in zip(questions, margins):
+            c = residual.table.logit([q["user_id"]] * len(q["candidates"]), list(q["candidates"]))
+            combined.append(c + residual.a * m + residual.b)
+        rows[f"{label} + CF residual ({residual.table.kind})"] = [rank_metrics(m[0], m[1:]) for m in combined]
+    return rows, cut
+
+
+def reference_deltas(per_question: dict, reference: str, users: list, resamples: int) -> dict:
+    """ΔNDCG@10 and ΔHR@10 of every row against ``reference`` on the same questions, with 95% intervals from a
+    paired bootstrap over users (``recsft.metrics.paired_user_mean_bootstrap``)."""
+    from utils import paired_user_mean_bootstrap
+
+    out = {}
+    ref = per_question[reference]
+    for label, rows in per_question.items():
+        if label == reference:
+            continue
+        out[label] = {k: paired_user_mean_bootstrap([r[k] for r in rows], [r[k] for r in ref], users, resamples)
+                      for k in ("ndcg@10", "hr@10")}
+    return out
+
+
+def journal_header(args, cfg, blocks) -> dict:
+    """What an LLM ranking run scores with: a ``--resume`` continues only a run with the same header (each unit's
+    user, prompt and candidates are part of its key, ``recsft.ranking.unit_key``)."""
+    from utils import adapter_path
+
+    adapter = adapter_path(args.adapter_dir)
+    return {"model": str(cfg.model.model_name_or_path), "adapter": str(Path(adapter).resolve()) if adapter else None,
+            "data_dir": str(Path(args.data_dir).resolve()), "mode": "blocks" if blocks else "questions",
+            "dtype": str(cfg.model.dtype), "cutoff_len": cfg.data.cutoff_len,
+            "system_prompt": cfg.data.system_prompt, "enable_thinking": cfg.model.enable_thinking}
+
+
+def table_text(results: dict, deltas: dict, reference: str | None) -> str:
+    from utils import MARKDOWN_HEADER, markdown_row
+
+    def row(label, m):
+        line = markdown_row(label, m)
+        if reference is None:
+            return line
+        d = deltas.get(label)
+        cells = ["reference", "reference"] if d is None else [
+            f"{d[k]['delta']:+.3f} [{d[k]['delta_low']:+.3f}, {d[k]['delta_high']:+.3f}]" for k in ("ndcg@10", "hr@10")]
+        return f"{line} {' | '.join(cells)} |"
+
+    header = MARKDOWN_HEADER
+    if reference is not None:
+        first, rule = header.split("\n")
+        header = (f"{first} ΔNDCG@10 vs {reference} [95% CI] | ΔHR@10 vs {reference} [95% CI] |\n"
+                  f"{rule}---|---|")
+    table = "\n".join([header, *(row(k, v["sampled"]) for k, v in results.items())])
+    full = [markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]
+    return f"{table}\n" + (f"\nFull ranking (all unrated movies):\n\n" + "\n".join([MARKDOWN_HEADER, *full]) + "\n"
+                           if full else "")
 
 
 def main(args) -> dict:
-    from utils import (LABELS, MARKDOWN_HEADER, PER_USER_CONSTANT, block_groups, build_questions, fit_scorers,
-                       full_ranking, load_prepared, markdown_row, rated_sets, score_questions, train_ratings, writable_dir,
+    from utils import (LABELS, PER_USER_CONSTANT, block_groups, build_questions, fit_scorers, full_ranking,
+                       load_prepared, mean_metrics, question_rows, rated_sets, train_ratings, writable_dir,
                        write_json_atomic, write_jsonl_atomic, write_text_atomic)
 
-    names = check_args(args)
+    names, reference = check_args(args)
     writable_dir(args.output_dir, "--output_dir")
     use_llm = args.llm or args.adapter_dir is not None
     cfg = check_llm(args) if use_llm else None  # config, model, adapter: before any work
@@ -225,27 +333,35 @@ def main(args) -> dict:
                 "llm": ("P(Yes) of each candidate as a candidate block after the user's test prefix (static "
                         "protocol: training-split history and counts), one prefix pass per user" if blocks else
                         "P(Yes) of the test example's prompt (same history) with each candidate swapped in")}
-    results: dict = {}
+    results, per_question = {}, {}
     scorers = fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
     for name, scorer in scorers.items():
         if name in PER_USER_CONSTANT:
             continue  # one score per user: chance by construction
         logger.info("ranking with %s", LABELS[name])
-        entry = {"sampled": score_questions(questions, scorer)}
+        per_question[LABELS[name]] = question_rows(questions, scorer)
+        results[LABELS[name]] = {"sampled": mean_metrics(per_question[LABELS[name]])}
         if not args.no_full_ranking:
-            entry["full"] = full_ranking(questions, scorer, rated, items)
-        results[LABELS[name]] = entry
+            results[LABELS[name]]["full"] = full_ranking(questions, scorer, rated, items)
     if use_llm:
-        label, metrics = llm_rows(args, cfg, questions, data.titles, blocks[1] if blocks else None, groups)
-        results[label] = {"sampled": metrics}
-    table = "\n".join([MARKDOWN_HEADER, *(markdown_row(k, v["sampled"]) for k, v in results.items())])
-    full = [markdown_row(k, v["full"]) for k, v in results.items() if "full" in v]
+        header = journal_header(args, cfg, blocks)
+        rows, cut = llm_rows(args, cfg, questions, data.titles, header, blocks[1] if blocks else None, groups)
+        for label, metrics in rows.items():
+            per_question[label] = metrics
+            results[label] = {"sampled": {**mean_metrics(metrics), "questions_prompt_cut": cut}}
+    users = [q["user_id"] for q in questions]
+    deltas = reference_deltas(per_question, reference, users, args.resamples) if reference else {}
+    for label, d in deltas.items():
+        results[label]["vs_reference"] = {"reference": reference, **d}
+    text = table_text(results, deltas, reference)
     out = Path(args.output_dir)
     write_jsonl_atomic(out / "questions.jsonl", [{"user_id": q["user_id"], "candidates": q["candidates"]}
                                                  for q in questions])
+    write_jsonl_atomic(out / "question_metrics.jsonl", [
+        {"user_id": q["user_id"], "positive": q["candidates"][0],
+         "rows": {label: {k: r[i][k] for k in ("hr@10", "ndcg@10", "mrr")} for label, r in per_question.items()}}
+        for i, q in enumerate(questions)])
     write_json_atomic(out / "rank_metrics.json", {"protocol": protocol, "counts": counts, "results": results})
-    text = f"{table}\n" + (f"\nFull ranking (all unrated movies):\n\n" + "\n".join([MARKDOWN_HEADER, *full]) + "\n"
-                           if full else "")
     write_text_atomic(out / "rank_table.md", text)
     print(f"\n{counts['questions']} questions from {counts['users']} users ({args.n_negatives} {args.sampling} "
           f"negatives each, seed {args.seed}; {counts['users_skipped_no_positive']} users without a liked test "

@@ -123,6 +123,19 @@ def test_counts_before_matches_a_loop_with_any_time_unit():
         assert (n[i], k[i]) == (sel.sum(), (sel & liked).sum())
 
 
+def test_sorted_once_counts_equal_counts_before():
+    rng = np.random.default_rng(1)
+    keys = rng.choice([3, 7, 11, 20], 60)
+    ts = rng.integers(0, 8, 60) * 10**12
+    liked = rng.random(60) < 0.5
+    before = movielens._CountsBefore(keys, ts, liked)
+    for t in (0.0, 3 * 10**12, 7 * 10**12 + 1, np.inf):
+        queries = [3, 20, 99, 7, 7]  # 99: a key with no reference row
+        n, k = before(queries, t)
+        want_n, want_k = movielens.counts_before(keys, ts, liked, np.array(queries), np.full(len(queries), t))
+        assert n.tolist() == want_n.tolist() and k.tolist() == want_k.tolist()
+
+
 def test_bad_block_flags_fail_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(movielens, "load_ratings", lambda *a: pytest.fail("loaded data before checking flags"))
     for argv, match in ((["--format", "blocks", "--block-size", "0"], "--block-size must be >= 1"),

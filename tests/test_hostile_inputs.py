@@ -1449,6 +1449,8 @@ COMPARE_MORE_CASES = {
                                          ["training_summary.json", "per_device_train_batch_size"]),
     "same_label_twice": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}", "--row",
                                     f"a={_eval_dir_named(w, 'b', PREDS)}"], ["--row 'a'", "its own label"]),
+    "llm_only_row_without_residual": (lambda w: ["--row", f"a={_eval_dir_named(w, 'a', PREDS)}#llm"],
+                                      ["--row 'a'", "llm_p_yes", "drop #llm"]),
 }
 
 
@@ -1485,6 +1487,13 @@ class TestCompareRunsAndBaselines:
         res = compare_runs.main(compare_runs.parse_args(["--row", f"a={_eval_dir(work, PREDS, {'at_eval_threshold': {'threshold': 0.0}})}",
                                                          "--out", str(work / "o")]))
         assert res["rows"][0]["accuracy"] == "0.500"  # every row Yes: 2 of 4 right (at 0.5 it would be 1.000)
+
+    def test_compare_runs_llm_only_row_reads_llm_p_yes(self, work):
+        rows = [{**p, "llm_p_yes": 1 - p["p_yes"]} for p in PREDS]  # the LLM alone ranks the other way round
+        folder = _eval_dir(work, rows, {"at_eval_threshold": {"threshold": 0.9}})
+        res = compare_runs.main(compare_runs.parse_args(["--row", f"hybrid={folder}", "--row", f"text={folder}#llm",
+                                                         "--out", str(work / "o")]))
+        assert [r["AUC"] for r in res["rows"]] == ["1.000", "0.000"]
 
     def test_compare_runs_text_user_ids(self, work):
         rows = [{**p, "user_id": f"u{p['user_id']}"} for p in PREDS]

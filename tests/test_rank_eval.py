@@ -77,6 +77,60 @@ def test_sasrec_scores_follow_history(small_data):
     assert scorer(test[0], np.array([test[0]["candidate_movie_id"]]))[0] == pytest.approx(scores[0])
 
 
+def test_margin_journal_resumes_only_the_same_run(tmp_path):
+    from recsft.io import DataError
+    from recsft.ranking import MarginJournal, unit_key
+
+    path, header = tmp_path / "llm_margins.jsonl", {"model": "m", "cutoff_len": 1024}
+    a, b = unit_key(1, "history of 1", [5, 6]), unit_key(2, "history of 2", [7])
+    assert unit_key(1, "history of 1", [5, 7]) != a  # other candidates: another unit
+    journal = MarginJournal(path, header)
+    journal.add(a, np.array([1.5, -2.0]), cut=False)
+    journal.add(b, np.array([0.25]), cut=True)
+    with path.open("a") as f:
+        f.write('{"unit": "c", "cut": false, "margins": [0.1')  # a stop in the middle of a line
+    again = MarginJournal(path, header, resume=True)
+    assert sorted(again.done) == sorted([a, b]) and again.done[a][0].tolist() == [1.5, -2.0] and again.done[b][1]
+    assert path.read_text().count("\n") == 3  # header + two whole units: the cut line is gone
+    with pytest.raises(DataError, match="another cutoff_len"):
+        MarginJournal(path, {**header, "cutoff_len": 512}, resume=True)
+    assert not MarginJournal(path, header).done  # without --resume: a fresh start
+
+
+def test_rank_eval_reference_and_resume_flags_checked_first():
+    from recsft.io import DataError
+
+    for argv, match in ((["--models", "mf", "--reference", "bpr"], "--reference 'bpr'"),
+                        (["--models", "bpr", "--reference", "user-rate"], "--reference"),
+                        (["--resume"], "--resume continues an LLM"),
+                        (["--resamples", "5"], "--resamples")):
+        with pytest.raises(DataError, match=match):
+            rank_eval.check_args(rank_eval.parse_args(argv))
+
+
+@pytest.mark.slow  # loads an LLM
+def test_rank_eval_llm_row_resumes_and_compares(small_data, tmp_path, tiny_qwen3, monkeypatch):
+    import utils
+
+    cfg = write_config_yaml(tiny_config(tmp_path, tiny_qwen3), tmp_path / "c.yaml")
+    argv = ["--data_dir", str(small_data), "--output_dir", str(tmp_path / "o"), "--models", "mostpop", "--llm",
+            "--config", str(cfg), "--max-users", "3", "--n-negatives", "9", "--no-full-ranking",
+            "--reference", "mostpop", "--resamples", "100"]
+    first = rank_eval.main(rank_eval.parse_args(argv))
+    label = next(k for k in first["results"] if k.endswith("zero-shot"))
+    delta = first["results"][label]["vs_reference"]["ndcg@10"]
+    assert delta["delta_low"] <= delta["delta"] <= delta["delta_high"]
+    assert "ΔNDCG@10 vs" in (tmp_path / "o" / "rank_table.md").read_text()
+    lines = (tmp_path / "o" / "question_metrics.jsonl").read_text().splitlines()
+    assert len(lines) == first["counts"]["questions"] and label in json.loads(lines[0])["rows"]
+    monkeypatch.setattr(utils, "llm_question_scores", lambda *a, **k: pytest.fail("scored a question again"),
+                        raising=False)
+    again = rank_eval.main(rank_eval.parse_args([*argv, "--resume"]))  # every question is in the journal
+    assert again["results"][label]["sampled"] == first["results"][label]["sampled"]
+    fewer = rank_eval.main(rank_eval.parse_args([*argv, "--resume", "--max-users", "2"]))  # a subset: reused too
+    assert 0 < fewer["counts"]["questions"] <= first["counts"]["questions"]
+
+
 @pytest.mark.slow  # loads an LLM
 def test_rank_eval_llm_row(small_data, tmp_path, tiny_qwen3):
     cfg = write_config_yaml(tiny_config(tmp_path, tiny_qwen3), tmp_path / "c.yaml")

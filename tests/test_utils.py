@@ -212,3 +212,19 @@ def test_paired_user_bootstrap_brackets_the_difference_and_is_zero_for_a_copy():
     assert 0 < r["delta_auc_low"] < r["delta_auc"] < r["delta_auc_high"] and r["delta_uauc_low"] > 0
     same = paired_user_bootstrap(y, good, good, users, n_resamples=30)
     assert same["delta_auc_low"] == same["delta_auc_high"] == 0.0
+
+
+def test_paired_user_mean_bootstrap_weights_questions_and_keeps_users_together():
+    import numpy as np
+
+    from recsft.metrics import paired_user_mean_bootstrap
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(50), rng.integers(1, 8, 50))  # users with 1..7 questions
+    ref = rng.random(len(users))
+    better = ref + 0.1 + rng.normal(0, 0.05, len(users))
+    r = paired_user_mean_bootstrap(better, ref, users, n_resamples=200)
+    assert r["delta"] == pytest.approx(np.mean(better - ref))  # a mean over questions, not over users
+    assert 0 < r["delta_low"] < r["delta"] < r["delta_high"] and r["users"] == 50
+    same = paired_user_mean_bootstrap(ref, ref, users, n_resamples=100)
+    assert same["delta_low"] == same["delta_high"] == 0.0

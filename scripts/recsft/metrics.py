@@ -179,10 +179,7 @@ def paired_user_bootstrap(y_true: Sequence[bool], scores: Sequence[float], refer
     resample: a paired, user-level bootstrap), by ``scipy.stats.bootstrap`` (BCa intervals). Returns
     ``delta_auc``, ``delta_auc_low``/``_high``, ``delta_uauc``, ``delta_uauc_low``/``_high`` and the resamples.
     """
-    import warnings
-
     import numpy as np
-    from scipy.stats import bootstrap
 
     roc_auc_score = _rank_auc
     y = np.asarray([bool(v) for v in y_true], dtype=int)
@@ -194,25 +191,58 @@ def paired_user_bootstrap(y_true: Sequence[bool], scores: Sequence[float], refer
     per_b = np.array([roc_auc_score(y[r], b[r]) if ok else np.nan for r, ok in zip(rows_of, both)])
 
     def delta(idx):
-        idx = np.asarray(idx, dtype=int)
         rows = np.concatenate([rows_of[u] for u in idx])
         d_auc = roc_auc_score(y[rows], a[rows]) - roc_auc_score(y[rows], b[rows])
         ok = idx[both[idx]]
         return np.array([d_auc, np.mean(per_a[ok]) - np.mean(per_b[ok])])
 
-    with warnings.catch_warnings():  # the degenerate case is handled below
-        warnings.simplefilter("ignore")
-        res = bootstrap((np.arange(len(users)),), delta, vectorized=False, n_resamples=n_resamples,
-                        confidence_level=confidence, random_state=np.random.default_rng(seed))
-    point = delta(np.arange(len(users)))
-    low, high = (np.asarray(x, dtype=float) for x in res.confidence_interval)
-    if np.isnan(low).any() or np.isnan(high).any():  # BCa is undefined on a degenerate (constant) distribution
-        tail = (1 - confidence) / 2
-        q_low, q_high = np.quantile(res.bootstrap_distribution, [tail, 1 - tail], axis=-1)
-        low, high = np.where(np.isnan(low), q_low, low), np.where(np.isnan(high), q_high, high)
+    point, low, high = _user_bootstrap(delta, len(users), n_resamples, confidence, seed)
     return {"delta_auc": float(point[0]), "delta_auc_low": float(low[0]), "delta_auc_high": float(high[0]),
             "delta_uauc": float(point[1]), "delta_uauc_low": float(low[1]), "delta_uauc_high": float(high[1]),
             "users": len(users), "resamples": n_resamples, "confidence": confidence}
+
+
+def paired_user_mean_bootstrap(values: Sequence[float], reference: Sequence[float], user_ids: Sequence[Any],
+                               n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Δ of a mean over questions (``values`` minus ``reference``, one pair per question, e.g. NDCG@10 of two
+    rankers on the same questions) with a BCa interval from a paired bootstrap over users (a user's questions
+    stay together; ``scipy.stats.bootstrap``). Returns ``delta``, ``delta_low``, ``delta_high``, ``users``."""
+    import numpy as np
+
+    diff = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
+    codes, users = _codes(user_ids)
+    sums, counts = np.bincount(codes, weights=diff), np.bincount(codes)
+
+    def delta(idx):
+        return np.array([sums[idx].sum() / counts[idx].sum()])
+
+    point, low, high = _user_bootstrap(delta, len(users), n_resamples, confidence, seed)
+    return {"delta": float(point[0]), "delta_low": float(low[0]), "delta_high": float(high[0]),
+            "users": len(users), "resamples": n_resamples, "confidence": confidence}
+
+
+def _user_bootstrap(statistic, n_users: int, n_resamples: int, confidence: float, seed: int):
+    """``(point, low, high)`` of ``statistic(user indices) -> array`` by ``scipy.stats.bootstrap`` (BCa) over users;
+    where BCa is undefined (a constant bootstrap distribution) the percentile interval stands in."""
+    import warnings
+
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    def stat(idx):
+        return statistic(np.asarray(idx, dtype=int))
+
+    with warnings.catch_warnings():  # the degenerate case is handled below
+        warnings.simplefilter("ignore")
+        res = bootstrap((np.arange(n_users),), stat, vectorized=False, n_resamples=n_resamples,
+                        confidence_level=confidence, random_state=np.random.default_rng(seed))
+    point = stat(np.arange(n_users))
+    low, high = (np.asarray(x, dtype=float) for x in res.confidence_interval)
+    if np.isnan(low).any() or np.isnan(high).any():
+        tail = (1 - confidence) / 2
+        q_low, q_high = np.quantile(res.bootstrap_distribution, [tail, 1 - tail], axis=-1)
+        low, high = np.where(np.isnan(low), q_low, low), np.where(np.isnan(high), q_high, high)
+    return point, np.atleast_1d(low), np.atleast_1d(high)
 
 
 def _rank_auc(y, scores) -> float:

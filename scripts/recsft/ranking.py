@@ -9,7 +9,10 @@ and its KV cache reused for the candidate suffixes (:func:`shared_prefix_scores`
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -118,15 +121,63 @@ def mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
     return {**{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}, "n": len(rows)}
 
 
-def score_questions(questions: Sequence[dict], scorer: Callable, ks=(1, 5, 10)) -> dict[str, float]:
-    """Sampled ranking metrics of ``scorer(example, candidate_items) -> scores`` over the questions."""
+def question_rows(questions: Sequence[dict], scorer: Callable, ks=(1, 5, 10)) -> list[dict[str, float]]:
+    """Per question, the ranking metrics of ``scorer(example, candidate_items) -> scores`` (positive first)."""
     if hasattr(scorer, "warm"):  # a scorer that encodes many examples at once (e.g. a sequential model)
         scorer.warm([q["example"] for q in questions])
     rows = []
     for q in questions:
         s = np.asarray(scorer(q["example"], np.asarray(q["candidates"])), dtype=float)
         rows.append(rank_metrics(s[0], s[1:], ks))
-    return mean_metrics(rows)
+    return rows
+
+
+class MarginJournal:
+    """The progress file of an LLM ranking run (``llm_margins.jsonl``): a header line naming the model and data, then
+    one line per finished unit (a user's candidate blocks, or one question) with its candidates' margins, appended
+    and flushed as the unit ends. A unit's key (:func:`unit_key`) covers its user, prompt and candidates, so with
+    ``resume`` every unit already in the file is reused by any run that asks it again (``--max-users 40`` after a
+    stopped ``--max-users 200`` run, or the other way round); a last line cut by a stop is dropped. The header
+    must equal ``header``; without ``resume`` the file starts anew."""
+
+    def __init__(self, path, header: dict, resume: bool = False):
+        from .io import DataError, write_text_atomic
+
+        self.path, self.done = Path(path), {}
+        lines = self.path.read_text(encoding="utf-8").splitlines() if resume and self.path.is_file() else []
+        if lines:
+            found = json.loads(lines[0]).get("header") or {}
+            if found != header:
+                changed = sorted(k for k in set(header) | set(found) if found.get(k) != header.get(k))
+                raise DataError(f"--resume: {self.path} was written by a run with another {', '.join(changed)}; "
+                                f"repeat that run's flags, or drop --resume to start this one anew")
+            for line in lines[1:]:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the line a stop cut short
+                self.done[entry["unit"]] = (np.asarray(entry["margins"], dtype=float), bool(entry["cut"]))
+        kept = [json.dumps({"header": header})] + [self._line(u, m, c) for u, (m, c) in self.done.items()]
+        write_text_atomic(self.path, "\n".join(kept) + "\n")
+
+    @staticmethod
+    def _line(unit: str, margins, cut: bool) -> str:
+        return json.dumps({"unit": unit, "cut": bool(cut), "margins": np.asarray(margins, dtype=float).tolist()})
+
+    def add(self, unit: str, margins: np.ndarray, cut: bool) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(self._line(unit, margins, cut) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[unit] = (np.asarray(margins, dtype=float), bool(cut))
+
+
+def unit_key(user, prompt: str, candidates: Sequence) -> str:
+    """A journal unit's identity: its user, the prompt its candidates are asked after, and the candidates."""
+    import hashlib
+
+    text = json.dumps([str(user), prompt, [str(c) for c in candidates]])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
 def full_ranking(questions: Sequence[dict], scorer: Callable, rated: dict, items: np.ndarray,

@@ -270,12 +270,13 @@ def reference_deltas(per_question: dict, reference: str, users: list, resamples:
 def journal_header(args, cfg, blocks) -> dict:
     """What an LLM ranking run scores with: a ``--resume`` continues only a run with the same header (each unit's
     user, prompt and candidates are part of its key, ``recsft.ranking.unit_key``)."""
-    from utils import adapter_path
+    from utils import adapter_path, choose_dtype, get_device
 
     adapter = adapter_path(args.adapter_dir)
     return {"model": str(cfg.model.model_name_or_path), "adapter": str(Path(adapter).resolve()) if adapter else None,
             "data_dir": str(Path(args.data_dir).resolve()), "mode": "blocks" if blocks else "questions",
-            "dtype": str(cfg.model.dtype), "cutoff_len": cfg.data.cutoff_len,
+            "dtype": choose_dtype(cfg.model.dtype, get_device())[0], "quantization_bit": cfg.model.quantization_bit,
+            "cutoff_len": cfg.data.cutoff_len,
             "system_prompt": cfg.data.system_prompt, "enable_thinking": cfg.model.enable_thinking}
 
 

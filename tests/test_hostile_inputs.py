@@ -743,9 +743,12 @@ def test_real_invocation_bad_input(case, tmp_path):
 def test_real_ctrl_c_during_prepare_data(tmp_path):
     """SIGINT while prepare_data works: exit 130, one line, and the folder holds no set or a complete one."""
     out = tmp_path / "data"
-    proc = subprocess.Popen([sys.executable, "scripts/prepare_data.py", "--out-dir", str(out)], cwd=ROOT,
+    # candidate blocks with sampled negatives: ~15 s of work after the imports on a fast CPU (the single format
+    # alone could finish before the signal on a quiet machine, and the test would only skip)
+    proc = subprocess.Popen([sys.executable, "scripts/prepare_data.py", "--out-dir", str(out), "--format", "blocks",
+                             "--history-from", "train", "--negatives", "16"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)  # imports done, building the examples
+    time.sleep(4.0)  # imports done, building the examples
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:  # finished before the signal: nothing to check but a complete set

@@ -244,10 +244,8 @@ def llm_rows(args, cfg, questions, titles, header, texts=None, groups=None) -> t
     label = llm_label(args, cfg)
     rows = {(f"{label}, text only" if residual else label): [rank_metrics(m[0], m[1:]) for m in margins]}
     if residual is not None:
-        combined = []
-        for q, m in zip(questions, margins):
-            c = residual.table.logit([q["user_id"]] * len(q["candidates"]), list(q["candidates"]))
-            combined.append(c + residual.a * m + residual.b)
+        combined = [residual.combine(residual.table.logit([q["user_id"]] * len(q["candidates"]), list(q["candidates"])),
+                                     m) for q, m in zip(questions, margins)]
         rows[f"{label} + CF residual ({residual.table.kind})"] = [rank_metrics(m[0], m[1:]) for m in combined]
     return rows, cut
 

@@ -139,6 +139,12 @@ class Residual:
     a: float
     b: float
 
+    def combine(self, cf_logit, margin):
+        """``c + a * margin + b`` (float64): the residual's logit from the CF logits ``c`` of ``table.logit``."""
+        import numpy as np
+
+        return np.asarray(cf_logit, dtype=np.float64) + self.a * np.asarray(margin, dtype=np.float64) + self.b
+
 
 def load_residual(adapter_dir: str | None) -> Residual | None:
     """The CF residual saved with an adapter (``cf_residual.json``/``.safetensors``, ``cf_head.safetensors``), else
@@ -172,7 +178,7 @@ def apply_residual(rows: list[dict], residual: Residual) -> None:
 
     margin = np.array([r["margin"] for r in rows], dtype=np.float64)
     c = residual.table.logit([r["user_id"] for r in rows], [r["candidate_movie_id"] for r in rows])
-    logit = c + residual.a * margin + residual.b
+    logit = residual.combine(c, margin)
     p = 1.0 / (1.0 + np.exp(-logit))
     for row, ci, pi, li in zip(rows, c.tolist(), p.tolist(), logit.tolist()):
         row.update(llm_p_yes=row["p_yes"], cf_logit=ci, p_yes=pi, prediction="Yes" if li >= 0 else "No")

@@ -8,10 +8,10 @@ Copy-paste:
         --models none --output_dir output/rank_smollm2_zeroshot          # the base LLM, zero-shot
     python scripts/rank_eval.py --config configs/qwen3_movielens_qlora.yaml \\
         --adapter_dir output/qwen3-movielens-qlora --max_users 200 --output_dir output/rank_qwen3_lora
-    # candidate blocks (a folder prepared with --format blocks --history-from train), against BPR; a stopped
-    # run continues with the same command plus --resume
+    # candidate blocks (a folder prepared with --format blocks --history-from train), against BPR, plus a row
+    # blending BPR with the LLM (weights fit on eval questions); a stopped run continues with --resume
     python scripts/rank_eval.py --data_dir data/movielens_blocks --config configs/smollm2_movielens_blocks.yaml \\
-        --adapter_dir output/smollm2-movielens-blocks --models bpr --reference bpr --max-users 200 \\
+        --adapter_dir output/smollm2-movielens-blocks --models bpr --reference bpr --hybrid bpr --max-users 200 \\
         --no-full-ranking --output_dir output/rank_blocks
 
 For every test user (sorted ids; ``--max-users`` keeps the first K), every test candidate labelled Yes
@@ -23,7 +23,9 @@ baseline ranks by its own score. Reported: HR@1/5/10, NDCG@10, MRR (expected und
 averaged over questions) and, for the baselines, the same metrics when ranking among *all* unrated movies.
 
 An adapter trained with a CF residual gives two LLM rows: the text alone (its logit(Yes) - logit(No)) and the
-text plus the residual (c + a * margin + b). ``--reference MODEL`` adds ΔNDCG@10 and ΔHR@10 of every other row
+text plus the residual (c + a * margin + b). ``--hybrid MODEL`` adds a row ranking by w1 * that baseline's score +
+w2 * the LLM's margin, the two weights fit on eval-split questions (``--fit-users``; the LLM scores them too, so
+they cost LLM time). ``--reference MODEL`` adds ΔNDCG@10 and ΔHR@10 of every other row
 against that baseline, with 95% intervals from a paired bootstrap over users.
 
 Outputs in --output_dir: rank_metrics.json (protocol, counts, metrics per model), questions.jsonl (the
@@ -66,6 +68,12 @@ def parse_args(argv: list[str] | None = None):
                    help="a baseline of --models (key or label, e.g. bpr): every other row gets ΔNDCG@10 and ΔHR@10 "
                         "against it with a 95%% interval from a paired bootstrap over users")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (with --reference)")
+    p.add_argument("--hybrid", default=None, metavar="MODEL",
+                   help="a baseline of --models (e.g. bpr): add a row ranking by w1*its score + w2*the LLM's margin, "
+                        "the two weights fit on eval-split questions of the first --fit-users users")
+    p.add_argument("--fit-users", type=positive_int, default=20,
+                   help="with --hybrid: users whose liked eval candidates (each among --n-negatives unrated movies) "
+                        "fit the weights")
     p.add_argument("--resume", action="store_true",
                    help="LLM: keep the users already scored in --output_dir/llm_margins.jsonl (a stopped run)")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
@@ -74,7 +82,7 @@ def parse_args(argv: list[str] | None = None):
 
 def check_args(args) -> tuple[list[str], str | None]:
     """The baseline keys of --models and the label of the --reference row (None without one)."""
-    from utils import MODELS, PER_USER_CONSTANT
+    from utils import LABELS, MODELS
 
     if args.n_negatives < 1:
         raise DataError(f"--n-negatives must be >= 1, got {args.n_negatives}")
@@ -84,22 +92,28 @@ def check_args(args) -> tuple[list[str], str | None]:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise DataError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)} or none")
-    reference = None
-    if args.reference is not None:
-        from utils import LABELS
-
-        key = args.reference if args.reference in MODELS else next((k for k, v in LABELS.items()
-                                                                    if v == args.reference), None)
-        if key is None or key not in names or key in PER_USER_CONSTANT:
-            raise DataError(f"--reference {args.reference!r}: name one of the ranked baselines of --models "
-                            f"({', '.join(n for n in names if n not in PER_USER_CONSTANT) or 'none chosen'}), e.g. "
-                            f"--models bpr --reference bpr")
-        reference = LABELS[key]
+    reference = None if args.reference is None else LABELS[ranked_baseline(args.reference, names, "--reference")]
+    if args.hybrid is not None:
+        if not (args.llm or args.adapter_dir is not None):
+            raise DataError("--hybrid blends a baseline with the LLM; add --llm or --adapter_dir")
+        args.hybrid = ranked_baseline(args.hybrid, names, "--hybrid")
     if args.resamples < 100:
         raise DataError(f"--resamples must be >= 100, got {args.resamples}")
     if args.resume and not (args.llm or args.adapter_dir is not None):
         raise DataError("--resume continues an LLM ranking run (llm_margins.jsonl); add --llm or --adapter_dir")
     return names, reference
+
+
+def ranked_baseline(name: str, names: list[str], flag: str) -> str:
+    """The key of ``name`` (a key or label of a baseline in ``names`` that ranks: not one score per user)."""
+    from utils import LABELS, MODELS, PER_USER_CONSTANT
+
+    key = name if name in MODELS else next((k for k, v in LABELS.items() if v == name), None)
+    if key is None or key not in names or key in PER_USER_CONSTANT:
+        raise DataError(f"{flag} {name!r}: name one of the ranked baselines of --models "
+                        f"({', '.join(n for n in names if n not in PER_USER_CONSTANT) or 'none chosen'}), e.g. "
+                        f"--models bpr {flag} bpr")
+    return key
 
 
 def check_llm(args):
@@ -138,9 +152,10 @@ def check_llm_data(args, params: dict, examples) -> None:
                             f"{e.get('candidate_movie_id')!r}): {err}") from None
 
 
-def blocks_for_ranking(args, data) -> tuple[list[dict], dict] | None:
-    """A folder prepared with ``--format blocks``: its test records and every movie's candidate block text (rebuilt
-    from the folder's ratings, static protocol); None for a single-format folder. Checked before any fitting."""
+def blocks_for_ranking(args, data, splits=("test",)) -> tuple[dict[str, list[dict]], dict] | None:
+    """A folder prepared with ``--format blocks``: ``({split: its records}, {movie: candidate block text})``, the
+    texts rebuilt from the folder's ratings (static protocol); None for a single-format folder. Checked before
+    any fitting."""
     from utils import load_data, load_json, static_candidate_texts, train_ratings
 
     folder = Path(args.data_dir)
@@ -155,14 +170,16 @@ def blocks_for_ranking(args, data) -> tuple[list[dict], dict] | None:
     if "genres" in features and data.genres is None:
         raise DataError(f"--llm: {folder / 'items.parquet'} has no genres column to rebuild the candidates' Genres "
                         f"lines; re-run `python scripts/prepare_data.py --format blocks ...` into {folder}")
-    records = load_data(folder / "blocks_test.jsonl")
+    records = {split: load_data(folder / f"blocks_{split}.{'jsonl' if split == 'test' else 'json'}")
+               for split in splits}
     items = sorted(data.ratings.movie_id.unique().tolist())
     texts = static_candidate_texts(train_ratings(data.ratings, data.splits), data.titles, items, features,
                                    data.params["like_threshold"], data.genres)
     return records, texts
 
 
-def block_margins(model, tok, cfg, args, questions, groups, texts, budget, journal) -> tuple[list, int]:
+def block_margins(model, tok, cfg, args, questions, groups, texts, budget, journal,
+                  desc: str = "LLM ranking (blocks)") -> tuple[list, int]:
     """Per question, logit(Yes) - logit(No) of its candidates as candidate blocks: one prefix pass per group (a
     journal unit: groups already in ``journal`` are not scored again)."""
     import numpy as np
@@ -173,7 +190,7 @@ def block_margins(model, tok, cfg, args, questions, groups, texts, budget, journ
     out, cut = [None] * len(questions), 0
     keys = [unit_key(g["record"]["user_id"], g["record"]["prefix"], g["movies"]) for g in groups]
     done = sum(len(g["questions"]) for g, key in zip(groups, keys) if key in journal.done)
-    with tqdm(total=len(questions), initial=done, desc="LLM ranking (blocks)", unit="question") as bar:
+    with tqdm(total=len(questions), initial=done, desc=desc, unit="question") as bar:
         for g, key in zip(groups, keys):
             if key not in journal.done:
                 margin, was_cut = block_candidate_scores(model, tok, g["record"], [texts[m] for m in g["movies"]],
@@ -189,7 +206,8 @@ def block_margins(model, tok, cfg, args, questions, groups, texts, budget, journ
     return out, cut
 
 
-def question_margins(model, tok, cfg, args, questions, titles, budget, journal) -> tuple[list, int]:
+def question_margins(model, tok, cfg, args, questions, titles, budget, journal,
+                     desc: str = "LLM ranking") -> tuple[list, int]:
     """Per question, logit(Yes) - logit(No) of its candidates swapped into the test prompt: one prefix pass each
     (one journal unit each)."""
     import json
@@ -199,7 +217,7 @@ def question_margins(model, tok, cfg, args, questions, titles, budget, journal) 
     from utils import llm_question_scores, unit_key
 
     out, cut = [], 0
-    for q in tqdm(questions, desc="LLM ranking", unit="question"):
+    for q in tqdm(questions, desc=desc, unit="question"):
         key = unit_key(q["user_id"], json.dumps(q["example"], sort_keys=True, default=str), q["candidates"])
         if key not in journal.done:
             margin, was_cut = llm_question_scores(model, tok, q["example"], [titles[c] for c in q["candidates"]],
@@ -220,11 +238,14 @@ def llm_label(args, cfg) -> str:
     return args.name or (f"{base} + LoRA ({Path(adapter).name})" if adapter else f"{base}, zero-shot")
 
 
-def llm_rows(args, cfg, questions, titles, header, texts=None, groups=None) -> tuple[dict[str, list], int]:
-    """``({row label: per-question ranking metrics}, questions whose prompt was cut)`` of the LLM (checked by :func:`check_llm`); ``texts``/``groups``:
-    rank with candidate blocks (:func:`blocks_for_ranking`, ``recsft.ranking.block_groups``). Margins go to
-    ``llm_margins.jsonl`` as they come (``--resume`` continues from it). An adapter trained with a CF residual
-    gives two rows: the text alone (its margin) and text + residual (c + a * margin + b)."""
+def llm_rows(args, cfg, questions, titles, header, texts=None, groups=None,
+             fit=None) -> tuple[dict[str, list], int, list, list | None]:
+    """``({row label: per-question ranking metrics}, questions whose prompt was cut, margins, fit margins)`` of
+    the LLM (checked by :func:`check_llm`); ``texts``/``groups``: rank with candidate blocks
+    (:func:`blocks_for_ranking`, ``recsft.ranking.block_groups``); ``fit``: ``(questions, groups)`` of the eval
+    split, scored too (their margins fit ``--hybrid``). Margins go to ``llm_margins.jsonl`` as they come
+    (``--resume`` continues from it). An adapter trained with a CF residual gives two rows: the text alone (its
+    margin) and text + residual (c + a * margin + b)."""
     from utils import MarginJournal, adapter_path, load_for_eval, load_residual, prompt_budget, rank_metrics
 
     adapter = adapter_path(args.adapter_dir)
@@ -234,10 +255,14 @@ def llm_rows(args, cfg, questions, titles, header, texts=None, groups=None) -> t
         logger.info(f"--resume: {len(journal.done)} units already scored in {journal.path}")
     model, tok = load_for_eval(cfg.model, adapter, merge=True)
     budget = prompt_budget(tok, cfg.data.cutoff_len)
-    if groups is not None:
-        margins, cut = block_margins(model, tok, cfg, args, questions, groups, texts, budget, journal)
-    else:
-        margins, cut = question_margins(model, tok, cfg, args, questions, titles, budget, journal)
+
+    def margins_of(qs, gs, desc):
+        if gs is not None:
+            return block_margins(model, tok, cfg, args, qs, gs, texts, budget, journal, desc + " (blocks)")
+        return question_margins(model, tok, cfg, args, qs, titles, budget, journal, desc)
+
+    margins, cut = margins_of(questions, groups, "LLM ranking")
+    fit_margins = margins_of(*fit, "LLM ranking, eval questions for --hybrid")[0] if fit else None
     if cut:
         logger.warning(f"{cut} questions: prompt longer than cutoff_len={cfg.data.cutoff_len}; history cut from the "
                        f"left by the same amount for every candidate")
@@ -247,7 +272,43 @@ def llm_rows(args, cfg, questions, titles, header, texts=None, groups=None) -> t
         combined = [residual.combine(residual.table.logit([q["user_id"]] * len(q["candidates"]), list(q["candidates"])),
                                      m) for q, m in zip(questions, margins)]
         rows[f"{label} + CF residual ({residual.table.kind})"] = [rank_metrics(m[0], m[1:]) for m in combined]
-    return rows, cut
+    return rows, cut, margins, fit_margins
+
+
+def hybrid_row(scorer, questions, margins, fit_qs, fit_margins) -> tuple[list[dict], dict]:
+    """Per-question metrics of ``w1 * scorer + w2 * margin`` on the test ``questions``, the weights fit on the
+    eval questions (``recsft.ranking.fit_rank_blend``: the positive's softmax likelihood among its candidates),
+    and what was fit."""
+    import numpy as np
+
+    from utils import fit_rank_blend, rank_metrics
+
+    def features(qs, ms):
+        if hasattr(scorer, "warm"):
+            scorer.warm([q["example"] for q in qs])
+        return [np.column_stack([np.asarray(scorer(q["example"], np.asarray(q["candidates"])), dtype=float), m])
+                for q, m in zip(qs, ms)]
+
+    w = fit_rank_blend(features(fit_qs, fit_margins))
+    rows = [rank_metrics(s[0], s[1:]) for s in (f @ w for f in features(questions, margins))]
+    return rows, {"weight_baseline": float(w[0]), "weight_llm_margin": float(w[1]),
+                  "fit_questions": len(fit_qs), "fit_users": len({q["user_id"] for q in fit_qs})}
+
+
+def fit_questions(args, data, blocks, rated, items, popularity) -> tuple[list[dict], list[dict] | None]:
+    """``--hybrid``: the eval split's questions of the first ``--fit-users`` users (same protocol as the test
+    questions, negatives drawn with ``--seed`` + 1 so they are not the test questions' draws) and, for candidate
+    blocks, their groups."""
+    from utils import block_groups, build_questions
+
+    questions, _ = build_questions(data.splits["eval"], rated, items, args.n_negatives, args.seed + 1, args.sampling,
+                                   popularity, args.fit_users)
+    if not questions:
+        raise DataError(f"--hybrid: no eval user among the first {args.fit_users} has a liked (Yes) eval candidate "
+                        f"to fit the weights on; raise --fit-users")
+    groups = (block_groups(questions, blocks[0]["eval"], blocks[1], str(Path(args.data_dir) / "blocks_eval.json"))
+              if blocks else None)
+    return questions, groups
 
 
 def reference_deltas(per_question: dict, reference: str, users: list, resamples: int) -> dict:
@@ -311,9 +372,10 @@ def main(args) -> dict:
     use_llm = args.llm or args.adapter_dir is not None
     cfg = check_llm(args) if use_llm else None  # config, model, adapter: before any work
     data = load_prepared(args.data_dir)
-    blocks = blocks_for_ranking(args, data) if use_llm else None
+    splits = ("test", "eval") if args.hybrid else ("test",)
+    blocks = blocks_for_ranking(args, data, splits) if use_llm else None
     if use_llm and blocks is None:
-        check_llm_data(args, data.params, data.splits["test"])
+        check_llm_data(args, data.params, [e for split in splits for e in data.splits[split]])
     train = train_ratings(data.ratings, data.splits)
     rated = rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())
@@ -322,7 +384,9 @@ def main(args) -> dict:
                                           args.sampling, popularity, args.max_users)
     if not questions:
         raise DataError(f"{args.data_dir}: no test user has a liked (Yes) test candidate; nothing to rank")
-    groups = block_groups(questions, *blocks, str(Path(args.data_dir) / "blocks_test.jsonl")) if blocks else None
+    groups = (block_groups(questions, blocks[0]["test"], blocks[1], str(Path(args.data_dir) / "blocks_test.jsonl"))
+              if blocks else None)
+    fit = fit_questions(args, data, blocks, rated, items, popularity) if args.hybrid else None
     protocol = {"n_negatives": args.n_negatives, "sampling": args.sampling, "seed": args.seed,
                 "max_users": args.max_users, "negatives": "movies the user never rated (any split), without replacement",
                 "popularity_weights": "1 + number of training ratings" if args.sampling == "popularity" else None,
@@ -331,7 +395,10 @@ def main(args) -> dict:
                 "averaged_over": "questions", "full_ranking": "positive among all movies the user never rated",
                 "llm": ("P(Yes) of each candidate as a candidate block after the user's test prefix (static "
                         "protocol: training-split history and counts), one prefix pass per user" if blocks else
-                        "P(Yes) of the test example's prompt (same history) with each candidate swapped in")}
+                        "P(Yes) of the test example's prompt (same history) with each candidate swapped in"),
+                "hybrid": (f"w1 * {args.hybrid} score + w2 * LLM margin, w fit by the softmax likelihood of the "
+                           f"positive among its candidates on the eval questions of the first {args.fit_users} "
+                           f"users (negatives drawn with seed {args.seed + 1})") if args.hybrid else None}
     results, per_question = {}, {}
     scorers = fit_scorers(names, train, data.ratings, data.params["like_threshold"], args.seed, epochs=args.epochs)
     for name, scorer in scorers.items():
@@ -344,10 +411,16 @@ def main(args) -> dict:
             results[LABELS[name]]["full"] = full_ranking(questions, scorer, rated, items)
     if use_llm:
         header = journal_header(args, cfg, blocks)
-        rows, cut = llm_rows(args, cfg, questions, data.titles, header, blocks[1] if blocks else None, groups)
+        rows, cut, margins, fit_margins = llm_rows(args, cfg, questions, data.titles, header,
+                                                   blocks[1] if blocks else None, groups, fit)
         for label, metrics in rows.items():
             per_question[label] = metrics
             results[label] = {"sampled": {**mean_metrics(metrics), "questions_prompt_cut": cut}}
+        if args.hybrid:
+            label = f"{llm_label(args, cfg)} + {LABELS[args.hybrid]} (weights fit on eval questions)"
+            per_question[label], blend = hybrid_row(scorers[args.hybrid], questions, margins, fit[0], fit_margins)
+            results[label] = {"sampled": mean_metrics(per_question[label]), "blend": blend}
+            logger.info(f"--hybrid {args.hybrid}: weights {blend}")
     users = [q["user_id"] for q in questions]
     deltas = reference_deltas(per_question, reference, users, args.resamples) if reference else {}
     for label, d in deltas.items():

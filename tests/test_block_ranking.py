@@ -203,3 +203,30 @@ def test_rank_eval_ranks_blocks_with_one_prefix_per_user(tmp_path, tiny_qwen3):
     assert "candidate block" in out["protocol"]["llm"]
     row = next(v["sampled"] for k, v in out["results"].items() if "zero-shot" in k)
     assert row["n"] == out["counts"]["questions"] > 0 and 0 <= row["hr@10"] <= 1
+
+
+@pytest.mark.slow
+def test_rank_eval_hybrid_fits_a_blend_on_eval_questions_and_resumes(tmp_path, tiny_qwen3):
+    """--hybrid: eval questions of --fit-users users are scored by the LLM too (journaled beside the test units),
+    the blend row is ranked on the test questions, and --resume scores nothing again."""
+    data = tmp_path / "static"
+    subprocess.run([sys.executable, "scripts/prepare_data.py", "--format", "blocks", "--history-from", "train",
+                    "--max-users", "6", "--out-dir", str(data)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    flags = ["--llm", "--config", "configs/smollm2_movielens_blocks.yaml", "--n-negatives", "9", "--hybrid", "biases",
+             "--fit-users", "3", "--reference", "biases", "--resamples", "100", f"model_name_or_path={tiny_qwen3}",
+             "dtype=float32"]
+    p = _rank(tmp_path, data, *flags)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads((tmp_path / "rank" / "rank_metrics.json").read_text())
+    label = next(k for k in out["results"] if k.endswith("(weights fit on eval questions)"))
+    blend = out["results"][label]["blend"]
+    assert 0 < blend["fit_users"] <= 3 and blend["fit_questions"] >= blend["fit_users"]
+    assert out["results"][label]["sampled"]["n"] == out["counts"]["questions"]
+    assert "vs_reference" in out["results"][label] and out["protocol"]["hybrid"].startswith("w1 * biases score")
+    lines = (tmp_path / "rank" / "llm_margins.jsonl").read_text().splitlines()
+    assert len(lines) - 1 == out["counts"]["users"] + blend["fit_users"]  # one unit per user and split
+    again = _rank(tmp_path, data, *flags, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"--resume: {len(lines) - 1} units already scored" in again.stderr
+    assert (tmp_path / "rank" / "llm_margins.jsonl").read_text().splitlines() == lines  # nothing scored again
+    assert json.loads((tmp_path / "rank" / "rank_metrics.json").read_text())["results"][label] == out["results"][label]

@@ -58,12 +58,34 @@ def _argv(args):
 
 @pytest.mark.parametrize("flags,message", [(["--n-negatives", "0"], "--n-negatives"),
                                            (["--models", "svd"], "--models: unknown"),
-                                           (["--max-users", "0"], "--max-users")])
+                                           (["--max-users", "0"], "--max-users"),
+                                           (["--models", "bpr", "--hybrid", "bpr"], "--hybrid blends"),
+                                           (["--models", "mostpop", "--hybrid", "bpr", "--llm"], "--hybrid 'bpr'")])
 def test_rank_eval_bad_arguments(small_data, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         rank_eval.main(rank_eval.parse_args(["--data_dir", str(small_data), "--output_dir", str(tmp_path / "o"),
                                              *flags]))
     assert not (tmp_path / "o").exists()
+
+
+def test_rank_blend_weights_follow_the_informative_score():
+    """The blend is fit by the positive's softmax likelihood within each question: a score that puts the positive
+    first gets the larger weight, and a per-question offset of either score (a user bias) changes nothing."""
+    from recsft.ranking import fit_rank_blend
+
+    rng = np.random.default_rng(0)
+    questions = []
+    for _ in range(60):
+        good = rng.normal(size=21)
+        good[0] += 2.0  # the positive (row 0) is ahead on the informative score
+        noise = rng.normal(size=21) * 3
+        questions.append(np.column_stack([noise, good]))
+    w = fit_rank_blend(questions)
+    assert w[1] > 0 and abs(w[0]) < 0.3 * w[1]
+    shifted = fit_rank_blend([q + rng.normal(size=2) * 50 for q in questions])
+    assert np.allclose(shifted, w, rtol=0.05, atol=0.02)
+    with pytest.raises(ValueError, match="no question"):
+        fit_rank_blend([])
 
 
 def test_sasrec_scores_follow_history(small_data):

@@ -132,6 +132,35 @@ def question_rows(questions: Sequence[dict], scorer: Callable, ks=(1, 5, 10)) ->
     return rows
 
 
+def fit_rank_blend(features: Sequence[np.ndarray], l2: float = 1e-3) -> np.ndarray:
+    """Weights ``w`` of the blended score ``features @ w`` that make each question's positive (row 0 of its
+    ``(n_candidates, k)`` feature array) most likely under a softmax over the question's candidates: a
+    conditional logit, the listwise ranking likelihood (only differences within a question matter, so a
+    model's per-user offset does not). Columns are scaled by their pooled within-question standard deviation
+    for the fit (``l2`` keeps a separable fit finite); ``w`` is returned in the original units. L-BFGS
+    (``scipy.optimize``)."""
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp, softmax
+
+    features = [np.asarray(f, dtype=float) for f in features]
+    if not features:
+        raise ValueError("fit_rank_blend: no question to fit on")
+    scale = np.concatenate([f - f.mean(axis=0) for f in features]).std(axis=0)  # within-question spread
+    scale[scale == 0] = 1.0
+    scaled = [f / scale for f in features]
+
+    def loss(w):
+        value, grad = 0.0, np.zeros_like(w)
+        for f in scaled:
+            s = f @ w
+            value += logsumexp(s) - s[0]
+            grad += softmax(s) @ f - f[0]
+        return value / len(scaled) + l2 * w @ w, grad / len(scaled) + 2 * l2 * w
+
+    res = minimize(loss, np.ones(scaled[0].shape[1]), jac=True, method="L-BFGS-B")
+    return res.x / scale
+
+
 class MarginJournal:
     """The progress file of an LLM ranking run (``llm_margins.jsonl``): a header line naming the model and data, then
     one line per finished unit (a user's candidate blocks, or one question) with its candidates' margins, appended

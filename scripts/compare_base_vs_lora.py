@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(args) -> dict:
-    from utils import (EvalSettings, UserInputError, agreement, check_record_mode, check_residual_records,
-                       display_example, evaluate, format_metrics, load_for_eval, load_records, load_residual,
-                       pair_rows, preflight_inference, writable_dir, write_json_atomic, write_jsonl_atomic)
+    from utils import (EvalSettings, UserInputError, agreement, check_cf_token_records, check_record_mode,
+                       check_residual_records, display_example, evaluate, format_metrics, load_for_eval, load_records, load_residual,
+                       pair_rows, preflight_inference, without_cf_tokens, writable_dir, write_json_atomic,
+                       write_jsonl_atomic)
 
     cfg = load_config(args.config, args.overrides)
     adapter = cfg.adapter(args.adapter_dir)
@@ -50,6 +51,7 @@ def main(args) -> dict:
                                    args.max_samples or cfg.data.max_test_samples)
     settings = EvalSettings.from_config(cfg)
     model_args = check_record_mode(records, source, mode, False, cfg.model)
+    check_cf_token_records(adapter, records, source)
     residual = load_residual(adapter)  # the LoRA side scores with the adapter's CF residual, if it has one
     if residual is not None:
         if mode != "score":
@@ -57,7 +59,7 @@ def main(args) -> dict:
         check_residual_records(records, source)
     model, tok = load_for_eval(model_args, adapter)
     lora_rows, lora_m = evaluate(model, tok, records, mode, settings, source, desc="LoRA", residual=residual)
-    with model.disable_adapter():
+    with model.disable_adapter(), without_cf_tokens(model):  # the base model never saw the tokens
         base_rows, base_m = evaluate(model, tok, records, mode, settings, source, desc="Base")
     rows = pair_rows(base_rows, lora_rows)
     summary = {"test_file": source, "mode": mode, "adapter_dir": adapter, "model": cfg.model.model_name_or_path,

@@ -47,7 +47,7 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     """Train; returns the training summary (also written to ``<output_dir>/training_summary.json``)."""
     from utils import (build_trainer, check_blocks, check_launch, datasets_for, eval_subset, finish_training,
                        get_device, model_for, plan_resume, preflight_training, residual_datasets, resolve_data,
-                       run_lock, stack_residual, stopped_early, tokenizer_for)
+                       run_lock, stack_residual, stopped_early, token_dataset, tokenizer_for)
 
     start = time.perf_counter()
     check_launch(cfg.model.quantization_bit)
@@ -60,21 +60,25 @@ def main(cfg: Config, clear_cache: bool = False, resume: bool = False, extra_epo
     train_ds, eval_ds = datasets_for(cfg.data, cfg.model.enable_thinking, tokenizer, train_path, eval_path,
                                      clear_cache, cpu=get_device() == "cpu")
     model_args = check_blocks(cfg, train_ds, eval_ds)  # candidate blocks: no packing, no flash-attn
-    cf_table, stacked = None, cfg.train.cf_residual != "none" and cfg.train.cf_fit == "stacked"
+    cf, stacked = None, cfg.train.cf_residual != "none" and cfg.train.cf_fit == "stacked"
     if cfg.train.cf_residual != "none":  # the CF model is fit (and the data checked) before the LLM loads
-        cf_table, train_ds, eval_ds = residual_datasets(cfg.train.cf_residual, train_path, train_ds, eval_ds,
-                                                        cfg.train.seed, stacked=stacked)
+        cf = residual_datasets(cfg.train.cf_residual, train_path, train_ds, eval_ds, cfg.train.seed, stacked=stacked,
+                               token_offset=len(tokenizer) if cfg.train.cf_tokens else None,
+                               token_kind=cfg.train.cf_tokens_kind)
+        train_ds, eval_ds = cf.train_ds, cf.eval_ds
     fit_ds = eval_subset(cfg.data, cfg.model.enable_thinking, tokenizer, eval_path, cfg.train.cf_fit_samples,
                          cpu=get_device() == "cpu") if stacked else None  # two stages: the head after training
+    if fit_ds is not None and cf.tokens is not None:
+        fit_ds = token_dataset(fit_ds, cf.tokens)
     with run_lock(cfg.train.output_dir):  # one run per output_dir (a stale lock of a dead run is taken over)
         model, device = model_for(model_args, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.seed)
         trainer, stopper = build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device, extra_epochs,
-                                         None if stacked else cf_table)
+                                         None if stacked or cf is None else cf.table, cf_tokens=cf)
         with stopper:  # SIGTERM/SIGINT: save a checkpoint after the current step and stop
             result = plan.train(trainer)
         if stopper.requested:
             return stopped_early(trainer, stopper.requested)
-        fit = stack_residual(trainer, cf_table, fit_ds, cfg.train.output_dir) if stacked else None
+        fit = stack_residual(trainer, cf.table, fit_ds, cfg.train.output_dir) if stacked else None
         return finish_training(trainer, tokenizer, cfg, eval_path, result, time.perf_counter() - start, device,
                                cf_fit=fit)
 

@@ -55,9 +55,9 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(args) -> dict:
-    from utils import (DataError, EvalSettings, check_record_mode, check_residual_records, compare_modes,
-                       evaluate_with_thresholds, load_for_eval, load_records, load_residual, preflight_inference,
-                       save_eval, writable_dir)
+    from utils import (DataError, EvalSettings, check_cf_token_records, check_record_mode, check_residual_records,
+                       compare_modes, evaluate_with_thresholds, load_for_eval, load_records, load_residual,
+                       preflight_inference, save_eval, without_cf_tokens, writable_dir)
 
     cfg = load_config(args.config, args.overrides)
     adapter = cfg.adapter(args.adapter_dir)
@@ -73,6 +73,8 @@ def main(args) -> dict:
         calibration, _ = load_records(cfg.data.eval_dataset, cfg.data.dataset_dir, args.calibration_samples)
     settings = EvalSettings.from_config(cfg)
     model_args = check_record_mode(records, source, mode, args.compare_modes, cfg.model)  # before the model loads
+    check_cf_token_records(adapter, records, source)
+    check_cf_token_records(adapter, calibration or [], cfg.data.eval_dataset)
     residual = load_residual(adapter)  # an adapter trained with a CF residual scores with it
     if residual is not None:
         if mode != "score" or args.compare_modes:
@@ -95,7 +97,7 @@ def main(args) -> dict:
     if args.compare_modes:
         results["modes"] = compare_modes(model, tok, records, mode, results[primary], settings, source)
     if args.compare_base and adapter:
-        with model.disable_adapter():
+        with model.disable_adapter(), without_cf_tokens(model):  # the base model never saw the soft CF tokens
             results["base"] = run_one("base")
     return {name: r[1] if isinstance(r, tuple) else r for name, r in results.items()}
 

@@ -152,6 +152,11 @@ def check_llm_data(args, params: dict, examples) -> None:
                             f"{e.get('candidate_movie_id')!r}): {err}") from None
 
 
+def blocks_file(folder, split: str) -> Path:
+    """The candidate-block file of ``split`` in a folder prepared with ``--format blocks``."""
+    return Path(folder) / f"blocks_{split}.{'jsonl' if split == 'test' else 'json'}"
+
+
 def blocks_for_ranking(args, data, splits=("test",)) -> tuple[dict[str, list[dict]], dict] | None:
     """A folder prepared with ``--format blocks``: ``({split: its records}, {movie: candidate block text})``, the
     texts rebuilt from the folder's ratings (static protocol); None for a single-format folder. Checked before
@@ -170,8 +175,7 @@ def blocks_for_ranking(args, data, splits=("test",)) -> tuple[dict[str, list[dic
     if "genres" in features and data.genres is None:
         raise DataError(f"--llm: {folder / 'items.parquet'} has no genres column to rebuild the candidates' Genres "
                         f"lines; re-run `python scripts/prepare_data.py --format blocks ...` into {folder}")
-    records = {split: load_data(folder / f"blocks_{split}.{'jsonl' if split == 'test' else 'json'}")
-               for split in splits}
+    records = {split: load_data(blocks_file(folder, split)) for split in splits}
     items = sorted(data.ratings.movie_id.unique().tolist())
     texts = static_candidate_texts(train_ratings(data.ratings, data.splits), data.titles, items, features,
                                    data.params["like_threshold"], data.genres)
@@ -195,7 +199,7 @@ def block_margins(model, tok, cfg, args, questions, groups, texts, budget, journ
             if key not in journal.done:
                 margin, was_cut = block_candidate_scores(model, tok, g["record"], [texts[m] for m in g["movies"]],
                                                          args.batch_size, cfg.data.system_prompt,
-                                                         cfg.model.enable_thinking, budget)
+                                                         cfg.model.enable_thinking, budget, g["movies"])
                 journal.add(key, margin, was_cut)
                 bar.update(len(g["questions"]))
             margin, was_cut = journal.done[key]
@@ -281,13 +285,10 @@ def hybrid_row(scorer, questions, margins, fit_qs, fit_margins) -> tuple[list[di
     and what was fit."""
     import numpy as np
 
-    from utils import fit_rank_blend, rank_metrics
+    from utils import fit_rank_blend, question_scores, rank_metrics
 
     def features(qs, ms):
-        if hasattr(scorer, "warm"):
-            scorer.warm([q["example"] for q in qs])
-        return [np.column_stack([np.asarray(scorer(q["example"], np.asarray(q["candidates"])), dtype=float), m])
-                for q, m in zip(qs, ms)]
+        return [np.column_stack([s, m]) for s, m in zip(question_scores(qs, scorer), ms)]
 
     w = fit_rank_blend(features(fit_qs, fit_margins))
     rows = [rank_metrics(s[0], s[1:]) for s in (f @ w for f in features(questions, margins))]
@@ -306,7 +307,7 @@ def fit_questions(args, data, blocks, rated, items, popularity) -> tuple[list[di
     if not questions:
         raise DataError(f"--hybrid: no eval user among the first {args.fit_users} has a liked (Yes) eval candidate "
                         f"to fit the weights on; raise --fit-users")
-    groups = (block_groups(questions, blocks[0]["eval"], blocks[1], str(Path(args.data_dir) / "blocks_eval.json"))
+    groups = (block_groups(questions, blocks[0]["eval"], blocks[1], str(blocks_file(args.data_dir, "eval")))
               if blocks else None)
     return questions, groups
 
@@ -363,9 +364,10 @@ def table_text(results: dict, deltas: dict, reference: str | None) -> str:
 
 
 def main(args) -> dict:
-    from utils import (LABELS, PER_USER_CONSTANT, block_groups, build_questions, fit_scorers, full_ranking,
-                       load_prepared, mean_metrics, question_rows, rated_sets, train_ratings, writable_dir,
-                       write_json_atomic, write_jsonl_atomic, write_text_atomic)
+    from utils import (LABELS, PER_USER_CONSTANT, adapter_path, block_groups, build_questions,
+                       check_cf_token_records, fit_scorers, full_ranking, load_prepared, mean_metrics, question_rows,
+                       rated_sets, train_ratings, writable_dir, write_json_atomic, write_jsonl_atomic,
+                       write_text_atomic)
 
     names, reference = check_args(args)
     writable_dir(args.output_dir, "--output_dir")
@@ -376,6 +378,7 @@ def main(args) -> dict:
     blocks = blocks_for_ranking(args, data, splits) if use_llm else None
     if use_llm and blocks is None:
         check_llm_data(args, data.params, [e for split in splits for e in data.splits[split]])
+        check_cf_token_records(adapter_path(args.adapter_dir), data.splits["test"][:1], str(args.data_dir))
     train = train_ratings(data.ratings, data.splits)
     rated = rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())
@@ -384,7 +387,7 @@ def main(args) -> dict:
                                           args.sampling, popularity, args.max_users)
     if not questions:
         raise DataError(f"{args.data_dir}: no test user has a liked (Yes) test candidate; nothing to rank")
-    groups = (block_groups(questions, blocks[0]["test"], blocks[1], str(Path(args.data_dir) / "blocks_test.jsonl"))
+    groups = (block_groups(questions, blocks[0]["test"], blocks[1], str(blocks_file(args.data_dir, "test")))
               if blocks else None)
     fit = fit_questions(args, data, blocks, rated, items, popularity) if args.hybrid else None
     protocol = {"n_negatives": args.n_negatives, "sampling": args.sampling, "seed": args.seed,

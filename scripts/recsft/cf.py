@@ -12,6 +12,7 @@ logistic regression of ``rating >= like_threshold`` on the out-of-fold predicted
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,6 +28,7 @@ from .io import DataError, atomic_path, write_json_atomic
 KINDS = ("biases", "mf")
 SEQUENTIAL = ("sasrec",)
 ARRAYS_FILE, META_FILE, HEAD_FILE = "cf_residual.safetensors", "cf_residual.json", "cf_head.safetensors"
+TOKENS_FILE, TOKENS_TABLE = "cf_tokens.safetensors", "cf_tokens_table"  # soft CF tokens: network, CF table stem
 ARRAYS = ("user_bias", "item_bias", "user_factors", "item_factors")
 FORMAT = 1
 # a at step 0: the margin of a zero-shot chat model is a few logits, so 0.01 * margin moves c by a few
@@ -123,15 +125,16 @@ class CFTable:
         return (_gather(self.user_factors, _rows(self._users, user_ids)),
                 _gather(self.item_factors, _rows(self._items, item_ids)))
 
-    def save(self, folder: str | Path) -> None:
-        """Write ``cf_residual.safetensors`` (arrays) then ``cf_residual.json`` (ids, calibration), each atomically;
-        the json holds the arrays file's sha256, so a folder mixing two saves fails to load."""
+    def save(self, folder: str | Path, stem: str = "cf_residual") -> None:
+        """Write ``<stem>.safetensors`` (arrays) then ``<stem>.json`` (ids, calibration), each atomically; the json
+        holds the arrays file's sha256, so a folder mixing two saves fails to load. ``stem``: ``cf_residual`` (the
+        residual's table) or ``cf_tokens_table`` (the soft tokens')."""
         from safetensors.numpy import save_file
 
-        folder = Path(folder)
-        with atomic_path(folder / ARRAYS_FILE) as tmp:
+        arrays, meta = _files(folder, stem)
+        with atomic_path(arrays) as tmp:
             save_file({k: np.ascontiguousarray(getattr(self, k), dtype=np.float64) for k in ARRAYS}, str(tmp))
-        write_json_atomic(folder / META_FILE, self._meta(_sha256(folder / ARRAYS_FILE)))
+        write_json_atomic(meta, self._meta(_sha256(arrays)))
 
     def _meta(self, sha: str) -> dict:
         return {"format": FORMAT, "kind": self.kind, "global_bias": float(self.global_bias),
@@ -141,16 +144,21 @@ class CFTable:
                 "item_ids": _plain_ids(self.item_ids, "item")}
 
     @classmethod
-    def load(cls, folder: str | Path, fix: str = SAVE_FIX) -> "CFTable":
-        """The table saved in ``folder``; a missing, corrupt or mismatched file is a DataError naming it and ``fix``."""
-        folder = Path(folder)
-        meta = _read_meta(folder / META_FILE, fix)
-        arrays = _read_arrays(folder / ARRAYS_FILE, meta["arrays_sha256"], fix)
+    def load(cls, folder: str | Path, fix: str = SAVE_FIX, stem: str = "cf_residual") -> "CFTable":
+        """The table saved in ``folder`` (:meth:`save`); a missing, corrupt or mismatched file is a DataError naming
+        it and ``fix``."""
+        arrays_file, meta_file = _files(folder, stem)
+        meta = _read_meta(meta_file, fix)
+        arrays = _read_arrays(arrays_file, meta["arrays_sha256"], fix)
         table = cls(meta["kind"], meta["user_ids"], meta["item_ids"], meta["global_bias"], **arrays,
                     slope=meta["calibration"]["slope"], intercept=meta["calibration"]["intercept"],
                     like_threshold=meta["like_threshold"], seed=meta["seed"], build_id=meta["build_id"])
-        _check_shapes(table, folder / ARRAYS_FILE, fix)
+        _check_shapes(table, arrays_file, fix)
         return table
+
+
+def _files(folder: str | Path, stem: str) -> tuple[Path, Path]:
+    return Path(folder) / f"{stem}.safetensors", Path(folder) / f"{stem}.json"
 
 
 def _gather(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -208,7 +216,7 @@ def _read_arrays(path: Path, sha: str, fix: str) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: not found; {fix}")
     if _sha256(path) != sha:
-        raise DataError(f"{path}: not the file {path.with_name(META_FILE).name} was saved with; {fix}")
+        raise DataError(f"{path}: not the file {path.with_suffix('.json').name} was saved with; {fix}")
     try:
         arrays = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -226,7 +234,7 @@ def _check_shapes(t: CFTable, path: Path, fix: str) -> None:
     if not ok:
         raise DataError(f"{path}: array shapes do not match {nu} users and {ni} items; {fix}")
     if not (t._users.is_unique and t._items.is_unique):
-        raise DataError(f"{path.with_name(META_FILE)}: repeated user or item ids; {fix}")
+        raise DataError(f"{path.with_suffix('.json')}: repeated user or item ids; {fix}")
 
 
 # ---------------------------------------------------------------------------------------- fitting
@@ -298,24 +306,41 @@ def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def cross_fit_logits(kind: str, train: pd.DataFrame, like_threshold: float, seed: int = 0,
-                     folds: int = 5) -> tuple[np.ndarray, CFTable]:
-    """Out-of-fold like-logits aligned with ``train``'s rows, and the table fit on all of ``train``.
+@dataclass
+class CrossFit:
+    """Out-of-fold like-logits aligned with the training rows, the table fit on all of them, each row's fold and
+    the table fit without each fold (``fold_tables[k]`` never saw fold ``k``)."""
 
-    Each row's logit comes from a model fit on the other ``folds - 1`` folds; one calibration, fit on those
-    out-of-fold predictions, serves both the returned logits and the full table (used for eval/test rows).
-    """
+    logits: np.ndarray
+    table: CFTable
+    fold: np.ndarray
+    fold_tables: list
+
+
+def cross_fit(kind: str, train: pd.DataFrame, like_threshold: float, seed: int = 0, folds: int = 5) -> CrossFit:
+    """Each row's logit from a model fit on the other ``folds - 1`` folds; one calibration, fit on those
+    out-of-fold predictions, serves the logits and every table (the full one is used for eval/test rows)."""
     _check_train(kind, train, folds)
     fold = fold_of(len(train), folds, seed)
     predicted = np.empty(len(train))
+    fold_tables = []
     for k in range(folds):
         held = fold == k
         rows = train[held]
-        predicted[held] = fit_table(kind, train[~held], seed).rating(rows.user_id, rows.movie_id)
+        fold_tables.append(fit_table(kind, train[~held], seed))
+        predicted[held] = fold_tables[-1].rating(rows.user_id, rows.movie_id)
     slope, intercept = calibrate(predicted, (train.rating >= like_threshold).to_numpy())
-    table = replace(fit_table(kind, train, seed), slope=slope, intercept=intercept,
-                    like_threshold=float(like_threshold))
-    return slope * predicted + intercept, table
+    cal = dict(slope=slope, intercept=intercept, like_threshold=float(like_threshold))
+    table = replace(fit_table(kind, train, seed), **cal)
+    return CrossFit(slope * predicted + intercept, table, fold, [replace(t, **cal) for t in fold_tables])
+
+
+def cross_fit_logits(kind: str, train: pd.DataFrame, like_threshold: float, seed: int = 0,
+                     folds: int = 5) -> tuple[np.ndarray, CFTable]:
+    """Out-of-fold like-logits aligned with ``train``'s rows, and the table fit on all of ``train``
+    (:func:`cross_fit`)."""
+    fit = cross_fit(kind, train, like_threshold, seed, folds)
+    return fit.logits, fit.table
 
 
 def fit_cf(kind: str, train: pd.DataFrame, like_threshold: float, seed: int = 0, folds: int = 5) -> CFTable:
@@ -326,13 +351,69 @@ def fit_cf(kind: str, train: pd.DataFrame, like_threshold: float, seed: int = 0,
 def cf_lookups(data_dir: str | Path, kind: str, seed: int = 0, folds: int = 5) -> tuple[dict, CFTable]:
     """For a folder written by prepare_data.py: ``{(user_id, movie_id): c}`` of every training interaction
     (out-of-fold logits), and the full-fit table (carrying the folder's build id) for every other row."""
+    fit = cf_cross_fit(data_dir, kind, seed, folds)
+    return fit[0], fit[1].table
+
+
+def cf_cross_fit(data_dir: str | Path, kind: str, seed: int = 0, folds: int = 5) -> tuple[dict, CrossFit, dict]:
+    """:func:`cf_lookups`' logit lookup, the whole :class:`CrossFit` (its table carrying the folder's build id),
+    and ``{(user_id, movie_id): fold}`` of every training interaction."""
     from .movielens import load_prepared, train_ratings
 
     data = load_prepared(data_dir)
     train = train_ratings(data.ratings, data.splits)
-    logits, table = cross_fit_logits(kind, train, data.params["like_threshold"], seed, folds)
-    table.build_id = data.build_id
-    return dict(zip(zip(train.user_id.tolist(), train.movie_id.tolist()), logits.tolist())), table
+    fit = cross_fit(kind, train, data.params["like_threshold"], seed, folds)
+    fit.table.build_id = data.build_id
+    pairs = list(zip(train.user_id.tolist(), train.movie_id.tolist()))
+    return dict(zip(pairs, fit.logits.tolist())), fit, dict(zip(pairs, fit.fold.tolist()))
+
+
+# ------------------------------------------------------------------------------------ soft CF tokens
+@dataclass(eq=False)
+class TokenIds:
+    """Token ids of the soft CF tokens (``cf_tokens``): ids at or above ``offset`` (the tokenizer's length) are
+    not text but rows of :func:`token_features`. Table 0 is the full CF table; table ``k + 1`` the one fit without
+    training fold ``k`` (a training answer's item token comes from the table that never saw that rating)."""
+
+    table: CFTable
+    offset: int
+
+    @property
+    def width(self) -> int:
+        """Rows per table: users, items, an unknown user and an unknown item."""
+        return len(self.table.user_ids) + len(self.table.item_ids) + 2
+
+    def user(self, user_id, table: int = 0) -> int:
+        row = int(_rows(self.table._users, [user_id])[0])
+        return self.offset + table * self.width + (row if row >= 0 else self.width - 2)
+
+    def item(self, item_id, table: int = 0) -> int:
+        row = int(_rows(self.table._items, [item_id])[0])
+        return self.offset + table * self.width + (len(self.table.user_ids) + row if row >= 0 else self.width - 1)
+
+
+def _features(t: CFTable, users: pd.Index, items: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+    """``[bias, factors...]`` of ``users`` / ``items`` in table ``t`` (zeros where ``t`` lacks the id)."""
+    u, i = _rows(t._users, users), _rows(t._items, items)
+    return (np.hstack([_gather(t.user_bias[:, None], u), _gather(t.user_factors, u)]),
+            np.hstack([_gather(t.item_bias[:, None], i), _gather(t.item_factors, i)]))
+
+
+def token_features(tables: Sequence[CFTable]) -> np.ndarray:
+    """``(len(tables) * TokenIds.width, 1 + k)`` float32 inputs of the soft tokens, in :class:`TokenIds` order:
+    per table its users' and items' ``[bias, factors]`` (aligned to ``tables[0]``'s ids), standardised by the
+    mean and spread of ``tables[0]``'s users (items alike); unknown ids and the two unknown rows are 0 (the mean)."""
+    full = tables[0]
+    ref_u, ref_i = _features(full, full._users, full._items)
+    stats = [(m.mean(0), m.std(0) + 1e-6) for m in (ref_u, ref_i)]
+    out = []
+    for t in tables:
+        fu, fi = _features(t, full._users, full._items)
+        ku, ki = _rows(t._users, full._users) >= 0, _rows(t._items, full._items) >= 0
+        fu = np.where(ku[:, None], (fu - stats[0][0]) / stats[0][1], 0.0)
+        fi = np.where(ki[:, None], (fi - stats[1][0]) / stats[1][1], 0.0)
+        out.append(np.vstack([fu, fi, np.zeros((2, fu.shape[1]))]))
+    return np.vstack(out).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- head
@@ -380,8 +461,114 @@ def _head_class():
     return ResidualHead
 
 
+@functools.cache
+def _tokens_class():
+    import torch
+
+    class CFTokenEmbedding(torch.nn.Module):
+        """The model's input embedding with soft CF tokens: ids below ``offset`` are looked up in ``embed`` as usual;
+        an id ``offset + r`` becomes ``mlp(features[r])``, a 2-layer network (GELU) from the CF model's
+        ``[bias, factors]`` of a user or an item to one input embedding (CoLLM's mapping). ``features`` is
+        :func:`token_features` (not saved: rebuilt from the CF table saved with the adapter); the network is
+        saved as ``cf_tokens.safetensors``. The last layer starts scaled so a soft token has the typical size
+        of a word embedding."""
+
+        def __init__(self, embed, features: np.ndarray, offset: int):
+            super().__init__()
+            self.embed, self.offset = embed, int(offset)
+            dim, width = embed.weight.shape[1], features.shape[1]
+            self.register_buffer("features", torch.as_tensor(features, dtype=torch.float32), persistent=False)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(width, dim), torch.nn.GELU(), torch.nn.Linear(dim, dim))
+            self.to(embed.weight.device)
+            with torch.no_grad():
+                target = embed.weight[:self.offset].float().pow(2).mean().sqrt()
+                scale = target / self.mlp(self.features).pow(2).mean().sqrt().clamp(min=1e-6)
+                self.mlp[2].weight.mul_(scale)
+                self.mlp[2].bias.mul_(scale)
+
+        @property
+        def weight(self):  # tied LM heads and resize_token_embeddings read the word embedding matrix
+            return self.embed.weight
+
+        def forward(self, input_ids):
+            soft = input_ids >= self.offset
+            out = self.embed(torch.where(soft, 0, input_ids))
+            if bool(soft.any()):
+                out = out.clone()
+                out[soft] = self.mlp(self.features[input_ids[soft] - self.offset]).to(out.dtype)
+            return out
+
+        def save(self, folder: str | Path) -> None:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().float().cpu().contiguous() for k, v in self.mlp.state_dict().items()}
+            with atomic_path(Path(folder) / TOKENS_FILE) as tmp:
+                save_file(state, str(tmp), metadata={"offset": str(self.offset)})
+
+        def load_mlp(self, folder: str | Path, fix: str) -> None:
+            """The network saved in ``folder``; a missing, corrupt or mismatched file is a DataError naming it."""
+            from safetensors import SafetensorError, safe_open
+
+            path = Path(folder) / TOKENS_FILE
+            if not path.is_file():
+                raise DataError(f"{path}: not found; {fix}")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    offset = (f.metadata() or {}).get("offset")
+                    state = {k: f.get_tensor(k) for k in f.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise DataError(f"{path}: corrupt ({type(e).__name__}); {fix}") from None
+            own = self.mlp.state_dict()
+            if offset != str(self.offset) or sorted(state) != sorted(own) or any(
+                    state[k].shape != own[k].shape for k in own):
+                raise DataError(f"{path}: saved for another tokenizer or CF table (offset {offset}, this one "
+                                f"{self.offset}); {fix}")
+            self.mlp.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+    CFTokenEmbedding.__qualname__ = "CFTokenEmbedding"
+    CFTokenEmbedding.__module__ = __name__
+    return CFTokenEmbedding
+
+
+def add_cf_tokens(model, tables: Sequence[CFTable], offset: int):
+    """Give ``model`` soft CF tokens (:class:`CFTokenEmbedding`, ids from :class:`TokenIds`); returns the module."""
+    module = _tokens_class()(model.get_input_embeddings(), token_features(tables), offset)
+    model.set_input_embeddings(module)
+    return module
+
+
+def cf_token_ids(model) -> "TokenIds | None":
+    """The :class:`TokenIds` of a model given soft CF tokens (``model.cf_token_ids``), else None."""
+    return getattr(model, "cf_token_ids", None) or getattr(getattr(model, "base_model", None), "cf_token_ids", None)
+
+
+@contextlib.contextmanager
+def without_cf_tokens(model):
+    """Inside: ``model`` scores as if it had no soft CF tokens (none inserted; the base model of a comparison)."""
+    tokens = model.__dict__.pop("cf_token_ids", None)
+    try:
+        yield model
+    finally:
+        if tokens is not None:
+            model.cf_token_ids = tokens
+
+
+def load_cf_tokens(model, folder: str | Path, offset: int, fix: str) -> bool:
+    """Soft CF tokens saved with an adapter (``cf_tokens.safetensors`` + ``cf_tokens_table.*``): added to ``model``, which
+    then carries ``cf_token_ids``; False (nothing done) when ``folder`` has none."""
+    if not (Path(folder) / TOKENS_FILE).is_file():
+        return False
+    table = CFTable.load(folder, fix=fix, stem=TOKENS_TABLE)
+    add_cf_tokens(model, [table], offset).load_mlp(folder, fix)
+    model.cf_token_ids = TokenIds(table, offset)
+    return True
+
+
 def __getattr__(name: str):
-    """``ResidualHead`` is built on first use, so importing this module does not import torch."""
+    """``ResidualHead`` and ``CFTokenEmbedding`` are built on first use, so importing this module does not import
+    torch."""
     if name == "ResidualHead":
         return _head_class()
+    if name == "CFTokenEmbedding":
+        return _tokens_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

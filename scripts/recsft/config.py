@@ -195,6 +195,12 @@ class TrainArgs(_Section):
     cf_fit: str = field(default="joint", metadata=_OWN)
     # stacked: eval records scored for the fit of a and b (null: the whole eval file); ~8 answers per record
     cf_fit_samples: int | None = field(default=256, metadata=_OWN)
+    # soft CF tokens (CoLLM-style): the CF model's [bias, factors] of the user and of each candidate, mapped by a
+    # trainable 2-layer network to one input embedding each, after the history and before each candidate's text
+    cf_tokens: bool = field(default=False, metadata=_OWN)
+    # the CF model whose vectors the soft tokens carry: null = cf_residual's; mf gives [bias, 20 factors] per user and
+    # item (with biases each token carries one number)
+    cf_tokens_kind: str | None = field(default=None, metadata=_OWN)
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -238,6 +244,11 @@ class TrainArgs(_Section):
         self._check(self.cf_fit in CF_FITS, f"cf_fit: {self.cf_fit!r} is not one of {', '.join(CF_FITS)}")
         self._check(self.cf_fit == "joint" or self.cf_residual != "none",
                     f"cf_fit: {self.cf_fit} fits a CF residual's head; set cf_residual=biases (or mf)")
+        self._check(self.cf_tokens_kind in (None, *CF_RESIDUALS[1:]),
+                    f"cf_tokens_kind: {self.cf_tokens_kind!r} is not null or one of {', '.join(CF_RESIDUALS[1:])}")
+        self._check(not self.cf_tokens or self.cf_residual != "none",
+                    "cf_tokens: the soft tokens carry the CF residual's user and item vectors; set cf_residual=biases "
+                    "(or mf)")
         self._check(self.cf_residual == "none" or self.loss_type == "yes_no",
                     f"cf_residual: {self.cf_residual} adds a CF logit to logit(Yes) - logit(No), which only the "
                     f"yes_no loss trains; set loss_type=yes_no")

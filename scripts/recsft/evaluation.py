@@ -64,6 +64,10 @@ def load_for_eval(model_args, adapter_dir: str | None, device: str | None = None
                         "running it unmerged (same outputs, slightly slower)", 4 if model.is_loaded_in_4bit else 8)
         elif merge:
             model = model.merge_and_unload()
+        from .cf import load_cf_tokens
+
+        load_cf_tokens(model, adapter_dir, len(tok), "the adapter folder is incomplete; copy it again from the "
+                                                     "training output_dir")
     return model.eval(), tok
 
 
@@ -170,6 +174,20 @@ def check_residual_records(records: Sequence[dict], source: str) -> None:
             raise DataError(f"{source}: record {i} has no user_id / candidate_movie_id, which this adapter's CF "
                             f"residual needs; score the test-format, candidate-block or session files of "
                             f"prepare_data.py (they keep both ids)")
+
+
+def check_cf_token_records(adapter_dir: str | None, records: Sequence[dict], source: str) -> None:
+    """An adapter trained with soft CF tokens scores only candidate-block records (the tokens' place is the end of
+    the shared prefix and the start of each block); checked before the model loads."""
+    from pathlib import Path
+
+    from .cf import TOKENS_FILE
+    from .io import DataError
+
+    if adapter_dir and (Path(adapter_dir) / TOKENS_FILE).is_file() and not all("blocks" in r for r in records):
+        raise DataError(f"{source}: {adapter_dir} was trained with soft CF tokens (cf_tokens: true), which only "
+                        f"candidate-block records carry; score the blocks_test.jsonl / blocks_eval.json files of "
+                        f"prepare_data.py --format blocks")
 
 
 def apply_residual(rows: list[dict], residual: Residual) -> None:

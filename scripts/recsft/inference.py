@@ -274,7 +274,8 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int):
 def score_blocks(model, tokenizer, records: Sequence[dict], cutoff_len: int | None = None,
                  system_prompt: str | None = None, enable_thinking: bool = False, batch_size: int = 4,
                  progress: bool = True, desc: str = "Scoring blocks", source: str = "data") -> list[dict]:
-    """P(Yes) for every candidate block of candidate-block records: one forward pass per example.
+    """P(Yes) for every candidate block of candidate-block records: one forward pass per example (with the soft CF
+    tokens of a model that has them, :func:`recsft.cf.cf_token_ids`).
 
     Each block attends to the shared prefix and itself only (:func:`block_attention`), so its P(Yes) is that of
     the same prefix and candidate asked as one ordinary question. Returns one dict per block, in record and
@@ -284,8 +285,14 @@ def score_blocks(model, tokenizer, records: Sequence[dict], cutoff_len: int | No
 
     from .preprocess import answer_positions, tokenize_blocks_to_arrow
 
+    from .cf import cf_token_ids
+    from .preprocess import with_cf_tokens
+
     table = tokenize_blocks_to_arrow(records, tokenizer, cutoff_len or (1 << 30), system_prompt, enable_thinking,
                                      source).to_pydict()
+    tokens = cf_token_ids(model)
+    if tokens is not None:  # a model trained with soft CF tokens reads them where training put them
+        table.update(with_cf_tokens(table, tokens))
     yes_id, no_id = answer_token_ids(tokenizer)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

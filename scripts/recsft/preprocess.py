@@ -384,6 +384,37 @@ def tokenize_blocks_to_arrow(records: Sequence[dict], tokenizer, cutoff_len: int
                      "user_id": pa.array(np.asarray(users, dtype=np.int64), pa.int64())})
 
 
+def insert_cf_tokens(input_ids: Sequence[int], labels: Sequence[int], block_ids: Sequence[int], user_token: int,
+                     item_tokens: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    """One candidate-block example with soft CF tokens (``cf_tokens``): ``user_token`` at the end of the shared
+    prefix (after the history, before the first candidate) and ``item_tokens[n - 1]`` at the start of block ``n``
+    (before the candidate's text), unlabelled, each with the block id of the part it joins."""
+    ids, lab, bid = [], [], []
+    prev = 0
+    for t, l, b in zip(input_ids, labels, block_ids):
+        if b != prev and b > 0:
+            if prev == 0:
+                ids.append(user_token), lab.append(IGNORE_INDEX), bid.append(0)
+            ids.append(item_tokens[b - 1]), lab.append(IGNORE_INDEX), bid.append(b)
+            prev = b
+        ids.append(t), lab.append(l), bid.append(b)
+    return ids, lab, bid
+
+
+def with_cf_tokens(table: dict, token_ids, table_of=lambda key: 0) -> dict:
+    """Columns of a tokenized candidate-block table (``input_ids``, ``labels``, ``block_ids``, ``answer_keys``)
+    with soft CF tokens inserted (:func:`insert_cf_tokens`); ``token_ids``: :class:`recsft.cf.TokenIds`;
+    ``table_of(answer_key)``: which CF table an item token reads (0: the full one)."""
+    out = {k: [] for k in ("input_ids", "labels", "block_ids")}
+    for ids, lab, bid, keys in zip(table["input_ids"], table["labels"], table["block_ids"], table["answer_keys"]):
+        pairs = [json.loads(k) for k in keys]
+        row = insert_cf_tokens(ids, lab, bid, token_ids.user(pairs[0][0]),
+                               [token_ids.item(m, table_of((u, m))) for u, m in pairs])
+        for k, v in zip(out, row):
+            out[k].append(v)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything in the tokenizer that changes token ids or the chat template."""

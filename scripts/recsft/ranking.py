@@ -121,15 +121,16 @@ def mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
     return {**{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}, "n": len(rows)}
 
 
-def question_rows(questions: Sequence[dict], scorer: Callable, ks=(1, 5, 10)) -> list[dict[str, float]]:
-    """Per question, the ranking metrics of ``scorer(example, candidate_items) -> scores`` (positive first)."""
+def question_scores(questions: Sequence[dict], scorer: Callable) -> list[np.ndarray]:
+    """Per question, ``scorer(example, candidate_items) -> scores`` as floats (positive first)."""
     if hasattr(scorer, "warm"):  # a scorer that encodes many examples at once (e.g. a sequential model)
         scorer.warm([q["example"] for q in questions])
-    rows = []
-    for q in questions:
-        s = np.asarray(scorer(q["example"], np.asarray(q["candidates"])), dtype=float)
-        rows.append(rank_metrics(s[0], s[1:], ks))
-    return rows
+    return [np.asarray(scorer(q["example"], np.asarray(q["candidates"])), dtype=float) for q in questions]
+
+
+def question_rows(questions: Sequence[dict], scorer: Callable, ks=(1, 5, 10)) -> list[dict[str, float]]:
+    """Per question, the ranking metrics of ``scorer(example, candidate_items) -> scores`` (positive first)."""
+    return [rank_metrics(s[0], s[1:], ks) for s in question_scores(questions, scorer)]
 
 
 def fit_rank_blend(features: Sequence[np.ndarray], l2: float = 1e-3) -> np.ndarray:
@@ -322,31 +323,46 @@ def llm_question_scores(model, tokenizer, example: dict, titles: Sequence[str], 
 
 def block_candidate_scores(model, tokenizer, record: dict, texts: Sequence[str], batch_size: int = 32,
                            system_prompt: str | None = None, enable_thinking: bool = False,
-                           max_prompt_tokens: int | None = None) -> tuple[np.ndarray, bool]:
+                           max_prompt_tokens: int | None = None,
+                           movies: Sequence | None = None) -> tuple[np.ndarray, bool]:
     """``(logit_yes - logit_no per text, prefix_was_cut)``: each candidate block text asked after the shared
     prefix of the candidate-block ``record`` (its history and question), as in training; one prefix pass.
-    Equal to scoring each ``prefix + text`` as one ordinary question (:func:`recsft.formatting.block_texts`)."""
+    Equal to scoring each ``prefix + text`` as one ordinary question (:func:`recsft.formatting.block_texts`).
+    A model with soft CF tokens (:func:`recsft.cf.cf_token_ids`) reads them where training put them: the
+    record's user after the prefix, each candidate (``movies``, aligned with ``texts``) before its text."""
+    from .cf import cf_token_ids
     from .formatting import block_texts
+
+    tokens, soft = cf_token_ids(model), None
+    if tokens is not None:
+        if movies is None or len(movies) != len(texts):
+            raise ValueError("a model with soft CF tokens needs the movie id of every candidate text")
+        soft = (tokens.user(record.get("user_id")), [tokens.item(m) for m in movies])
 
     rec = {"prefix": record["prefix"], "system": record.get("system"),
            "blocks": [{"text": t, "answer": "Yes"} for t in texts]}
     [(prefix, blocks)] = block_texts([rec], tokenizer, system_prompt, enable_thinking)
-    return prefix_margins(model, tokenizer, prefix, [b for b, _ in blocks], batch_size, max_prompt_tokens)
+    return prefix_margins(model, tokenizer, prefix, [b for b, _ in blocks], batch_size, max_prompt_tokens, soft)
 
 
 def prefix_margins(model, tokenizer, prefix: str, suffixes: Sequence[str], batch_size: int = 32,
-                   max_prompt_tokens: int | None = None) -> tuple[np.ndarray, bool]:
+                   max_prompt_tokens: int | None = None,
+                   soft: tuple[int, Sequence[int]] | None = None) -> tuple[np.ndarray, bool]:
     """``(logit_yes - logit_no after prefix + suffix for each suffix, prefix_was_cut)``.
 
     When the longest ``prefix + suffix`` exceeds ``max_prompt_tokens``, the prefix is cut from the left by the
     same amount for every suffix (training cuts prompts from the left too), so all candidates still see the
-    same history.
+    same history. ``soft``: ``(user token, [item token per suffix])`` of soft CF tokens, placed after the prefix
+    and before each suffix (:func:`recsft.preprocess.insert_cf_tokens`).
     """
     from .inference import answer_token_ids
 
     yes_id, no_id = answer_token_ids(tokenizer)
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     suffix_ids = tokenizer(list(suffixes), add_special_tokens=False)["input_ids"]
+    if soft is not None:
+        prefix_ids = [*prefix_ids, soft[0]]
+        suffix_ids = [[item, *ids] for item, ids in zip(soft[1], suffix_ids)]
     cut = False
     if max_prompt_tokens:
         room = max_prompt_tokens - max(len(s) for s in suffix_ids)

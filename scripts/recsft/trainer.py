@@ -112,10 +112,12 @@ class RecSFTTrainer(SFTTrainer):
 
     extra_columns: tuple[str, ...] = EXTRA_COLUMNS
 
-    def __init__(self, model, args: RecSFTConfig, *, processing_class, callbacks=None, cf_table=None, **kwargs):
+    def __init__(self, model, args: RecSFTConfig, *, processing_class, callbacks=None, cf_table=None,
+                 cf_tokens=None, **kwargs):
         if not isinstance(args, RecSFTConfig):
             raise TypeError(f"RecSFTTrainer needs RecSFTConfig arguments, got {type(args).__name__}")
         self.cf_table = cf_table  # CF residual (recsft.cf.CFTable): saved with every checkpoint beside model.cf_head
+        self.cf_tokens = cf_tokens  # soft CF tokens (recsft.cf.TokenIds): table + mapping network in every checkpoint
         self.counters = TrainCounters()
         self.time_budget = (TimeBudgetCallback(args.max_train_minutes, args.budget_clock)
                             if args.max_train_minutes else None)
@@ -187,6 +189,12 @@ class RecSFTTrainer(SFTTrainer):
             output_dir = output_dir or self.args.output_dir
             self.cf_table.save(output_dir)
             getattr(self.model, "module", self.model).cf_head.save(output_dir)
+        if self.cf_tokens is not None:
+            from .cf import TOKENS_TABLE
+
+            output_dir = output_dir or self.args.output_dir
+            self.cf_tokens.table.save(output_dir, stem=TOKENS_TABLE)
+            getattr(self.model, "module", self.model).get_input_embeddings().save(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -197,11 +205,14 @@ class RecSFTTrainer(SFTTrainer):
         self._load_head(self.state.best_model_checkpoint)
 
     def _load_head(self, folder) -> None:
+        fix = "resume from another checkpoint or start fresh in a new output_dir"
+        if self.cf_tokens is not None and folder:
+            getattr(self.model, "module", self.model).get_input_embeddings().load_mlp(folder, fix)
         if self.cf_table is None or not folder:
             return
         from .cf import ResidualHead
 
-        saved = ResidualHead.load(folder, fix="resume from another checkpoint or start fresh in a new output_dir")
+        saved = ResidualHead.load(folder, fix=fix)
         head = getattr(self.model, "module", self.model).cf_head
         with torch.no_grad():
             head.a.copy_(saved.a)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,13 +89,28 @@ def sft_config(train, cutoff_len: int, device: str, has_eval: bool, extra_epochs
     return RecSFTConfig(**(kwargs | extra))
 
 
-def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int, stacked: bool = False):
+@dataclass
+class ResidualData:
+    """What :func:`residual_datasets` sets up: the full CF table, the datasets (with ``cf`` logits unless stacked,
+    with soft-token ids when ``tokens`` is set), and for ``cf_tokens`` the token ids and every table they read."""
+
+    table: Any
+    train_ds: Any
+    eval_ds: Any
+    tokens: Any = None
+    token_tables: list = field(default_factory=list)
+
+
+def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int, stacked: bool = False,
+                      token_offset: int | None = None, token_kind: str | None = None) -> ResidualData:
     """CF residual set-up, before the model loads: fit the CF model on the training split of ``train_path``'s data
     folder and add each answer's ``cf`` logit to the datasets (training rows: 5-fold out-of-fold logits).
-    Returns ``(table, train_ds, eval_ds)``; :func:`build_trainer` adds the learned head to the model.
-    ``stacked`` (``cf_fit: stacked``): the datasets stay text-only; :func:`stack_residual` fits the head after
-    training."""
-    from .cf import cf_lookups
+    :func:`build_trainer` adds the learned head to the model. ``stacked`` (``cf_fit: stacked``): no ``cf``
+    column; :func:`stack_residual` fits the head after training. ``token_offset`` (``cf_tokens``; the tokenizer's
+    length): soft CF tokens of the ``token_kind`` CF model (default ``kind``) inserted in every example
+    (:func:`recsft.preprocess.with_cf_tokens`; a training answer's item token from the fold table that never saw
+    it)."""
+    from .cf import TokenIds, cf_cross_fit
     from .config import ConfigError
 
     if "answer_keys" not in train_ds.column_names or (eval_ds is not None and "answer_keys" not in eval_ds.column_names):
@@ -106,7 +123,8 @@ def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int, 
     folder = Path(train_path).parent
     check_same_build(folder, [Path(train_path).name, "stats.json", "test_raw.jsonl", "interactions.parquet"],
                      f"re-run `python scripts/prepare_data.py --format blocks --out-dir {folder}`")
-    lookup, table = cf_lookups(folder, kind, seed)
+    lookup, fit, folds = cf_cross_fit(folder, kind, seed)
+    table = fit.table
     logger.info("CF residual: %s fit on %s (%d training interactions, out-of-fold logits for training rows)",
                 kind, folder, len(lookup))
 
@@ -120,9 +138,24 @@ def residual_datasets(kind: str, train_path: str, train_ds, eval_ds, seed: int, 
             return {"cf": out}
         return None if ds is None else ds.map(cf_of, batched=True, desc="CF logits")
 
-    if stacked:
-        return table, train_ds, eval_ds
-    return table, add(train_ds, True), add(eval_ds, False)
+    data = ResidualData(table, train_ds, eval_ds) if stacked else ResidualData(table, add(train_ds, True),
+                                                                               add(eval_ds, False))
+    if token_offset is not None:
+        if token_kind not in (None, kind):
+            _, fit, folds = cf_cross_fit(folder, token_kind, seed)
+        data.tokens, data.token_tables = TokenIds(fit.table, token_offset), [fit.table, *fit.fold_tables]
+        data.train_ds = token_dataset(data.train_ds, data.tokens, lambda key: folds.get(key, -1) + 1)
+        data.eval_ds = token_dataset(data.eval_ds, data.tokens)
+    return data
+
+
+def token_dataset(ds, tokens, table_of=lambda key: 0):
+    """``ds`` with soft CF tokens inserted in every example (:func:`recsft.preprocess.with_cf_tokens`)."""
+    from .preprocess import with_cf_tokens
+
+    if ds is None:
+        return None
+    return ds.map(lambda batch: with_cf_tokens(batch, tokens, table_of), batched=True, desc="CF tokens")
 
 
 def stack_residual(trainer, table, eval_ds, output_dir: str) -> dict:
@@ -175,10 +208,11 @@ def check_blocks(cfg, train_ds, eval_ds):
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_epochs: float = 0.0, cf_table=None,
-                  **extra):
+                  cf_tokens: ResidualData | None = None, **extra):
     """The trainer with our eval step, metrics and callbacks; returns ``(trainer, graceful_stop_callback)``.
 
     ``cf_table``: the CF residual's table (:func:`residual_datasets`); the learned head is added to the model.
+    ``cf_tokens``: :func:`residual_datasets`' result when it set up soft CF tokens; the model gets them.
     ``extra``: further trainer arguments (:func:`sft_config`).
     """
     from transformers import EarlyStoppingCallback
@@ -198,9 +232,15 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
         from .cf import ResidualHead
 
         model.cf_head = ResidualHead().to(next(model.parameters()).device)
+    tokens = cf_tokens.tokens if cf_tokens is not None else None
+    if tokens is not None:  # soft CF tokens: the input embedding gains the trainable mapping network
+        from .cf import add_cf_tokens
+
+        add_cf_tokens(model, cf_tokens.token_tables, tokens.offset)
+        model.cf_token_ids = tokens
     trainer = RecSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
-                            callbacks=callbacks, cf_table=cf_table)
+                            callbacks=callbacks, cf_table=cf_table, cf_tokens=tokens)
     if args.world_size > 1:
         logger.info("Distributed training: %d processes (%s); this is rank %d", args.world_size,
                     args.parallel_mode, args.process_index)

@@ -236,8 +236,11 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg, device: str, extra_e
     if tokens is not None:  # soft CF tokens: the input embedding gains the trainable mapping network
         from .cf import add_cf_tokens
 
-        add_cf_tokens(model, cf_tokens.token_tables, tokens.offset)
+        module = add_cf_tokens(model, cf_tokens.token_tables, tokens.offset)
         model.cf_token_ids = tokens
+        logger.info("Soft CF tokens: %s vectors (%d numbers per user and item) -> 2-layer network, %s trainable "
+                    "parameters beside LoRA", tokens.table.kind, module.features.shape[1],
+                    f"{sum(p.numel() for p in module.mlp.parameters()):,}")
     trainer = RecSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
                             callbacks=callbacks, cf_table=cf_table, cf_tokens=tokens)

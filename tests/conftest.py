@@ -161,3 +161,25 @@ def movielens_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("movielens")
     movielens.prepare(str(out))
     return out
+
+
+@pytest.fixture
+def residual_run():
+    """``run(tmp_path, model, *settings) -> (data, out, common, run_kwargs)``: static-protocol blocks data of 12
+    users and the common arguments of a CF-residual training run on ``model``."""
+    import subprocess
+    import sys
+
+    def prepare(tmp_path: Path, model: str, *settings: str):
+        data = tmp_path / "data"
+        run = dict(cwd=ROOT, capture_output=True, text=True, timeout=900)
+        p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--format", "blocks", "--history-from",
+                            "train", "--max-users", "12", "--out-dir", str(data)], **run)
+        assert p.returncode == 0, p.stderr
+        out = tmp_path / "out"
+        common = ["--config", "configs/smollm2_movielens_blocks.yaml", f"model_name_or_path={model}",
+                  f"dataset={data / 'blocks_train.json'}", f"eval_dataset={data / 'blocks_eval.json'}",
+                  f"output_dir={out}", f"preprocessing_cache_dir={tmp_path / 'cache'}", "dtype=float32",
+                  "cf_residual=biases", *settings]
+        return data, out, common, run
+    return prepare

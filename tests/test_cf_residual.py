@@ -80,24 +80,9 @@ def test_residual_needs_block_data(tmp_path):
         T.residual_datasets("biases", str(tmp_path / "train.json"), ds, None, 0)
 
 
-def _residual_run(tmp_path: Path, model: str, *settings: str):
-    """Static-protocol blocks data of 12 users and the common arguments of a residual run on ``model``."""
-    data = tmp_path / "data"
-    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=900)
-    p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--format", "blocks", "--history-from", "train",
-                        "--max-users", "12", "--out-dir", str(data)], **run)
-    assert p.returncode == 0, p.stderr
-    out = tmp_path / "out"
-    common = ["--config", "configs/smollm2_movielens_blocks.yaml", f"model_name_or_path={model}",
-              f"dataset={data / 'blocks_train.json'}", f"eval_dataset={data / 'blocks_eval.json'}",
-              f"output_dir={out}", f"preprocessing_cache_dir={tmp_path / 'cache'}", "dtype=float32",
-              "cf_residual=biases", *settings]
-    return data, out, common, run
-
-
 @pytest.mark.slow
-def test_residual_trains_saves_and_scores_end_to_end(tmp_path, tiny_qwen3):
-    data, out, common, run = _residual_run(tmp_path, tiny_qwen3)
+def test_residual_trains_saves_and_scores_end_to_end(tmp_path, tiny_qwen3, residual_run):
+    data, out, common, run = residual_run(tmp_path, tiny_qwen3)
     p = subprocess.run([sys.executable, "scripts/finetune_lora.py", *common, "max_steps=4", "eval_steps=2",
                         "save_steps=2", "max_samples=8", "max_eval_samples=4", "max_train_minutes=null"], **run)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -163,8 +148,8 @@ def test_stacked_fit_needs_a_residual():
 
 
 @pytest.mark.slow
-def test_stacked_residual_trains_text_then_fits_the_head_on_eval(tmp_path, tiny_qwen3):
-    data, out, common, run = _residual_run(tmp_path, tiny_qwen3, "cf_fit=stacked")
+def test_stacked_residual_trains_text_then_fits_the_head_on_eval(tmp_path, tiny_qwen3, residual_run):
+    data, out, common, run = residual_run(tmp_path, tiny_qwen3, "cf_fit=stacked")
     p = subprocess.run([sys.executable, "scripts/finetune_lora.py", *common, "max_steps=2", "eval_steps=2",
                         "save_steps=2", "max_samples=4", "max_eval_samples=3", "cf_fit_samples=6",
                         "max_train_minutes=null"], **run)

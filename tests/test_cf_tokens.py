@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from recsft import cf
@@ -141,17 +140,9 @@ def test_cf_tokens_need_a_residual():
 
 
 @pytest.mark.slow
-def test_cf_tokens_train_save_and_score_end_to_end(tmp_path, tiny_qwen3):
-    data = tmp_path / "data"
-    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=900)
-    p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--format", "blocks", "--history-from", "train",
-                        "--max-users", "12", "--out-dir", str(data)], **run)
-    assert p.returncode == 0, p.stderr
-    out = tmp_path / "out"
-    common = ["--config", "configs/smollm2_movielens_blocks.yaml", f"model_name_or_path={tiny_qwen3}",
-              f"dataset={data / 'blocks_train.json'}", f"eval_dataset={data / 'blocks_eval.json'}",
-              f"output_dir={out}", f"preprocessing_cache_dir={tmp_path / 'cache'}", "dtype=float32",
-              "cf_residual=biases", "cf_fit=stacked", "cf_tokens=true", "cf_tokens_kind=mf"]
+def test_cf_tokens_train_save_and_score_end_to_end(tmp_path, tiny_qwen3, residual_run):
+    data, out, common, run = residual_run(tmp_path, tiny_qwen3, "cf_fit=stacked", "cf_tokens=true",
+                                          "cf_tokens_kind=mf")
     train = [sys.executable, "scripts/finetune_lora.py", *common, "eval_steps=2", "save_steps=2", "max_samples=4",
              "max_eval_samples=3", "cf_fit_samples=6", "max_train_minutes=null", "load_best_model_at_end=false"]
     p = subprocess.run([*train, "max_steps=2"], **run)

@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None = None):
 
 def main(args) -> dict:
     from utils import (EvalSettings, UserInputError, agreement, check_cf_token_records, check_record_mode,
-                       check_residual_records, display_example, evaluate, format_metrics, load_for_eval, load_records, load_residual,
-                       pair_rows, preflight_inference, without_cf_tokens, writable_dir, write_json_atomic,
-                       write_jsonl_atomic)
+                       check_residual_records, display_example, evaluate, format_metrics, load_for_eval,
+                       load_records, load_residual, pair_rows, preflight_inference, without_cf_tokens, writable_dir,
+                       write_json_atomic, write_jsonl_atomic)
 
     cfg = load_config(args.config, args.overrides)
     adapter = cfg.adapter(args.adapter_dir)

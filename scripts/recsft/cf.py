@@ -27,7 +27,9 @@ from .io import DataError, atomic_path, write_json_atomic
 
 KINDS = ("biases", "mf")
 SEQUENTIAL = ("sasrec",)
-ARRAYS_FILE, META_FILE, HEAD_FILE = "cf_residual.safetensors", "cf_residual.json", "cf_head.safetensors"
+RESIDUAL_TABLE = "cf_residual"  # stem of the residual's table files (CFTable.save)
+ARRAYS_FILE, META_FILE = f"{RESIDUAL_TABLE}.safetensors", f"{RESIDUAL_TABLE}.json"
+HEAD_FILE = "cf_head.safetensors"
 TOKENS_FILE, TOKENS_TABLE = "cf_tokens.safetensors", "cf_tokens_table"  # soft CF tokens: network, CF table stem
 ARRAYS = ("user_bias", "item_bias", "user_factors", "item_factors")
 FORMAT = 1
@@ -125,7 +127,7 @@ class CFTable:
         return (_gather(self.user_factors, _rows(self._users, user_ids)),
                 _gather(self.item_factors, _rows(self._items, item_ids)))
 
-    def save(self, folder: str | Path, stem: str = "cf_residual") -> None:
+    def save(self, folder: str | Path, stem: str = RESIDUAL_TABLE) -> None:
         """Write ``<stem>.safetensors`` (arrays) then ``<stem>.json`` (ids, calibration), each atomically; the json
         holds the arrays file's sha256, so a folder mixing two saves fails to load. ``stem``: ``cf_residual`` (the
         residual's table) or ``cf_tokens_table`` (the soft tokens')."""
@@ -144,7 +146,7 @@ class CFTable:
                 "item_ids": _plain_ids(self.item_ids, "item")}
 
     @classmethod
-    def load(cls, folder: str | Path, fix: str = SAVE_FIX, stem: str = "cf_residual") -> "CFTable":
+    def load(cls, folder: str | Path, fix: str = SAVE_FIX, stem: str = RESIDUAL_TABLE) -> "CFTable":
         """The table saved in ``folder`` (:meth:`save`); a missing, corrupt or mismatched file is a DataError naming
         it and ``fix``."""
         arrays_file, meta_file = _files(folder, stem)
@@ -539,7 +541,7 @@ def add_cf_tokens(model, tables: Sequence[CFTable], offset: int):
 
 def cf_token_ids(model) -> "TokenIds | None":
     """The :class:`TokenIds` of a model given soft CF tokens (``model.cf_token_ids``), else None."""
-    return getattr(model, "cf_token_ids", None) or getattr(getattr(model, "base_model", None), "cf_token_ids", None)
+    return getattr(model, "cf_token_ids", None)
 
 
 @contextlib.contextmanager

@@ -283,10 +283,8 @@ def score_blocks(model, tokenizer, records: Sequence[dict], cutoff_len: int | No
     """
     import torch
 
-    from .preprocess import answer_positions, tokenize_blocks_to_arrow
-
     from .cf import cf_token_ids
-    from .preprocess import with_cf_tokens
+    from .preprocess import answer_positions, tokenize_blocks_to_arrow, with_cf_tokens
 
     table = tokenize_blocks_to_arrow(records, tokenizer, cutoff_len or (1 << 30), system_prompt, enable_thinking,
                                      source).to_pydict()

@@ -19,7 +19,9 @@ Copy-paste:
 
 Outputs in --output_dir: lora_predictions.jsonl, metrics_summary.json (accuracy, F1, precision, recall,
 unparseable; score mode adds auc, log_loss, accuracy at 0.5 and at the eval-chosen threshold), roc_curve.png
-(score mode), base_predictions.jsonl / base_metrics.json with --compare_base.
+(score mode), base_predictions.jsonl / base_metrics.json with --compare_base. Every batch is saved as it is
+scored (lora_predictions.partial.jsonl, deleted at the end): a stopped run continues with the same command plus
+--resume.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--compare_base", action="store_true", help="also evaluate the base model")
     p.add_argument("--eval_mode", choices=["generate", "score"], default=None, help="default: config eval_mode")
     p.add_argument("--compare_modes", action="store_true", help="run generate and score; agreement and speed")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the scoring run that stopped in --output_dir (batches saved as they are scored)")
     p.add_argument("--calibration_samples", type=non_negative_int, default=0,
                    help="score mode: pick the P(Yes) threshold on this many eval examples")
     p.add_argument("overrides", nargs="*", help="config overrides: key=value")
@@ -57,7 +61,8 @@ def parse_args(argv: list[str] | None = None):
 def main(args) -> dict:
     from utils import (DataError, EvalSettings, check_cf_token_records, check_record_mode, check_residual_records,
                        compare_modes, evaluate_with_thresholds, load_for_eval, load_records, load_residual,
-                       preflight_inference, save_eval, without_cf_tokens, writable_dir)
+                       open_score_journal, preflight_inference, save_eval, score_header, without_cf_tokens,
+                       writable_dir)
 
     cfg = load_config(args.config, args.overrides)
     adapter = cfg.adapter(args.adapter_dir)
@@ -82,17 +87,22 @@ def main(args) -> dict:
                             f"(without --compare_modes)")
         check_residual_records(records, source)
         check_residual_records(calibration or [], cfg.data.eval_dataset)
+    primary = "lora" if adapter else "base"
+    names = [primary] + (["base"] if args.compare_base and adapter else [])
+    journals = {name: open_score_journal(out, score_header(records, name, mode, settings, cfg.model, adapter),
+                                         args.resume)
+                for name in names}  # an unfinished run in --output_dir is found before the model loads
     model, tok = load_for_eval(model_args, adapter, merge=not args.compare_base)
 
     def run_one(name: str, primary: bool = False):
         rows, metrics = evaluate_with_thresholds(model, tok, records, mode, settings, source, f"{name} ({mode})",
-                                                 calibration, residual if name == "lora" else None)
+                                                 calibration, residual if name == "lora" else None, journals[name])
         metrics.update({"model": cfg.model.model_name_or_path,
                         "adapter": args.adapter_dir if name == "lora" else None, "test_file": source})
         save_eval(out, name, rows, metrics, primary)
+        journals[name].close()
         return rows, metrics
 
-    primary = "lora" if adapter else "base"
     results = {primary: run_one(primary, primary=True)}
     if args.compare_modes:
         results["modes"] = compare_modes(model, tok, records, mode, results[primary], settings, source)

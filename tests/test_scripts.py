@@ -14,7 +14,7 @@ import check_seq_len
 import compare_base_vs_lora
 import finetune_lora
 import infer_lora
-from recsft.io import load_data
+from recsft.io import DataError, load_data
 from recsft.movielens import to_train_record
 from conftest import tiny_config, write_config_yaml
 
@@ -66,6 +66,39 @@ def test_score_mode_agrees_with_generation_and_writes_roc(trained):
     assert gen["n"] == 12 and "score_speedup" in summary["modes"]
     assert summary["modes"]["generation_parsed"] == 12, "the yes/no-head model always starts with Yes or No"
     assert summary["modes"]["agreement"] == 1.0  # scoring compares the same two logits that greedy decoding does
+
+
+def test_a_stopped_scoring_run_resumes_with_the_same_predictions(trained, monkeypatch, capsys):
+    """Killed after two of three batches (adapter and base model): the same command without --resume refuses to
+    overwrite the saved batches, with --resume scores only the rest, and the files equal an uninterrupted run's."""
+    from recsft.resume import ScoreJournal
+
+    tmp, cfg, adapter = trained
+    args = ["--eval_mode", "score", "--compare_base", "infer_batch_size=4"]
+    run_infer(cfg, "--output_dir", str(tmp / "whole"), *args)
+    add = ScoreJournal.add
+
+    def killed_in_third_batch(self, *batch):
+        add(self, *batch)
+        if self.records == 8:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ScoreJournal, "add", killed_in_third_batch)
+    out = tmp / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        run_infer(cfg, "--output_dir", str(out), *args)
+    monkeypatch.setattr(ScoreJournal, "add", add)
+    assert not (out / "lora_predictions.jsonl").exists() and (out / "lora_predictions.partial.jsonl").is_file()
+    with pytest.raises(DataError, match=r"lora_predictions.partial.jsonl: an unfinished scoring run is saved here "
+                                        r"\(2 batches\); add --resume"):
+        run_infer(cfg, "--output_dir", str(out), *args)
+    capsys.readouterr()
+    run_infer(cfg, "--output_dir", str(out), *args, "--resume")
+    assert "RESUMING scoring (lora): 8 records" in capsys.readouterr().out
+    assert not list(out.glob("*.partial.jsonl"))
+    for name in ("lora", "base"):
+        got, want = load_data(out / f"{name}_predictions.jsonl"), load_data(tmp / "whole" / f"{name}_predictions.jsonl")
+        assert [r["label"] for r in got] == [r["label"] for r in want] and len(got) == 12
+        assert max(abs(a["p_yes"] - b["p_yes"]) for a, b in zip(got, want)) < 1e-6
 
 
 def test_demo_mode_prints_base_and_lora(trained, capsys):

@@ -6,12 +6,17 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+from tqdm.auto import tqdm
 
 from .config import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
 from .inference import generate, prompts_for, score
 from .metrics import best_threshold, compute_metrics, extract_answer, normalize_label
 from .preprocess import prompt_budget
+
+if TYPE_CHECKING:
+    from .resume import ScoreJournal
 
 logger = logging.getLogger(__name__)
 KEEP_FIELDS = ("user_id", "history_titles", "candidate_title", "candidate_movie_id", "instruction", "input")
@@ -93,44 +98,74 @@ def check_record_mode(records: Sequence[dict], source: str, mode: str, compare_m
 
 def predict(model, tok, prompts: Sequence[str], mode: str, batch_size: int = 16, max_new_tokens: int = 8,
             temperature: float = 0.0, top_p: float = 1.0, desc: str = "",
-            cutoff_len: int | None = None) -> list[dict[str, Any]]:
+            cutoff_len: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Per prompt: ``response`` and parsed ``prediction`` (generate), plus ``p_yes`` (score).
 
     Prompts are cut from the left to fit ``cutoff_len`` exactly as in training.
     """
     budget = prompt_budget(tok, cutoff_len)  # the one prompt budget: training truncates to it too
     if mode == "score":
-        rows = score(model, tok, prompts, batch_size, desc=desc or "Scoring", max_prompt_tokens=budget)
+        rows = score(model, tok, prompts, batch_size, progress, desc=desc or "Scoring", max_prompt_tokens=budget)
         return [{"response": r["top_token"], "prediction": r["answer"], "p_yes": r["p_yes"],
                  "margin": r["logit_yes"] - r["logit_no"]} for r in rows]
-    responses = generate(model, tok, prompts, max_new_tokens, temperature, top_p, batch_size,
+    responses = generate(model, tok, prompts, max_new_tokens, temperature, top_p, batch_size, progress,
                          desc=desc or "Generating", max_prompt_tokens=budget)
     return [{"response": r, "prediction": extract_answer(r)} for r in responses]
 
 
 def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str = "data",
-             desc: str = "", residual: "Residual | None" = None) -> tuple[list[dict], dict[str, float]]:
+             desc: str = "", residual: "Residual | None" = None,
+             journal: "ScoreJournal | None" = None) -> tuple[list[dict], dict[str, float]]:
     """Predictions (one row per record, with its ids and label) and metrics on labelled records.
 
     Session records (field ``turns``) and candidate-block records (``blocks``) give one row per answer (score mode
     only). Metrics include UAUC when every row has a ``user_id``. ``residual``: the adapter's CF residual, applied
-    to every score row (:func:`apply_residual`).
+    to every score row (:func:`apply_residual`). ``journal``: save every batch as it is scored and skip the records
+    an interrupted run already scored (:class:`~recsft.resume.ScoreJournal`).
     """
+    if journal is None:
+        rows, seconds = prediction_rows(model, tok, records, mode, settings, source, desc)
+    else:
+        rows, seconds = journaled_rows(model, tok, records, mode, settings, source, desc, journal)
+    metrics = row_metrics(rows, mode, seconds)
+    return (rows, metrics) if residual is None else residual_metrics(rows, residual, metrics)
+
+
+def prediction_rows(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str = "data",
+                    desc: str = "", progress: bool = True) -> tuple[list[dict], float]:
+    """:func:`evaluate`'s rows (without a residual) and the seconds they took."""
     for key in ("turns", "blocks"):
         if records and all(key in r for r in records):
-            rows, metrics = evaluate_many(model, tok, records, key, mode, settings, source, desc)
-            return (rows, metrics) if residual is None else residual_metrics(rows, residual, metrics)
+            return evaluate_many(model, tok, records, key, mode, settings, source, desc, progress)
     prompts, labels = _rendered(records, tok, settings, source)
     start = time.perf_counter()
     preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,
-                    settings.top_p, desc=desc, cutoff_len=settings.cutoff_len)
+                    settings.top_p, desc=desc, cutoff_len=settings.cutoff_len, progress=progress)
     seconds = time.perf_counter() - start
     rows = []
     for rec, label, pred in zip(records, labels, preds):
         row = {k: rec[k] for k in KEEP_FIELDS if k in rec}
         rows.append({**row, "label": label, **pred})
-    metrics = row_metrics(rows, mode, seconds)
-    return (rows, metrics) if residual is None else residual_metrics(rows, residual, metrics)
+    return rows, seconds
+
+
+def journaled_rows(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str,
+                   desc: str, journal: "ScoreJournal") -> tuple[list[dict], float]:
+    """:func:`prediction_rows` one batch of records at a time, each batch saved to ``journal`` before the next
+    starts; batches the journal already holds are not scored again. The batches are the ones a single call makes,
+    so the rows are the same as without a journal."""
+    size, rows, seconds = settings.batch_size, [], 0.0
+    with tqdm(total=len(records), initial=journal.records, desc=desc or f"Scoring ({mode})", unit="record") as bar:
+        for start in range(0, len(records), size):
+            if str(start) not in journal.done:
+                batch = records[start:start + size]
+                journal.add(start, len(batch), *prediction_rows(model, tok, batch, mode, settings, source,
+                                                                progress=False))
+                bar.update(len(batch))
+            saved = journal.done[str(start)]
+            rows.extend(saved["rows"])
+            seconds += saved["seconds"]
+    return rows, seconds
 
 
 # ------------------------------------------------------------------------------------ CF residual
@@ -232,11 +267,12 @@ def row_metrics(rows: list[dict], mode: str, seconds: float) -> dict[str, float]
 
 
 def evaluate_many(model, tok, records: Sequence[dict], key: str, mode: str, settings: EvalSettings,
-                  source: str = "data", desc: str = "") -> tuple[list[dict], dict[str, float]]:
+                  source: str = "data", desc: str = "", progress: bool = True) -> tuple[list[dict], float]:
     """Score every answer of session records (``key="turns"``: true earlier answers in context) or candidate-block
     records (``key="blocks"``: each block on the shared history alone), one forward pass per example.
 
     Rows carry ``user_id`` and ``candidate_movie_id`` so they join one to one with the single format's test rows.
+    Returns the rows and the seconds they took.
     """
     from .inference import score_blocks, score_sessions
     from .io import DataError
@@ -247,7 +283,7 @@ def evaluate_many(model, tok, records: Sequence[dict], key: str, mode: str, sett
     start = time.perf_counter()
     scorer = score_sessions if key == "turns" else score_blocks
     scores = scorer(model, tok, records, settings.cutoff_len, settings.system_prompt, settings.enable_thinking,
-                    settings.batch_size, desc=desc or f"Scoring {kind} records", source=source)
+                    settings.batch_size, progress, desc=desc or f"Scoring {kind} records", source=source)
     seconds = time.perf_counter() - start
     items = [(rec, j, t) for rec in records for j, t in enumerate(rec[key])]
     position = "turn" if key == "turns" else "block"
@@ -256,7 +292,7 @@ def evaluate_many(model, tok, records: Sequence[dict], key: str, mode: str, sett
              "response": s["top_token"], "prediction": s["answer"], "p_yes": s["p_yes"],
              "margin": s["logit_yes"] - s["logit_no"]}
             for (rec, j, t), s in zip(items, scores)]
-    return rows, row_metrics(rows, mode, seconds)
+    return rows, seconds
 
 
 def threshold_metrics(labels: Sequence[str], p_yes: Sequence[float], threshold: float) -> dict[str, float]:
@@ -276,10 +312,11 @@ def choose_threshold(model, tok, eval_records: Sequence[dict], settings: EvalSet
 def evaluate_with_thresholds(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings,
                              source: str = "data", desc: str = "",
                              calibration_records: Sequence[dict] | None = None,
-                             residual: Residual | None = None) -> tuple[list[dict], dict]:
+                             residual: Residual | None = None,
+                             journal: "ScoreJournal | None" = None) -> tuple[list[dict], dict]:
     """:func:`evaluate`; in score mode also accuracy/F1 at P(Yes) >= 0.5 (``at_0.5``) and, with
     ``calibration_records`` (eval data), at the threshold chosen on them (``at_eval_threshold``)."""
-    rows, metrics = evaluate(model, tok, records, mode, settings, source, desc, residual)
+    rows, metrics = evaluate(model, tok, records, mode, settings, source, desc, residual, journal)
     if mode == "score":
         labels, p_yes = [r["label"] for r in rows], [r["p_yes"] for r in rows]
         metrics["at_0.5"] = threshold_metrics(labels, p_yes, 0.5)

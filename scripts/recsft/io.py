@@ -273,6 +273,45 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+class Journal:
+    """The progress file of a long run (``rank_eval.py``'s LLM margins, ``infer_lora.py``'s scored batches): a
+    header line naming what the run depends on, then one JSON line per finished unit (``{"unit": key, ...}``),
+    appended and fsynced as the unit ends, so a stop loses at most the unit in progress. With ``resume`` every unit
+    of a file with the same header is kept in ``done`` (a last line cut by the stop is dropped, from the file too);
+    a file with another header is a one-line :class:`DataError` naming what changed; without ``resume`` the file
+    starts anew. Subclasses turn a saved line into their unit's value (``decode``)."""
+
+    def __init__(self, path: str | os.PathLike, header: dict, resume: bool = False, fix: str = ""):
+        self.path, self.done = Path(path), {}
+        lines = self.path.read_text(encoding="utf-8").splitlines() if resume and self.path.is_file() else []
+        if lines:
+            found = json.loads(lines[0]).get("header") or {}
+            if found != header:
+                changed = sorted(k for k in set(header) | set(found) if found.get(k) != header.get(k))
+                raise DataError(f"--resume: {self.path} was written by a run with another {', '.join(changed)}; "
+                                f"repeat that run's flags, or {fix or 'drop --resume to start this one anew'}")
+        kept = [json.dumps({"header": header}, ensure_ascii=False)]
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the line a stop cut short
+            self.done[entry.pop("unit")] = self.decode(entry)
+            kept.append(line)
+        write_text_atomic(self.path, "\n".join(kept) + "\n")
+
+    def decode(self, entry: dict) -> Any:
+        return entry
+
+    def append(self, unit: str, entry: dict) -> None:
+        """Save one finished unit (``entry``: its JSON fields) and remember it in ``done``."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"unit": unit, **entry}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[unit] = self.decode(dict(entry))
+
+
 def require_keys(records: list[dict[str, Any]], keys: dict[str, type | tuple[type, ...]], path: str | os.PathLike,
                  fix: str) -> None:
     """Every record has every key with a value of the given type; else one line naming the record and key."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .io import Journal
 from .movielens import SAMPLINGS, sample_negatives
 
 logger = logging.getLogger(__name__)
@@ -162,44 +161,18 @@ def fit_rank_blend(features: Sequence[np.ndarray], l2: float = 1e-3) -> np.ndarr
     return res.x / scale
 
 
-class MarginJournal:
-    """The progress file of an LLM ranking run (``llm_margins.jsonl``): a header line naming the model and data, then
-    one line per finished unit (a user's candidate blocks, or one question) with its candidates' margins, appended
-    and flushed as the unit ends. A unit's key (:func:`unit_key`) covers its user, prompt and candidates, so with
-    ``resume`` every unit already in the file is reused by any run that asks it again (``--max-users 40`` after a
-    stopped ``--max-users 200`` run, or the other way round); a last line cut by a stop is dropped. The header
-    must equal ``header``; without ``resume`` the file starts anew."""
+class MarginJournal(Journal):
+    """The progress file of an LLM ranking run (``llm_margins.jsonl``, a :class:`~recsft.io.Journal`): one line per
+    finished unit (a user's candidate blocks, or one question) with its candidates' margins. A unit's key
+    (:func:`unit_key`) covers its user, prompt and candidates, so with ``resume`` every unit already in the file is
+    reused by any run that asks it again (``--max-users 40`` after a stopped ``--max-users 200`` run, or the other
+    way round). ``done[unit]`` is ``(margins, cut)``."""
 
-    def __init__(self, path, header: dict, resume: bool = False):
-        from .io import DataError, write_text_atomic
-
-        self.path, self.done = Path(path), {}
-        lines = self.path.read_text(encoding="utf-8").splitlines() if resume and self.path.is_file() else []
-        if lines:
-            found = json.loads(lines[0]).get("header") or {}
-            if found != header:
-                changed = sorted(k for k in set(header) | set(found) if found.get(k) != header.get(k))
-                raise DataError(f"--resume: {self.path} was written by a run with another {', '.join(changed)}; "
-                                f"repeat that run's flags, or drop --resume to start this one anew")
-            for line in lines[1:]:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the line a stop cut short
-                self.done[entry["unit"]] = (np.asarray(entry["margins"], dtype=float), bool(entry["cut"]))
-        kept = [json.dumps({"header": header})] + [self._line(u, m, c) for u, (m, c) in self.done.items()]
-        write_text_atomic(self.path, "\n".join(kept) + "\n")
-
-    @staticmethod
-    def _line(unit: str, margins, cut: bool) -> str:
-        return json.dumps({"unit": unit, "cut": bool(cut), "margins": np.asarray(margins, dtype=float).tolist()})
+    def decode(self, entry: dict):
+        return np.asarray(entry["margins"], dtype=float), bool(entry["cut"])
 
     def add(self, unit: str, margins: np.ndarray, cut: bool) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(self._line(unit, margins, cut) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[unit] = (np.asarray(margins, dtype=float), bool(cut))
+        self.append(unit, {"cut": bool(cut), "margins": np.asarray(margins, dtype=float).tolist()})
 
 
 def unit_key(user, prompt: str, candidates: Sequence) -> str:

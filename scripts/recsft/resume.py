@@ -4,19 +4,24 @@ run tells the user.
 
 ``plan_resume`` runs before any data or weights load and returns a :class:`ResumePlan`; ``ResumePlan.train``
 restores what the Trainer itself starts from zero (time budget used, trained tokens and answers) and trains.
+Scoring resumes too: :func:`open_score_journal` (``infer_lora.py --resume``) returns a :class:`ScoreJournal` of
+the batches an interrupted evaluation already scored.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .callbacks import TimeBudgetCallback, TrainCounters
 from .config import ConfigError
-from .io import DataError
+from .io import DataError, Journal
 
 logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
@@ -212,3 +217,53 @@ def stopped_early(trainer, signal_name: str) -> dict:
     print(f"Training stopped by {signal_name} at step {trainer.state.global_step}; checkpoint saved: {ckpt}. "
           f"Continue with --resume.", flush=True)
     return {"stopped_by": signal_name, "global_step": trainer.state.global_step, "checkpoint": ckpt}
+
+
+# ---------------------------------------------------------------------------------------------- scoring runs
+SCORE_JOURNAL = "{name}_predictions.partial.jsonl"
+
+
+class ScoreJournal(Journal):
+    """The batches an evaluation has scored so far (``<name>_predictions.partial.jsonl`` in its output folder, a
+    :class:`~recsft.io.Journal`): one line per batch of records, keyed by its first record's index, with the batch's
+    prediction rows and scoring seconds, so a stopped run continues with ``--resume`` where it ended. Deleted once
+    the final predictions are written."""
+
+    def add(self, start: int, records: int, rows: list[dict], seconds: float) -> None:
+        self.append(str(start), {"records": records, "seconds": seconds, "rows": rows})
+
+    @property
+    def records(self) -> int:
+        """Records scored in the saved batches."""
+        return sum(batch["records"] for batch in self.done.values())
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def score_header(records: Sequence[dict], name: str, mode: str, settings: Any, model_args: Any,
+                 adapter: str | None) -> dict:
+    """What a scoring run depends on: a journal continues only a run with the same header."""
+    text = json.dumps(records, sort_keys=True, default=str, ensure_ascii=False)
+    model = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "num_threads"}  # may change on resume
+    header = {"model": name, "records": hashlib.sha256(text.encode("utf-8")).hexdigest(), "mode": mode,
+              "settings": dataclasses.asdict(settings), "model_args": model,
+              "adapter": str(Path(adapter).resolve()) if adapter else None}
+    return json.loads(json.dumps(header, default=str))  # as the file will hold it
+
+
+def open_score_journal(out_dir: str | os.PathLike, header: dict, resume: bool) -> ScoreJournal:
+    """The journal of scoring run ``header["model"]`` (``lora`` / ``base``) in ``out_dir``, checked before the
+    model loads: with ``resume``, the batches an interrupted run with the same header saved. Saved batches without
+    ``resume`` are a one-line :class:`DataError`: nothing scored is overwritten."""
+    path = Path(out_dir) / SCORE_JOURNAL.format(name=header["model"])
+    lines = path.read_text(encoding="utf-8").count("\n") if path.is_file() else 0
+    if lines > 1 and not resume:
+        raise DataError(f"{path}: an unfinished scoring run is saved here ({lines - 1} batches); add --resume to "
+                        f"continue it, or delete the file to start over")
+    journal = ScoreJournal(path, header, resume, fix="use another --output_dir, or delete the file to start over")
+    if resume:
+        print(f"RESUMING scoring ({header['model']}): {journal.records} records already scored" if journal.done
+              else f"No unfinished scoring run in {path.parent} ({header['model']}); scoring starts from the "
+                   f"first record", flush=True)
+    return journal

@@ -364,10 +364,9 @@ def table_text(results: dict, deltas: dict, reference: str | None) -> str:
 
 
 def main(args) -> dict:
-    from utils import (LABELS, PER_USER_CONSTANT, adapter_path, block_groups, build_questions,
-                       check_cf_token_records, fit_scorers, full_ranking, load_prepared, mean_metrics, question_rows,
-                       rated_sets, train_ratings, writable_dir, write_json_atomic, write_jsonl_atomic,
-                       write_text_atomic)
+    from utils import (LABELS, PER_USER_CONSTANT, adapter_path, block_groups, build_questions, fit_scorers,
+                       full_ranking, load_prepared, mean_metrics, question_rows, rated_sets, refuse_cf_tokens,
+                       train_ratings, writable_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic)
 
     names, reference = check_args(args)
     writable_dir(args.output_dir, "--output_dir")
@@ -378,7 +377,7 @@ def main(args) -> dict:
     blocks = blocks_for_ranking(args, data, splits) if use_llm else None
     if use_llm and blocks is None:
         check_llm_data(args, data.params, [e for split in splits for e in data.splits[split]])
-        check_cf_token_records(adapter_path(args.adapter_dir), data.splits["test"][:1], str(args.data_dir))
+        refuse_cf_tokens(adapter_path(args.adapter_dir), str(args.data_dir))  # a single-format folder
     train = train_ratings(data.ratings, data.splits)
     rated = rated_sets(data.ratings)
     items = sorted(data.ratings.movie_id.unique().tolist())

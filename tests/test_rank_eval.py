@@ -68,6 +68,23 @@ def test_rank_eval_bad_arguments(small_data, tmp_path, flags, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_rank_eval_refuses_a_soft_token_adapter_on_single_format_data(small_data, tmp_path, tiny_qwen3):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from recsft.cf import TOKENS_FILE
+    from recsft.io import DataError
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen3), lora).save_pretrained(adapter)
+    (adapter / TOKENS_FILE).write_bytes(b"")  # only its presence matters: checked before the model loads
+    with pytest.raises(DataError, match="trained with soft CF tokens"):
+        rank_eval.main(rank_eval.parse_args(["--data_dir", str(small_data), "--output_dir", str(tmp_path / "o"),
+                                             "--adapter_dir", str(adapter), "--models", "mostpop",
+                                             f"model_name_or_path={tiny_qwen3}"]))
+
+
 def test_rank_blend_weights_follow_the_informative_score():
     """The blend is fit by the positive's softmax likelihood within each question: a score that puts the positive
     first gets the larger weight, and a per-question offset of either score (a user bias) changes nothing."""

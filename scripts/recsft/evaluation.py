@@ -214,12 +214,18 @@ def check_residual_records(records: Sequence[dict], source: str) -> None:
 def check_cf_token_records(adapter_dir: str | None, records: Sequence[dict], source: str) -> None:
     """An adapter trained with soft CF tokens scores only candidate-block records (the tokens' place is the end of
     the shared prefix and the start of each block); checked before the model loads."""
+    if not all("blocks" in r for r in records):
+        refuse_cf_tokens(adapter_dir, source)
+
+
+def refuse_cf_tokens(adapter_dir: str | None, source: str) -> None:
+    """A one-line :class:`DataError` when ``adapter_dir`` has soft CF tokens: ``source`` has no candidate blocks."""
     from pathlib import Path
 
     from .cf import TOKENS_FILE
     from .io import DataError
 
-    if adapter_dir and (Path(adapter_dir) / TOKENS_FILE).is_file() and not all("blocks" in r for r in records):
+    if adapter_dir and (Path(adapter_dir) / TOKENS_FILE).is_file():
         raise DataError(f"{source}: {adapter_dir} was trained with soft CF tokens (cf_tokens: true), which only "
                         f"candidate-block records carry; score the blocks_test.jsonl / blocks_eval.json files of "
                         f"prepare_data.py --format blocks")

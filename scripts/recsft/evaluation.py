@@ -152,8 +152,9 @@ def prediction_rows(model, tok, records: Sequence[dict], mode: str, settings: Ev
 def journaled_rows(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str,
                    desc: str, journal: "ScoreJournal") -> tuple[list[dict], float]:
     """:func:`prediction_rows` one batch of records at a time, each batch saved to ``journal`` before the next
-    starts; batches the journal already holds are not scored again. The batches are the ones a single call makes,
-    so the rows are the same as without a journal."""
+    starts; batches the journal already holds are not scored again. The batches are the ones a single call makes
+    (session records split into several examples may batch differently: right padding only, so the same scores up
+    to float rounding), so the rows are those of a run without a journal."""
     size, rows, seconds = settings.batch_size, [], 0.0
     with tqdm(total=len(records), initial=journal.records, desc=desc or f"Scoring ({mode})", unit="record") as bar:
         for start in range(0, len(records), size):

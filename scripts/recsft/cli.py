@@ -20,7 +20,8 @@ from .errors import UserInputError, one_line  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
-INTERRUPTED = "interrupted (Ctrl-C): stopped; outputs are written atomically, so nothing half-written was left"
+INTERRUPTED = ("interrupted (Ctrl-C): stopped; outputs are written atomically, so nothing half-written was left; "
+               "saved progress (checkpoints, scored batches) continues with the same command plus --resume")
 
 
 def setup_logging() -> None:

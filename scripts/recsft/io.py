@@ -279,10 +279,11 @@ class Journal:
     appended and fsynced as the unit ends, so a stop loses at most the unit in progress. With ``resume`` every unit
     of a file with the same header is kept in ``done`` (a last line cut by the stop is dropped, from the file too);
     a file with another header is a one-line :class:`DataError` naming what changed; without ``resume`` the file
-    starts anew. Subclasses turn a saved line into their unit's value (``decode``)."""
+    starts anew when the first unit ends (nothing is written before). Subclasses turn a saved line into their
+    unit's value (``decode``)."""
 
     def __init__(self, path: str | os.PathLike, header: dict, resume: bool = False, fix: str = ""):
-        self.path, self.done = Path(path), {}
+        self.path, self.header, self.done = Path(path), header, {}
         lines = self.path.read_text(encoding="utf-8").splitlines() if resume and self.path.is_file() else []
         if lines:
             found = json.loads(lines[0]).get("header") or {}
@@ -290,7 +291,7 @@ class Journal:
                 changed = sorted(k for k in set(header) | set(found) if found.get(k) != header.get(k))
                 raise DataError(f"--resume: {self.path} was written by a run with another {', '.join(changed)}; "
                                 f"repeat that run's flags, or {fix or 'drop --resume to start this one anew'}")
-        kept = [json.dumps({"header": header}, ensure_ascii=False)]
+        kept = lines[:1]
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
@@ -298,13 +299,18 @@ class Journal:
                 break  # the line a stop cut short
             self.done[entry.pop("unit")] = self.decode(entry)
             kept.append(line)
-        write_text_atomic(self.path, "\n".join(kept) + "\n")
+        if len(kept) < len(lines):
+            write_text_atomic(self.path, "\n".join(kept) + "\n")
+        self._started = bool(kept)
 
     def decode(self, entry: dict) -> Any:
         return entry
 
     def append(self, unit: str, entry: dict) -> None:
         """Save one finished unit (``entry``: its JSON fields) and remember it in ``done``."""
+        if not self._started:  # a new run: the header replaces whatever an older run left
+            write_text_atomic(self.path, json.dumps({"header": self.header}, ensure_ascii=False) + "\n")
+            self._started = True
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"unit": unit, **entry}, ensure_ascii=False) + "\n")
             f.flush()

@@ -56,15 +56,28 @@ def stopped_run(folder, records, settings):
 def test_a_stopped_run_resumes_where_it_ended_and_gives_the_same_rows(tmp_path, fake_scorer):
     records, settings = block_records(7), evaluation.EvalSettings(batch_size=2)
     whole, whole_metrics = evaluation.evaluate("m", None, records, "score", settings)
+    order = [u for batch in fake_scorer for u in batch]  # longest records first
+    assert sorted(order) == list(range(7)) and order != list(range(7))
     stopped_run(tmp_path, records, settings)
     fake_scorer.clear()
     journal = open_score_journal(tmp_path, HEADER, resume=True)
     assert journal.records == 4
     rows, metrics = evaluation.evaluate("m", None, records, "score", settings, journal=journal)
-    assert fake_scorer == [[4, 5], [6]]  # only the records the stopped run had not scored
+    assert fake_scorer == [order[4:6], order[6:]]  # only the records the stopped run had not scored
     assert rows == whole and metrics["auc"] == whole_metrics["auc"] and metrics["n"] == whole_metrics["n"]
     journal.close()
     assert not journal_path(tmp_path).exists()
+
+
+def test_rows_come_back_in_record_order_whatever_order_scores_them():
+    records = block_records(7)
+    order = evaluation.longest_first(records)
+    ordered = [records[i] for i in order]
+    rows = [{"user_id": r["user_id"], "block": j} for r in ordered for j in range(len(r["blocks"]))]
+    assert evaluation.in_record_order(rows, ordered, order) == \
+        [{"user_id": r["user_id"], "block": j} for r in records for j in range(len(r["blocks"]))]
+    sizes = [len(r["blocks"]) for r in ordered]
+    assert sizes == sorted(sizes, reverse=True) and evaluation.longest_first([{"user_id": 1}]) is None
 
 
 def test_a_saved_run_is_never_overwritten_or_mixed_with_another(tmp_path, fake_scorer):

@@ -279,6 +279,10 @@ def test_session_scores_equal_scoring_each_answer_prefix(tiny_qwen3, qwen3_token
     keys = {(e["user_id"], e["candidate_movie_id"]): e["label"] for e in single["test"]}
     assert all(keys[(r["user_id"], r["candidate_movie_id"])] == r["label"] for r in rows)  # joins one to one
     assert metrics["n"] == len(rows) and "uauc" in metrics and "auc" in metrics
+    from recsft.evaluation import longest_first
+
+    assert longest_first(records) != [0, 1, 2]  # evaluate scores them in another order ...
+    assert [r["p_yes"] for r in rows] == pytest.approx([g["p_yes"] for g in got], abs=1e-5)  # ... rows in file order
 
 
 # --------------------------------------------------------------------------------- retrieval history

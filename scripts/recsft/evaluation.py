@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -121,22 +122,51 @@ def evaluate(model, tok, records: Sequence[dict], mode: str, settings: EvalSetti
     Session records (field ``turns``) and candidate-block records (``blocks``) give one row per answer (score mode
     only). Metrics include UAUC when every row has a ``user_id``. ``residual``: the adapter's CF residual, applied
     to every score row (:func:`apply_residual`). ``journal``: save every batch as it is scored and skip the records
-    an interrupted run already scored (:class:`~recsft.resume.ScoreJournal`).
+    an interrupted run already scored (:class:`~recsft.resume.ScoreJournal`). Session and candidate-block records
+    are scored longest first (:func:`longest_first`), the rows returned in record order.
     """
+    order = longest_first(records)
+    ordered = [records[i] for i in order] if order is not None else records
     if journal is None:
-        rows, seconds = prediction_rows(model, tok, records, mode, settings, source, desc)
+        rows, seconds = prediction_rows(model, tok, ordered, mode, settings, source, desc)
     else:
-        rows, seconds = journaled_rows(model, tok, records, mode, settings, source, desc, journal)
+        rows, seconds = journaled_rows(model, tok, ordered, mode, settings, source, desc, journal)
+    if order is not None:
+        rows = in_record_order(rows, ordered, order)
     metrics = row_metrics(rows, mode, seconds)
     return (rows, metrics) if residual is None else residual_metrics(rows, residual, metrics)
+
+
+def many_key(records: Sequence[dict]) -> str | None:
+    """``"turns"`` (session records), ``"blocks"`` (candidate-block records) or None (one answer per record)."""
+    return next((key for key in ("turns", "blocks") if records and all(key in r for r in records)), None)
+
+
+def longest_first(records: Sequence[dict]) -> list[int] | None:
+    """Session or candidate-block records' indices, longest first (characters of the record, a proxy for its
+    tokens), or None for single-format records. Such records differ in length (a user's last record holds fewer
+    blocks): batched in file order they pad to 1.5x the tokens they hold (the default blocks test split, batches
+    of 16), sorted by this proxy to 1.02x. Padding is on the right, so the answers' scores do not change."""
+    if many_key(records) is None:
+        return None
+    size = [len(json.dumps(r, ensure_ascii=False)) for r in records]
+    return sorted(range(len(records)), key=lambda i: -size[i])
+
+
+def in_record_order(rows: list[dict], ordered: Sequence[dict], order: list[int]) -> list[dict]:
+    """Rows of ``ordered`` (= records[order], one row per answer) back in the records' own order."""
+    key, per_record, at = many_key(ordered), [None] * len(order), 0
+    for i, rec in zip(order, ordered):
+        n = len(rec[key])
+        per_record[i], at = rows[at:at + n], at + n
+    return [row for chunk in per_record for row in chunk]
 
 
 def prediction_rows(model, tok, records: Sequence[dict], mode: str, settings: EvalSettings, source: str = "data",
                     desc: str = "", progress: bool = True) -> tuple[list[dict], float]:
     """:func:`evaluate`'s rows (without a residual) and the seconds they took."""
-    for key in ("turns", "blocks"):
-        if records and all(key in r for r in records):
-            return evaluate_many(model, tok, records, key, mode, settings, source, desc, progress)
+    if (key := many_key(records)) is not None:
+        return evaluate_many(model, tok, records, key, mode, settings, source, desc, progress)
     prompts, labels = _rendered(records, tok, settings, source)
     start = time.perf_counter()
     preds = predict(model, tok, prompts, mode, settings.batch_size, settings.max_new_tokens, settings.temperature,

@@ -100,7 +100,6 @@ def main(args) -> dict:
         metrics.update({"model": cfg.model.model_name_or_path,
                         "adapter": args.adapter_dir if name == "lora" else None, "test_file": source})
         save_eval(out, name, rows, metrics, primary)
-        journals[name].close()
         return rows, metrics
 
     results = {primary: run_one(primary, primary=True)}
@@ -109,6 +108,8 @@ def main(args) -> dict:
     if args.compare_base and adapter:
         with model.disable_adapter(), without_cf_tokens(model):  # the base model never saw the soft CF tokens
             results["base"] = run_one("base")
+    for journal in journals.values():  # kept until every pass ends: a stop in the base pass resumes only that pass
+        journal.close()
     return {name: r[1] if isinstance(r, tuple) else r for name, r in results.items()}
 
 

@@ -70,7 +70,8 @@ def test_score_mode_agrees_with_generation_and_writes_roc(trained):
 
 def test_a_stopped_scoring_run_resumes_with_the_same_predictions(trained, monkeypatch, capsys):
     """Killed after two of three batches (adapter and base model): the same command without --resume refuses to
-    overwrite the saved batches, with --resume scores only the rest, and the files equal an uninterrupted run's."""
+    overwrite the saved batches, with --resume scores only the rest, and the files equal an uninterrupted run's.
+    Killed in the base model's pass: --resume does not score the adapter's finished pass again."""
     from recsft.resume import ScoreJournal
 
     tmp, cfg, adapter = trained
@@ -95,8 +96,28 @@ def test_a_stopped_scoring_run_resumes_with_the_same_predictions(trained, monkey
     run_infer(cfg, "--output_dir", str(out), *args, "--resume")
     assert "RESUMING scoring (lora): 8 records" in capsys.readouterr().out
     assert not list(out.glob("*.partial.jsonl"))
+    same_files(out, tmp / "whole")
+
+    def killed_in_base_pass(self, *batch):  # the adapter's pass has ended: --resume scores only the base's rest
+        add(self, *batch)
+        if self.header["model"] == "base" and self.records == 8:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ScoreJournal, "add", killed_in_base_pass)
+    out = tmp / "stopped_in_base"
+    with pytest.raises(KeyboardInterrupt):
+        run_infer(cfg, "--output_dir", str(out), *args)
+    monkeypatch.setattr(ScoreJournal, "add", add)
+    capsys.readouterr()
+    run_infer(cfg, "--output_dir", str(out), *args, "--resume")
+    said = capsys.readouterr().out
+    assert "RESUMING scoring (lora): 12 records" in said and "RESUMING scoring (base): 8 records" in said
+    assert not list(out.glob("*.partial.jsonl"))
+    same_files(out, tmp / "whole")
+
+
+def same_files(out, whole):
     for name in ("lora", "base"):
-        got, want = load_data(out / f"{name}_predictions.jsonl"), load_data(tmp / "whole" / f"{name}_predictions.jsonl")
+        got, want = load_data(out / f"{name}_predictions.jsonl"), load_data(whole / f"{name}_predictions.jsonl")
         assert [r["label"] for r in got] == [r["label"] for r in want] and len(got) == 12
         assert max(abs(a["p_yes"] - b["p_yes"]) for a, b in zip(got, want)) < 1e-6
 

@@ -227,7 +227,7 @@ class ScoreJournal(Journal):
     """The batches an evaluation has scored so far (``<name>_predictions.partial.jsonl`` in its output folder, a
     :class:`~recsft.io.Journal`): one line per batch of records, keyed by its first record's index, with the batch's
     prediction rows and scoring seconds, so a stopped run continues with ``--resume`` where it ended. Deleted once
-    the final predictions are written."""
+    every pass of the run has written its predictions."""
 
     def add(self, start: int, records: int, rows: list[dict], seconds: float) -> None:
         self.append(str(start), {"records": records, "seconds": seconds, "rows": rows})
@@ -257,8 +257,8 @@ def open_score_journal(out_dir: str | os.PathLike, header: dict, resume: bool) -
     model loads: with ``resume``, the batches an interrupted run with the same header saved. Saved batches without
     ``resume`` are a one-line :class:`DataError`: nothing scored is overwritten."""
     path = Path(out_dir) / SCORE_JOURNAL.format(name=header["model"])
-    lines = path.read_text(encoding="utf-8").count("\n") if path.is_file() else 0
-    if lines > 1 and not resume:
+    lines = path.read_text(encoding="utf-8").count("\n") if path.is_file() and not resume else 0
+    if lines > 1:
         raise DataError(f"{path}: an unfinished scoring run is saved here ({lines - 1} batches); add --resume to "
                         f"continue it, or delete the file to start over")
     journal = ScoreJournal(path, header, resume, fix="use another --output_dir, or delete the file to start over")

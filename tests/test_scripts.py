@@ -72,22 +72,10 @@ def test_a_stopped_scoring_run_resumes_with_the_same_predictions(trained, monkey
     """Killed after two of three batches (adapter and base model): the same command without --resume refuses to
     overwrite the saved batches, with --resume scores only the rest, and the files equal an uninterrupted run's.
     Killed in the base model's pass: --resume does not score the adapter's finished pass again."""
-    from recsft.resume import ScoreJournal
-
     tmp, cfg, adapter = trained
     args = ["--eval_mode", "score", "--compare_base", "infer_batch_size=4"]
     run_infer(cfg, "--output_dir", str(tmp / "whole"), *args)
-    add = ScoreJournal.add
-
-    def killed_in_third_batch(self, *batch):
-        add(self, *batch)
-        if self.records == 8:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(ScoreJournal, "add", killed_in_third_batch)
-    out = tmp / "stopped"
-    with pytest.raises(KeyboardInterrupt):
-        run_infer(cfg, "--output_dir", str(out), *args)
-    monkeypatch.setattr(ScoreJournal, "add", add)
+    out = stopped_run(monkeypatch, cfg, tmp / "stopped", args, model=None)
     assert not (out / "lora_predictions.jsonl").exists() and (out / "lora_predictions.partial.jsonl").is_file()
     with pytest.raises(DataError, match=r"lora_predictions.partial.jsonl: an unfinished scoring run is saved here "
                                         r"\(2 batches\); add --resume"):
@@ -95,27 +83,36 @@ def test_a_stopped_scoring_run_resumes_with_the_same_predictions(trained, monkey
     capsys.readouterr()
     run_infer(cfg, "--output_dir", str(out), *args, "--resume")
     assert "RESUMING scoring (lora): 8 records" in capsys.readouterr().out
-    assert not list(out.glob("*.partial.jsonl"))
     same_files(out, tmp / "whole")
 
-    def killed_in_base_pass(self, *batch):  # the adapter's pass has ended: --resume scores only the base's rest
-        add(self, *batch)
-        if self.header["model"] == "base" and self.records == 8:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(ScoreJournal, "add", killed_in_base_pass)
-    out = tmp / "stopped_in_base"
-    with pytest.raises(KeyboardInterrupt):
-        run_infer(cfg, "--output_dir", str(out), *args)
-    monkeypatch.setattr(ScoreJournal, "add", add)
+    out = stopped_run(monkeypatch, cfg, tmp / "stopped_in_base", args, model="base")
     capsys.readouterr()
     run_infer(cfg, "--output_dir", str(out), *args, "--resume")
     said = capsys.readouterr().out
     assert "RESUMING scoring (lora): 12 records" in said and "RESUMING scoring (base): 8 records" in said
-    assert not list(out.glob("*.partial.jsonl"))
     same_files(out, tmp / "whole")
 
 
+def stopped_run(monkeypatch, cfg, out, args, model):
+    """infer_lora.py killed once the journal of ``model`` (any, if None) holds 8 records (two batches of 4)."""
+    from recsft.resume import ScoreJournal
+
+    add = ScoreJournal.add
+
+    def killed_in_third_batch(self, *batch):
+        add(self, *batch)
+        if self.records == 8 and model in (None, self.header["model"]):
+            raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(ScoreJournal, "add", killed_in_third_batch)
+        with pytest.raises(KeyboardInterrupt):
+            run_infer(cfg, "--output_dir", str(out), *args)
+    return out
+
+
 def same_files(out, whole):
+    """No journal left in ``out``, and its predictions equal the uninterrupted run's in ``whole``."""
+    assert not list(out.glob("*.partial.jsonl"))
     for name in ("lora", "base"):
         got, want = load_data(out / f"{name}_predictions.jsonl"), load_data(whole / f"{name}_predictions.jsonl")
         assert [r["label"] for r in got] == [r["label"] for r in want] and len(got) == 12

@@ -89,3 +89,14 @@ def test_bench_session_quick(tmp_path, capsys):
     assert res["tokens_per_label_ratio"] == pytest.approx(res["session"]["tokens_per_label"]
                                                           / res["single"]["tokens_per_label"])
     assert res["labels_per_s_ratio"] == pytest.approx(res["session"]["labels_per_s"] / res["single"]["labels_per_s"])
+
+
+def test_bench_block_order_quick(tmp_path, capsys):
+    import bench_block_order
+
+    res = bench_block_order.main(["--quick", "--json-out", str(tmp_path / "o.json")])
+    assert "RATIO block scoring file/longest-first" in capsys.readouterr().out
+    assert res["max_abs_p_yes_diff"] < 1e-4  # the order changes no answer's P(Yes) (right padding, float32)
+    assert res["padding"]["sorted"] <= res["padding"]["file"] and res["records"] == 8
+    assert res["speedup"] == pytest.approx(res["seconds"]["file"] / res["seconds"]["sorted"])
+    assert json.loads((tmp_path / "o.json").read_text())["answers"] == res["answers"]

@@ -1,5 +1,5 @@
 """Scoring order of candidate-block records: file order vs longest first (what ``infer_lora.py`` does), the same
-records, the same batches size, one model, one process.
+records, the same batch size, one model, one process.
 
 Copy-paste:
 

@@ -10,10 +10,11 @@ Copy-paste:
 Records: the first ``--n`` records of ``--data`` (default ``data/movielens_blocks/blocks_test.jsonl`` of
 ``prepare_data.py --format blocks --history-from train --features item_stats user_stats genres``, else blocks
 built in-process from the bundled MovieLens-100K), in file order: a user's records side by side, the last one
-shorter. "file order" scores them in batches of ``--batch`` as they come; "longest first" sorts them by
-``recsft.evaluation.longest_first`` first. Reported: seconds and records/s of each, the padded tokens each
-order's batches hold per real token (exact, from the tokenized records), the ratio of the two times and the
-largest |P(Yes) difference| between the orders for the same answer (float32: expected < 1e-4).
+shorter. "file order" scores them in batches of ``--batch`` as they come; "longest first" is
+``recsft.evaluation.evaluate``, the path ``infer_lora.py`` scores by (sorted by ``longest_first``, rows back in
+file order). Reported: seconds and records/s of each, the padded tokens each order's batches hold per real token
+(exact, from the tokenized records), the ratio of the two times and the largest |P(Yes) difference| between the
+orders for the same answer (float32: expected < 1e-4).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def padding(records: list[dict], tok, batch: int, cutoff: int) -> float:
 def run(args) -> dict:
     import torch
 
-    from recsft.evaluation import EvalSettings, in_record_order, longest_first, prediction_rows
+    from recsft.evaluation import EvalSettings, evaluate, longest_first, prediction_rows
     from recsft.modeling import load_model, load_tokenizer
 
     quiet_logs()
@@ -65,16 +66,15 @@ def run(args) -> dict:
     else:
         tok, model = load_tokenizer(args.model), load_model(args.model, "cpu", "float32", "auto").eval()
     records = block_records(args.data, args.n, bundled=args.quick)
-    order = longest_first(records)
-    ordered = [records[i] for i in order]
+    ordered = [records[i] for i in longest_first(records)]
     settings = EvalSettings(batch_size=args.batch, cutoff_len=args.cutoff_len)
-    secs, rows = {}, {}
-    for name, recs in (("file", records), ("sorted", ordered)):
-        start = time.perf_counter()
-        rows[name], _ = prediction_rows(model, tok, recs, "score", settings, progress=False)
-        secs[name] = time.perf_counter() - start
-    back = in_record_order(rows["sorted"], ordered, order)
-    diff = max(abs(a["p_yes"] - b["p_yes"]) for a, b in zip(rows["file"], back))
+    start = time.perf_counter()
+    rows, _ = prediction_rows(model, tok, records, "score", settings, progress=False)  # batches in file order
+    secs = {"file": time.perf_counter() - start}
+    start = time.perf_counter()
+    back, _ = evaluate(model, tok, records, "score", settings, desc="longest first")  # infer_lora.py's path
+    secs["sorted"] = time.perf_counter() - start
+    diff = max(abs(a["p_yes"] - b["p_yes"]) for a, b in zip(rows, back))
     pads = {"file": padding(records, tok, args.batch, args.cutoff_len),
             "sorted": padding(ordered, tok, args.batch, args.cutoff_len)}
     res = {"records": len(records), "answers": len(back), "batch": args.batch, "device": device_info("cpu"),

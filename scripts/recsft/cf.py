@@ -385,12 +385,20 @@ class TokenIds:
         """Rows per table: users, items, an unknown user and an unknown item."""
         return len(self.table.user_ids) + len(self.table.item_ids) + 2
 
+    @functools.cached_property
+    def _user_rows(self) -> dict:
+        return {u: j for j, u in enumerate(self.table._users)}  # dict lookups match pd.Index's (1 != "1")
+
+    @functools.cached_property
+    def _item_rows(self) -> dict:
+        return {m: j for j, m in enumerate(self.table._items)}
+
     def user(self, user_id, table: int = 0) -> int:
-        row = int(_rows(self.table._users, [user_id])[0])
+        row = self._user_rows.get(user_id, -1)
         return self.offset + table * self.width + (row if row >= 0 else self.width - 2)
 
     def item(self, item_id, table: int = 0) -> int:
-        row = int(_rows(self.table._items, [item_id])[0])
+        row = self._item_rows.get(item_id, -1)
         return self.offset + table * self.width + (len(self.table.user_ids) + row if row >= 0 else self.width - 1)
 
 

@@ -40,7 +40,7 @@ def test_token_ids_and_features_line_up_with_the_table():
     assert ids.width == 2 + 3 + 2 and feats.shape == (2 * ids.width, 3)
     assert ids.user(1) == 1000 and ids.item(12) == 1000 + 4 and ids.user("nobody") == 1000 + 5
     assert ids.item(99) == 1000 + 6 and ids.item(11, table=1) == 1000 + ids.width + 3
-    assert ids.user("1") == 1000 + 5 and ids.user(np.int64(2)) == 1000 + 1  # "1" is not user 1; numpy ints are
+    assert ids.user("1") == 1000 + 5 and ids.user(np.int64(2)) == 1000 + 1  # "1" is not user 1; a numpy int is user 2
     assert not feats[ids.user("nobody") - 1000].any() and not feats[ids.item(99) - 1000].any()
     users = feats[:2]
     assert np.allclose(users.mean(0), 0, atol=1e-6)  # standardised over the full table's users
